@@ -1,0 +1,23 @@
+import pytest
+
+from ipu_trainer.offline_assets import english_text_documents, train_wordpiece_tokenizer
+
+
+@pytest.fixture(scope="session")
+def english_documents():
+    return english_text_documents()
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory, english_documents):
+    """A 2000-token uncased WordPiece tokenizer saved with save_pretrained (model_max_length 512)."""
+    path = tmp_path_factory.mktemp("tokenizer")
+    train_wordpiece_tokenizer(english_documents, str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tokenizer_dir)
