@@ -1,0 +1,108 @@
+"""Data collators for BERT-style pretraining."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import DataCollatorForLanguageModeling, default_data_collator
+
+
+def max_num_masked_tokens(sequence_length: int, mlm_probability: float) -> int:
+    """Per-sequence cap on masked tokens: the Binomial(L, p) mean plus two standard deviations.
+
+    With L = `sequence_length` and p = `mlm_probability`: mean = L*p, std = sqrt(L*p*(1-p)) and
+    cap = min(L, ceil((mean + 2*std) / 16) * 16). Rounding up to a multiple of 16 keeps the gathered
+    MLM tensors nicely shaped; two standard deviations leave ~2% of rows to be trimmed. L=128, p=0.15 -> 32.
+    """
+    mean = sequence_length * mlm_probability
+    std = math.sqrt(sequence_length * mlm_probability * (1 - mlm_probability))
+    return min(sequence_length, math.ceil((mean + 2 * std) / 16) * 16)
+
+
+@dataclass
+class DataCollatorForLanguageModelingWithMaxTokensMasked(DataCollatorForLanguageModeling):
+    """MLM collator that never masks more than `max_num_masked_tokens` tokens in a sequence.
+
+    `max_seq_length` is the L used for the cap; when None the batch's padded length is used. Set it to
+    the model's sequence length so the cap matches `config.max_num_masked_tokens` for every batch.
+    """
+
+    max_seq_length: int | None = None
+
+    def torch_call(self, examples: list[Any]) -> dict[str, Any]:
+        # Dynamic masking replaces any labels stored with the data, and ragged stored labels would make
+        # the tokenizer's padding fail before masking even starts, so they are dropped on the way in.
+        if examples and isinstance(examples[0], Mapping) and "labels" in examples[0]:
+            examples = [{key: value for key, value in example.items() if key != "labels"} for example in examples]
+        return super().torch_call(examples)
+
+    def torch_mask_tokens(
+        self, inputs: torch.Tensor, special_tokens_mask: Any | None = None, offset_mapping: Any | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mask `inputs` [B, S] in place and return `(inputs, labels)`.
+
+        1. Candidates: every token that is not special (incl. padding) is chosen independently with
+           probability p = `mlm_probability` (Bernoulli), so a row of n candidates gets Binomial(n, p).
+        2. Cap: with C = `max_num_masked_tokens(L, p)`, rows with more than C chosen tokens keep a uniformly
+           random subset of C of them: each chosen token draws a U(0, 1) score, unchosen ones score -1, and
+           the top-C scores of the row survive. Vectorised over the batch; the cap binds on ~2% of rows.
+        3. Corruption of the survivors: one U(0, 1) draw u per token; u < `mask_replace_prob` (0.8) ->
+           [MASK], next `random_replace_prob` (0.1) -> a random vocabulary id, the rest (0.1) unchanged.
+        4. labels = original id at the survivors, -100 everywhere else.
+        """
+        labels = inputs.clone()
+        if special_tokens_mask is None:
+            not_maskable = torch.isin(inputs, torch.tensor(self.tokenizer.all_special_ids, device=inputs.device))
+        else:
+            not_maskable = torch.as_tensor(special_tokens_mask, dtype=torch.bool, device=inputs.device)
+        if self.tokenizer.pad_token_id is not None:
+            not_maskable = not_maskable | (inputs == self.tokenizer.pad_token_id)
+
+        probability = torch.full(inputs.shape, self.mlm_probability).masked_fill_(not_maskable, 0.0)
+        chosen = torch.bernoulli(probability, generator=self.generator).bool()
+
+        sequence_length = self.max_seq_length or inputs.shape[1]
+        cap = max_num_masked_tokens(sequence_length, self.mlm_probability)
+        if cap < inputs.shape[1]:
+            scores = torch.rand(inputs.shape, generator=self.generator).masked_fill_(~chosen, -1.0)
+            kept = torch.zeros_like(chosen).scatter_(1, scores.topk(cap, dim=1).indices, True)
+            chosen &= kept
+
+        labels[~chosen] = -100
+        draw = torch.rand(inputs.shape, generator=self.generator)
+        to_mask = chosen & (draw < self.mask_replace_prob)
+        to_random = chosen & ~to_mask & (draw < self.mask_replace_prob + self.random_replace_prob)
+        inputs[to_mask] = self.tokenizer.mask_token_id
+        random_ids = torch.randint(len(self.tokenizer), inputs.shape, dtype=inputs.dtype, generator=self.generator)
+        inputs[to_random] = random_ids[to_random]
+        return inputs, labels
+
+
+class _BatchAxisPadder:
+    # A class rather than a closure so DataLoader workers started with "spawn" can pickle it.
+    def __init__(self, batch_size: int, data_collator: Callable[[list[Any]], Any]) -> None:
+        self.batch_size = batch_size
+        self.data_collator = data_collator
+
+    def __call__(self, examples: Sequence[Any]) -> Any:
+        examples = list(examples)
+        if 0 < len(examples) < self.batch_size:
+            examples = [examples[i % len(examples)] for i in range(self.batch_size)]
+        return self.data_collator(examples)
+
+
+def pad_on_batch_axis(batch_size: int, data_collator: Callable | None = None) -> Callable:
+    """Wrap `data_collator` so every batch has exactly `batch_size` rows.
+
+    A short (usually the last) batch is filled up by repeating its examples cyclically before collating.
+    On the IPU this kept one compiled program for every step without `drop_last`; on GPU it keeps one
+    shape for compiled graphs and a constant per-step sample count. Repeated samples are real data, so
+    they weigh in the loss like any other. `data_collator` defaults to `transformers.default_data_collator`.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r} must be >= 1")
+    return _BatchAxisPadder(batch_size, data_collator or default_data_collator)
