@@ -43,3 +43,39 @@ def train_wordpiece_tokenizer(
     tokenizer = BertTokenizer(vocab=os.path.join(output_dir, "vocab.txt"), model_max_length=model_max_length)
     tokenizer.save_pretrained(output_dir)
     return tokenizer
+
+
+def write_quickstart_assets(output_dir: str, validation_fraction: float = 0.1) -> dict[str, str]:
+    """Write a tokenizer and a train/validation text corpus (documents separated by blank lines).
+
+    Returns the paths: {"tokenizer": ..., "train_file": ..., "validation_file": ...}.
+    """
+    documents = english_text_documents()
+    n_validation = max(1, int(len(documents) * validation_fraction))
+    # Every 10th document goes to validation, so both halves cover all topics.
+    step = max(1, len(documents) // n_validation)
+    validation = documents[::step]
+    train = [d for i, d in enumerate(documents) if i % step]
+    os.makedirs(output_dir, exist_ok=True)
+    paths = {
+        "tokenizer": os.path.join(output_dir, "tokenizer"),
+        "train_file": os.path.join(output_dir, "train.txt"),
+        "validation_file": os.path.join(output_dir, "validation.txt"),
+    }
+    train_wordpiece_tokenizer(train, paths["tokenizer"])
+    for key, docs in (("train_file", train), ("validation_file", validation)):
+        with open(paths[key], "w", encoding="utf-8") as f:
+            f.write("\n\n".join(_one_sentence_per_line(d) for d in docs) + "\n")
+    return paths
+
+
+def _one_sentence_per_line(document: str) -> str:
+    return re.sub(r"(?<=[.!?])\s+(?=[A-Z\"'(])", "\n", document)
+
+
+if __name__ == "__main__":
+    import sys
+
+    target = sys.argv[1] if len(sys.argv) > 1 else "quickstart"
+    for name, path in write_quickstart_assets(target).items():
+        print(f"{name}: {path}")

@@ -1,0 +1,192 @@
+"""Dataset loading and text preprocessing shared by the example scripts.
+
+Data comes from the hub (`--dataset_name`), a `save_to_disk` folder (`--dataset_path`) or local
+csv/json/txt files; a validation split is carved out of train when the data has none.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from itertools import chain
+from typing import Any, Callable, Optional
+
+import datasets
+from datasets import DatasetDict, load_dataset, load_from_disk
+
+logger = logging.getLogger(__name__)
+
+FILE_BUILDERS = {"csv": "csv", "json": "json", "jsonl": "json", "txt": "text"}
+MAX_DEFAULT_SEQ_LENGTH = 1024
+
+
+def data_files_of(data_args: Any) -> dict[str, str]:
+    """The `--train_file`/`--validation_file` pair, checked: present on disk and of a supported type."""
+    files = {}
+    for split, path in (("train", getattr(data_args, "train_file", None)), ("validation", getattr(data_args, "validation_file", None))):
+        if path is None:
+            continue
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--{split}_file {path}: no such file")
+        extension = path.rsplit(".", 1)[-1].lower()
+        if extension not in FILE_BUILDERS:
+            raise ValueError(f"--{split}_file {path}: unsupported file type '.{extension}'; use a csv, json or txt file")
+        files[split] = path
+    extensions = {FILE_BUILDERS[p.rsplit(".", 1)[-1].lower()] for p in files.values()}
+    if len(extensions) > 1:
+        raise ValueError(f"--train_file and --validation_file must be of the same type, got {sorted(extensions)}")
+    return files
+
+
+def load_raw_datasets(
+    data_args: Any,
+    model_args: Any,
+    text_builder_kwargs: Optional[dict] = None,
+    file_loader: Optional[Callable[..., DatasetDict]] = None,
+) -> DatasetDict:
+    """Load the run's data as a DatasetDict with a "train" and, when possible, a "validation" split.
+
+    `file_loader(data_files, cache_dir=...)` replaces the datasets csv/json/text builders for local files
+    (pretraining reads them as documents); `text_builder_kwargs` go to the text builder (e.g. keep_linebreaks).
+    """
+    cache_dir = getattr(model_args, "cache_dir", None)
+    token = getattr(model_args, "use_auth_token", False) or None
+    dataset_path = getattr(data_args, "dataset_path", None)
+    if data_args.dataset_name is not None:
+        raw = load_dataset(
+            data_args.dataset_name, data_args.dataset_config_name, cache_dir=cache_dir, token=token,
+            data_dir=getattr(data_args, "data_dir", None),
+        )
+    elif dataset_path is not None:
+        if not os.path.isdir(dataset_path):
+            raise FileNotFoundError(f"--dataset_path {dataset_path}: no such folder (expected a Dataset.save_to_disk folder)")
+        loaded = load_from_disk(dataset_path)
+        raw = loaded if isinstance(loaded, DatasetDict) else DatasetDict({"train": loaded})
+    else:
+        files = data_files_of(data_args)
+        if not files:
+            raise ValueError(
+                "No data given: pass --dataset_name, --dataset_path, or --train_file/--validation_file (csv, json or txt)."
+            )
+        builder = FILE_BUILDERS[next(iter(files.values())).rsplit(".", 1)[-1].lower()]
+        kwargs = dict(text_builder_kwargs or {}) if builder == "text" else {}
+        for split, path in files.items():
+            if os.path.getsize(path) == 0:
+                raise ValueError(f"--{split}_file {path} is empty: nothing to train on")
+        if file_loader is not None:
+            raw = file_loader(files, cache_dir=cache_dir)
+        else:
+            raw = load_dataset(builder, data_files=files, cache_dir=cache_dir, **kwargs)
+    if "validation" not in raw and "train" in raw:
+        raw = _split_validation(raw, data_args.validation_split_percentage)
+    return raw
+
+
+def _split_validation(raw: DatasetDict, percentage: Optional[int]) -> DatasetDict:
+    if not percentage:
+        return raw
+    if not 0 < percentage < 100:
+        raise ValueError(f"--validation_split_percentage={percentage} is invalid: must be between 1 and 99")
+    train = raw["train"]
+    n_validation = max(1, len(train) * percentage // 100)
+    if n_validation >= len(train):
+        logger.warning("Only %d training rows: no validation split carved out.", len(train))
+        return raw
+    # The last rows, not a shuffle: as the HF examples' "train[:95%]"/"train[95%:]", and cheap on big data.
+    raw["validation"] = train.select(range(len(train) - n_validation, len(train)))
+    raw["train"] = train.select(range(len(train) - n_validation))
+    return raw
+
+
+def limit_samples(dataset: datasets.Dataset, max_samples: Optional[int]) -> datasets.Dataset:
+    if max_samples is None:
+        return dataset
+    return dataset.select(range(min(max_samples, len(dataset))))
+
+
+def resolve_max_seq_length(requested: Optional[int], tokenizer: Any, model_max_positions: Optional[int] = None) -> int:
+    """`--max_seq_length`, defaulting to the tokenizer maximum capped at 1024, clipped to the tokenizer maximum."""
+    tokenizer_max = tokenizer.model_max_length
+    if model_max_positions is not None:
+        tokenizer_max = min(tokenizer_max, model_max_positions)
+    if requested is None:
+        if tokenizer_max > MAX_DEFAULT_SEQ_LENGTH:
+            logger.warning(
+                "The tokenizer's maximum length (%s) is large; using max_seq_length=%d. Set --max_seq_length to change it.",
+                tokenizer.model_max_length, MAX_DEFAULT_SEQ_LENGTH,
+            )
+        return min(tokenizer_max, MAX_DEFAULT_SEQ_LENGTH)
+    if requested > tokenizer_max:
+        logger.warning(
+            "--max_seq_length %d is longer than the model/tokenizer maximum (%d); using %d.", requested, tokenizer_max, tokenizer_max
+        )
+    return min(requested, tokenizer_max)
+
+
+def text_column_of(dataset: datasets.Dataset) -> str:
+    names = dataset.column_names
+    return "text" if "text" in names else names[0]
+
+
+def tokenize_for_masked_lm(
+    raw: DatasetDict,
+    tokenizer: Any,
+    max_seq_length: int,
+    line_by_line: bool,
+    pad_to_max_length: bool,
+    num_proc: Optional[int] = None,
+    overwrite_cache: bool = False,
+) -> DatasetDict:
+    """Text to token blocks for masked-LM training.
+
+    `line_by_line`: each non-empty line is one sample, truncated to `max_seq_length` (padded only with
+    `pad_to_max_length`). Otherwise all texts are concatenated and cut into `max_seq_length` blocks, the
+    remainder dropped. Special-token masks are kept so masking never picks [CLS]/[SEP].
+    """
+    column = text_column_of(raw["train"] if "train" in raw else next(iter(raw.values())))
+    remove = list(next(iter(raw.values())).column_names)
+
+    if line_by_line:
+        padding = "max_length" if pad_to_max_length else False
+
+        def tokenize_lines(examples):
+            lines = [line for line in examples[column] if line and not line.isspace()]
+            return tokenizer(
+                lines, padding=padding, truncation=True, max_length=max_seq_length, return_special_tokens_mask=True
+            )
+
+        return raw.map(
+            tokenize_lines, batched=True, num_proc=num_proc, remove_columns=remove,
+            load_from_cache_file=not overwrite_cache, desc="Tokenizing lines",
+        )
+
+    def tokenize_all(examples):
+        return tokenizer(examples[column], return_special_tokens_mask=True)
+
+    tokenized = raw.map(
+        tokenize_all, batched=True, num_proc=num_proc, remove_columns=remove,
+        load_from_cache_file=not overwrite_cache, desc="Tokenizing texts",
+    )
+    return tokenized.map(
+        lambda examples: group_texts(examples, max_seq_length), batched=True, num_proc=num_proc,
+        load_from_cache_file=not overwrite_cache, desc=f"Grouping texts in blocks of {max_seq_length}",
+    )
+
+
+def group_texts(examples: dict[str, list], block_size: int) -> dict[str, list]:
+    """Concatenate every column and cut it into `block_size` pieces, dropping the remainder."""
+    concatenated = {k: list(chain(*examples[k])) for k in examples.keys()}
+    total_length = len(concatenated[next(iter(examples))])
+    total_length = (total_length // block_size) * block_size
+    return {
+        k: [t[i : i + block_size] for i in range(0, total_length, block_size)] for k, t in concatenated.items()
+    }
+
+
+def require_columns(dataset: datasets.Dataset, columns: list[str], hint: str) -> None:
+    missing = [c for c in columns if c not in dataset.column_names]
+    if missing:
+        raise ValueError(
+            f"the dataset has no {', '.join(repr(c) for c in missing)} column{'s' if len(missing) > 1 else ''} "
+            f"(it has {dataset.column_names}). {hint}"
+        )

@@ -1,0 +1,135 @@
+"""`IPUTrainingArguments`: `transformers.TrainingArguments` plus the flags of the IPU examples.
+
+The IPU config owns the batch arithmetic (accumulation, replicas, device iterations), recomputation
+and loss scaling. Command-line flags that touch those settings are turned into one override string
+(`ipu_config_overrides_for_run`) that is applied to the IPU config once, by the same mechanism as
+`--ipu_config_overrides` (STYLE 3). The upstream training loop then sees one dataloader batch per step
+and no accumulation of its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from transformers import TrainingArguments
+
+VALID_N_IPU = (1, 2, 4, 8, 16, 32, 64)
+DATALOADER_MODES = ("sync", "async", "async_rebatched")
+HALF_PRECISION_FLAGS = {"fp16": "float16", "bf16": "bfloat16"}
+
+
+@dataclass
+class IPUTrainingArguments(TrainingArguments):
+    ipu_config_name: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "The IPU config: a folder holding ipu_config.json, a path to a .json file, or a hub id such as "
+            "Graphcore/bert-base-ipu. Defaults to --model_name_or_path when that holds one."
+        },
+    )
+    ipu_config_overrides: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": 'Override IPU config values, e.g. "device_iterations=1,matmul_proportion=[0.14 0.19 0.19 0.19]". '
+            "Lists in square brackets, space separated; booleans true/false. Unknown keys are an error."
+        },
+    )
+    n_ipu: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "Total IPUs of the original run (1, 2, 4, 8, 16, 32 or 64). Sets replication_factor = "
+            "n_ipu // ipus_per_replica (and the inference twin), which fixes the global batch of the recipe."
+        },
+    )
+    fp32: bool = field(
+        default=False,
+        metadata={"help": "Train in float32. Otherwise mixed precision: bfloat16 where the device runs it fast, "
+                  "float16 with loss scaling on GPUs without bfloat16, float32 on CPUs without bfloat16 support."},
+    )
+    lamb: bool = field(default=False, metadata={"help": "Use the LAMB optimizer instead of AdamW."})
+    lamb_no_bias_correction: bool = field(
+        default=False, metadata={"help": "Use LAMB without bias correction of the Adam moments (implies --lamb)."}
+    )
+    loss_scaling: Optional[float] = field(
+        default=None,
+        metadata={"help": "Static loss scale for float16 training. With --auto_loss_scaling it is the starting "
+                  "value of a dynamically adjusted scale. Not needed (and ignored) in bfloat16 or float32."},
+    )
+    auto_loss_scaling: bool = field(
+        default=False,
+        metadata={"help": "Adjust the float16 loss scale automatically (forwarded to the IPU config)."},
+    )
+    dataloader_mode: str = field(
+        default="sync",
+        metadata={
+            "help": "sync: batches built in the training process (or by --dataloader_num_workers workers). "
+            "async / async_rebatched: batches built ahead in worker processes with prefetching.",
+            "choices": list(DATALOADER_MODES),
+        },
+    )
+    compile_only: bool = field(
+        default=False,
+        metadata={"help": "Compile the model with torch.compile (cache in the IPU config's executable_cache_dir), "
+                  "run one forward and backward pass to build the kernels, and stop without training."},
+    )
+    pad_on_batch_axis: bool = field(
+        default=False,
+        metadata={"help": "Pad every batch up to the full step batch size by repeating samples, so each step sees "
+                  "one shape and --dataloader_drop_last is not needed."},
+    )
+    # Redefined with a default of None so that "not given" leaves the IPU config's value alone.
+    gradient_accumulation_steps: Optional[int] = field(
+        default=None,
+        metadata={"help": "Micro-batches accumulated per replica before each weight update. Forwarded to the IPU "
+                  "config (gradient_accumulation_steps=N), which owns accumulation."},
+    )
+
+    def __post_init__(self):
+        if self.n_ipu is not None and self.n_ipu not in VALID_N_IPU:
+            raise ValueError(
+                f"--n_ipu={self.n_ipu} is invalid: must be one of {', '.join(map(str, VALID_N_IPU))}"
+            )
+        if self.dataloader_mode not in DATALOADER_MODES:
+            raise ValueError(
+                f"--dataloader_mode={self.dataloader_mode!r} is invalid: choose one of {', '.join(DATALOADER_MODES)}"
+            )
+        if self.loss_scaling is not None and self.loss_scaling <= 0:
+            raise ValueError(f"--loss_scaling={self.loss_scaling} is invalid: must be > 0")
+        if self.lamb_no_bias_correction:
+            self.lamb = True
+        if self.gradient_accumulation_steps is not None and self.gradient_accumulation_steps < 1:
+            raise ValueError(
+                f"--gradient_accumulation_steps={self.gradient_accumulation_steps} is invalid: must be >= 1"
+            )
+
+        forwarded = []
+        if self.gradient_accumulation_steps is not None:
+            forwarded.append(f"gradient_accumulation_steps={self.gradient_accumulation_steps}")
+        if self.gradient_checkpointing or getattr(self, "activation_checkpointing", None):
+            forwarded.append("recompute_checkpoint_every_layer=true")
+        if self.auto_loss_scaling:
+            forwarded.append("auto_loss_scaling=true")
+        self._forwarded_ipu_overrides = forwarded
+
+        # Half precision is chosen by the IPU trainer (see precision.py); remember what the user asked for
+        # and keep accelerate's own mixed precision out of the way so it is applied once.
+        self.half_precision_request = next((name for name in HALF_PRECISION_FLAGS if getattr(self, name)), None)
+        if self.fp32 and self.half_precision_request:
+            raise ValueError(f"--fp32 and --{self.half_precision_request} contradict each other: pick one")
+        self.fp16 = self.bf16 = False
+
+        # The upstream loop runs one batch per step; the IPU config's accumulation happens inside the step.
+        self.gradient_accumulation_steps = 1
+        if hasattr(self, "activation_checkpointing"):
+            self.activation_checkpointing = None
+        self.gradient_checkpointing = None
+        super().__post_init__()
+
+    def ipu_config_overrides_for_run(self) -> str:
+        """The single override string for the IPU config: forwarded flags first, then --ipu_config_overrides,
+        so an explicit override of the same key wins."""
+        parts = list(self._forwarded_ipu_overrides)
+        if self.ipu_config_overrides:
+            parts.append(self.ipu_config_overrides.strip().strip(","))
+        return ",".join(part for part in parts if part)

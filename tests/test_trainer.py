@@ -1,0 +1,231 @@
+"""IPUTrainer keeps the IPU config's batch math: steps, updates, precision, optimizer, placement."""
+
+import copy
+import math
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import BertConfig, BertForPreTraining, default_data_collator
+
+from ipu_trainer import IncompatibleIPUConfigError, IPUConfig, IPUTrainer, IPUTrainingArguments
+from ipu_trainer.optimization import Lamb
+
+VOCAB = 64
+SEQ = 16
+
+
+def tiny_bert(seed=0):
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=SEQ, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )
+    return BertForPreTraining(config)
+
+
+def masked_pairs(n, seed=1):
+    """Pre-masked pretraining rows, so batches are deterministic whatever the order."""
+    g = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(5, VOCAB, (n, SEQ), generator=g)
+    labels = torch.full((n, SEQ), -100)
+    chosen = torch.rand(n, SEQ, generator=g) < 0.3
+    chosen[:, 1] = True
+    labels[chosen] = input_ids[chosen]
+    return Dataset.from_dict({
+        "input_ids": input_ids.tolist(),
+        "attention_mask": torch.ones(n, SEQ, dtype=torch.long).tolist(),
+        "token_type_ids": torch.zeros(n, SEQ, dtype=torch.long).tolist(),
+        "labels": labels.tolist(),
+        "next_sentence_label": torch.randint(0, 2, (n,), generator=g).tolist(),
+    })
+
+
+class RecordingCollator:
+    """default_data_collator that remembers every batch it built, in order."""
+
+    def __init__(self):
+        self.batches = []
+
+    def __call__(self, examples):
+        batch = default_data_collator(examples)
+        self.batches.append({k: v.clone() for k, v in batch.items()})
+        return batch
+
+
+def make_args(tmp_path, **overrides):
+    values = dict(
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, per_device_eval_batch_size=2,
+        learning_rate=1e-3, weight_decay=0.0, lr_scheduler_type="constant", max_steps=1, fp32=True,
+        report_to=[], save_strategy="no", logging_steps=1, use_cpu=True, seed=0, disable_tqdm=True,
+    )
+    values.update(overrides)
+    return IPUTrainingArguments(**values)
+
+
+def ipu_config(**values):
+    return IPUConfig(layers_per_ipu=[-1], **values)
+
+
+def test_one_step_is_device_iterations_updates_over_the_combined_batch(tmp_path):
+    config = ipu_config(replication_factor=2, gradient_accumulation_steps=4, device_iterations=2)
+    model = tiny_bert()
+    reference = copy.deepcopy(model)
+    collator = RecordingCollator()
+    trainer = IPUTrainer(model=model, ipu_config=config, args=make_args(tmp_path), data_collator=collator,
+                         train_dataset=masked_pairs(64))
+    trainer.train()
+
+    # One step took one batch of micro 2 x replicas 2 x accumulation 4 x device iterations 2 = 32 samples.
+    # (The dataloader builds one batch ahead, so a second batch may have been collated but not used.)
+    assert trainer.state.global_step == 1
+    assert trainer.state.epoch == pytest.approx(0.5)  # 32 of the 64 samples
+    batch = collator.batches[0]
+    assert batch["input_ids"].shape[0] == 32
+
+    # ... and made 2 weight updates, each the mean over 8 micro-batches of 2, clipped like the loop does.
+    optimizer = torch.optim.AdamW(reference.parameters(), lr=1e-3, weight_decay=0.0)
+    reference.train()
+    for update in range(2):
+        optimizer.zero_grad()
+        for micro in range(8):
+            start = update * 16 + micro * 2
+            micro_batch = {k: v[start : start + 2] for k, v in batch.items()}
+            (reference(**micro_batch).loss / 8).backward()
+        torch.nn.utils.clip_grad_norm_(reference.parameters(), 1.0)
+        optimizer.step()
+    adam_steps = {int(s["step"]) for s in trainer.optimizer.state.values()}
+    assert adam_steps == {2}
+    for (name, trained), expected in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(trained.detach(), expected.detach(), rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_learning_rate_schedule_advances_once_per_step(tmp_path):
+    config = ipu_config(device_iterations=3)
+    args = make_args(tmp_path, max_steps=4, lr_scheduler_type="linear")
+    trainer = IPUTrainer(model=tiny_bert(), ipu_config=config, args=args, data_collator=default_data_collator,
+                         train_dataset=masked_pairs(64))
+    trainer.train()
+    rates = [entry["learning_rate"] for entry in trainer.state.log_history if "learning_rate" in entry]
+    assert rates == pytest.approx([1e-3, 7.5e-4, 5e-4, 2.5e-4])
+    assert trainer.state.global_step == 4
+
+
+def test_eval_batches_use_the_inference_values(tmp_path):
+    config = ipu_config(replication_factor=4, inference_replication_factor=2, inference_device_iterations=3)
+    collator = RecordingCollator()
+    trainer = IPUTrainer(model=tiny_bert(), ipu_config=config, args=make_args(tmp_path), data_collator=collator,
+                         eval_dataset=masked_pairs(12))
+    metrics = trainer.evaluate()
+    assert [len(b["input_ids"]) for b in collator.batches] == [12]  # 2 per replica x 2 replicas x 3 iterations
+    assert metrics["eval_samples"] if "eval_samples" in metrics else True
+    assert math.isfinite(metrics["eval_loss"])
+
+
+def test_float16_overflow_skips_the_update_and_keeps_weights_finite(tmp_path):
+    model = tiny_bert()
+    before = copy.deepcopy(model.state_dict())
+    args = make_args(tmp_path, fp32=False, fp16=True, loss_scaling=1e30)
+    trainer = IPUTrainer(model=model, ipu_config=ipu_config(), args=args, data_collator=default_data_collator,
+                         train_dataset=masked_pairs(8))
+    assert trainer.precision.compute_dtype == torch.float16 and not trainer.precision.loss_scaler.dynamic
+    trainer.train()
+    assert trainer.precision.loss_scaler.skipped_updates == 1
+    for name, value in model.state_dict().items():
+        assert torch.isfinite(value).all(), name
+        torch.testing.assert_close(value, before[name], rtol=0, atol=0, msg=name)
+
+
+def test_float16_with_a_sane_scale_trains(tmp_path):
+    model = tiny_bert()
+    before = copy.deepcopy(model.state_dict())
+    args = make_args(tmp_path, fp32=False, fp16=True, loss_scaling=1024.0)
+    trainer = IPUTrainer(model=model, ipu_config=ipu_config(), args=args, data_collator=default_data_collator,
+                         train_dataset=masked_pairs(8))
+    trainer.train()
+    assert trainer.precision.loss_scaler.skipped_updates == 0
+    changed = [n for n, v in model.state_dict().items() if not torch.equal(v, before[n])]
+    assert changed and all(torch.isfinite(v).all() for v in model.state_dict().values())
+
+
+def test_dynamic_loss_scale_halves_after_an_overflow(tmp_path):
+    args = make_args(tmp_path, fp32=False, fp16=True, loss_scaling=1e30, auto_loss_scaling=True, max_steps=2)
+    trainer = IPUTrainer(model=tiny_bert(), ipu_config=ipu_config(), args=args, data_collator=default_data_collator,
+                         train_dataset=masked_pairs(8))
+    trainer.train()
+    scaler = trainer.precision.loss_scaler
+    assert scaler.dynamic and scaler.scale <= 0.5e30 and scaler.skipped_updates >= 1
+
+
+def test_lamb_flags_pick_lamb_with_the_right_bias_correction(tmp_path):
+    for flag, expected_bias_correction in (("lamb", True), ("lamb_no_bias_correction", False)):
+        args = make_args(tmp_path, **{flag: True})
+        trainer = IPUTrainer(model=tiny_bert(), ipu_config=ipu_config(), args=args,
+                             data_collator=default_data_collator, train_dataset=masked_pairs(4))
+        trainer.train()
+        assert isinstance(trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer, Lamb)
+        groups = trainer.optimizer.param_groups
+        assert all(g["bias_correction"] is expected_bias_correction for g in groups)
+
+
+def test_default_optimizer_stays_adamw(tmp_path):
+    trainer = IPUTrainer(model=tiny_bert(), ipu_config=ipu_config(), args=make_args(tmp_path),
+                         data_collator=default_data_collator, train_dataset=masked_pairs(4))
+    trainer.create_optimizer()
+    inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+    assert isinstance(inner, torch.optim.AdamW)
+
+
+def test_command_line_accumulation_is_forwarded_to_the_ipu_config(tmp_path):
+    args = make_args(tmp_path, gradient_accumulation_steps=3, gradient_checkpointing=True, auto_loss_scaling=True)
+    assert args.gradient_accumulation_steps == 1  # the upstream loop never accumulates
+    config = ipu_config(gradient_accumulation_steps=512)
+    trainer = IPUTrainer(model=tiny_bert(), ipu_config=config, args=args, data_collator=default_data_collator)
+    config = trainer.ipu_config
+    assert config.gradient_accumulation_steps == 3
+    assert config.recompute_checkpoint_every_layer is True
+    assert config.auto_loss_scaling is True
+
+
+def test_n_ipu_sets_the_replication_factor(tmp_path):
+    config = IPUConfig(layers_per_ipu=[1, 1], replication_factor=1)
+    trainer = IPUTrainer(model=tiny_bert(), ipu_config=config, args=make_args(tmp_path, n_ipu=8),
+                         data_collator=default_data_collator)
+    assert trainer.ipu_config.replication_factor == 4
+    assert trainer.train_placement.samples_per_update == 2 * 4
+
+
+def test_invalid_n_ipu_is_refused():
+    with pytest.raises(ValueError, match="n_ipu=12"):
+        IPUTrainingArguments(output_dir="unused", n_ipu=12)
+
+
+def test_layers_per_ipu_must_match_the_model(tmp_path):
+    config = IPUConfig(layers_per_ipu=[1, 2])
+    with pytest.raises(IncompatibleIPUConfigError, match="has 2"):
+        IPUTrainer(model=tiny_bert(), ipu_config=config, args=make_args(tmp_path), data_collator=default_data_collator)
+
+
+def test_recomputation_uses_activation_checkpointing(tmp_path):
+    model = tiny_bert()
+    IPUTrainer(model=model, ipu_config=ipu_config(recompute_checkpoint_every_layer=True), args=make_args(tmp_path),
+               data_collator=default_data_collator)
+    assert model.is_gradient_checkpointing
+
+
+def test_pad_on_batch_axis_makes_every_step_full(tmp_path):
+    collator = RecordingCollator()
+    args = make_args(tmp_path, pad_on_batch_axis=True, max_steps=2)
+    trainer = IPUTrainer(model=tiny_bert(), ipu_config=ipu_config(gradient_accumulation_steps=2), args=args,
+                         data_collator=collator, train_dataset=masked_pairs(6))
+    trainer.train()
+    assert [len(b["input_ids"]) for b in collator.batches] == [4, 4]
+
+
+def test_ipu_config_is_saved_with_the_model(tmp_path):
+    config = ipu_config(gradient_accumulation_steps=2)
+    trainer = IPUTrainer(model=tiny_bert(), ipu_config=config, args=make_args(tmp_path),
+                         data_collator=default_data_collator, train_dataset=masked_pairs(8))
+    trainer.train()
+    trainer.save_model()
+    assert IPUConfig.from_pretrained(trainer.args.output_dir).gradient_accumulation_steps == 2
