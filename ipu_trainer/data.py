@@ -151,9 +151,11 @@ def tokenize_for_masked_lm(
 
         def tokenize_lines(examples):
             lines = [line for line in examples[column] if line and not line.isspace()]
-            return tokenizer(
-                lines, padding=padding, truncation=True, max_length=max_seq_length, return_special_tokens_mask=True
+            # Fast tokenizers fail on an empty batch; tokenize a stand-in to get the columns, then keep no rows.
+            encoded = tokenizer(
+                lines or [""], padding=padding, truncation=True, max_length=max_seq_length, return_special_tokens_mask=True
             )
+            return encoded if lines else {key: [] for key in encoded}
 
         return raw.map(
             tokenize_lines, batched=True, num_proc=num_proc, remove_columns=remove,
@@ -190,3 +192,73 @@ def require_columns(dataset: datasets.Dataset, columns: list[str], hint: str) ->
             f"the dataset has no {', '.join(repr(c) for c in missing)} column{'s' if len(missing) > 1 else ''} "
             f"(it has {dataset.column_names}). {hint}"
         )
+
+
+def resolve_block_size(requested: Optional[int], tokenizer: Any, model_max_positions: Optional[int] = None) -> int:
+    """`--block_size` for causal LMs: the tokenizer maximum capped at 1024 (and at the model's positions) by
+    default; an explicit value longer than the model's positions is an error, one longer than the tokenizer
+    maximum is clipped to it with a warning (as the Hugging Face run_clm.py does)."""
+    if requested is not None and requested < 1:
+        raise ValueError(f"--block_size={requested} is invalid: must be >= 1")
+    if requested is not None and model_max_positions is not None and requested > model_max_positions:
+        raise ValueError(
+            f"--block_size {requested} is larger than the model's {model_max_positions} positions "
+            "(n_positions / max_position_embeddings): use --block_size <= "
+            f"{model_max_positions} or a model with more positions (e.g. --config_overrides n_positions={requested})"
+        )
+    tokenizer_max = tokenizer.model_max_length
+    if requested is None:
+        block_size = min(tokenizer_max, MAX_DEFAULT_SEQ_LENGTH)
+        if model_max_positions is not None and block_size > model_max_positions:
+            block_size = model_max_positions
+        if tokenizer_max > MAX_DEFAULT_SEQ_LENGTH:
+            logger.warning(
+                "The tokenizer's maximum length (%s) is large; using block_size=%d. Set --block_size to change it.",
+                tokenizer_max, block_size,
+            )
+        return block_size
+    if requested > tokenizer_max:
+        logger.warning(
+            "--block_size %d is longer than the tokenizer maximum (%d); using %d.", requested, tokenizer_max, tokenizer_max
+        )
+    return min(requested, tokenizer_max)
+
+
+def tokenize_for_causal_lm(
+    raw: DatasetDict,
+    tokenizer: Any,
+    block_size: int,
+    num_proc: Optional[int] = None,
+    overwrite_cache: bool = False,
+) -> DatasetDict:
+    """Text to `block_size` token blocks for causal-LM training, labels = input_ids (the model shifts them).
+
+    All texts are tokenized, concatenated and cut into blocks, the remainder dropped, as in the Hugging
+    Face run_clm.py; line breaks are whatever the loader kept (`--keep_linebreaks`).
+    """
+    column = text_column_of(raw["train"] if "train" in raw else next(iter(raw.values())))
+    remove = list(next(iter(raw.values())).column_names)
+
+    def tokenize_all(examples):
+        return tokenizer(examples[column])
+
+    tokenized = raw.map(
+        tokenize_all, batched=True, num_proc=num_proc, remove_columns=remove,
+        load_from_cache_file=not overwrite_cache, desc="Tokenizing texts",
+    )
+    return tokenized.map(
+        _blocks_with_labels, batched=True, num_proc=num_proc, fn_kwargs={"block_size": block_size},
+        load_from_cache_file=not overwrite_cache, desc=f"Grouping texts in blocks of {block_size}",
+    )
+
+
+def _blocks_with_labels(examples: dict[str, list], block_size: int) -> dict[str, list]:
+    blocks = group_texts(examples, block_size)
+    blocks["labels"] = [list(ids) for ids in blocks["input_ids"]]
+    return blocks
+
+
+def require_samples(dataset: datasets.Dataset, split: str, what: str) -> None:
+    """A split that preprocessing left empty is a user error, not a crash deep in the trainer."""
+    if len(dataset) == 0:
+        raise ValueError(f"the {split} data yields no samples: {what}")

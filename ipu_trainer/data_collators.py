@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -29,6 +30,12 @@ class DataCollatorForLanguageModelingWithMaxTokensMasked(DataCollatorForLanguage
 
     `max_seq_length` is the L used for the cap; when None the batch's padded length is used. Set it to
     the model's sequence length so the cap matches `config.max_num_masked_tokens` for every batch.
+
+    With `seed` set, each batch is masked by a generator seeded from the seed and the batch's token ids,
+    never from the global RNG. The trainer's data loader collates one batch ahead of the step it runs,
+    so masking from the global RNG would shift dropout's random stream and a run resumed from a
+    checkpoint would diverge from the uninterrupted one; seeded by content, both mask alike, and so do
+    DataLoader worker processes. The same rows in a different batch (another epoch's shuffle) get new masks.
     """
 
     max_seq_length: int | None = None
@@ -54,6 +61,7 @@ class DataCollatorForLanguageModelingWithMaxTokensMasked(DataCollatorForLanguage
            [MASK], next `random_replace_prob` (0.1) -> a random vocabulary id, the rest (0.1) unchanged.
         4. labels = original id at the survivors, -100 everywhere else.
         """
+        generator = _batch_generator(self.seed, inputs) if self.seed is not None else self.generator
         labels = inputs.clone()
         if special_tokens_mask is None:
             not_maskable = torch.isin(inputs, torch.tensor(self.tokenizer.all_special_ids, device=inputs.device))
@@ -63,23 +71,28 @@ class DataCollatorForLanguageModelingWithMaxTokensMasked(DataCollatorForLanguage
             not_maskable = not_maskable | (inputs == self.tokenizer.pad_token_id)
 
         probability = torch.full(inputs.shape, self.mlm_probability).masked_fill_(not_maskable, 0.0)
-        chosen = torch.bernoulli(probability, generator=self.generator).bool()
+        chosen = torch.bernoulli(probability, generator=generator).bool()
 
         sequence_length = self.max_seq_length or inputs.shape[1]
         cap = max_num_masked_tokens(sequence_length, self.mlm_probability)
         if cap < inputs.shape[1]:
-            scores = torch.rand(inputs.shape, generator=self.generator).masked_fill_(~chosen, -1.0)
+            scores = torch.rand(inputs.shape, generator=generator).masked_fill_(~chosen, -1.0)
             kept = torch.zeros_like(chosen).scatter_(1, scores.topk(cap, dim=1).indices, True)
             chosen &= kept
 
         labels[~chosen] = -100
-        draw = torch.rand(inputs.shape, generator=self.generator)
+        draw = torch.rand(inputs.shape, generator=generator)
         to_mask = chosen & (draw < self.mask_replace_prob)
         to_random = chosen & ~to_mask & (draw < self.mask_replace_prob + self.random_replace_prob)
         inputs[to_mask] = self.tokenizer.mask_token_id
-        random_ids = torch.randint(len(self.tokenizer), inputs.shape, dtype=inputs.dtype, generator=self.generator)
+        random_ids = torch.randint(len(self.tokenizer), inputs.shape, dtype=inputs.dtype, generator=generator)
         inputs[to_random] = random_ids[to_random]
         return inputs, labels
+
+
+def _batch_generator(seed: int, inputs: torch.Tensor) -> torch.Generator:
+    digest = hashlib.blake2b(inputs.cpu().numpy().tobytes(), digest_size=8, key=str(seed).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
 
 
 class _BatchAxisPadder:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Optional
 
+import torch
 from transformers import CONFIG_MAPPING, AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
 from .ipu_config import IPUConfig
@@ -75,3 +76,66 @@ def load_ipu_config(training_args: IPUTrainingArguments, model_name_or_path: Opt
             "or a hub id such as Graphcore/bert-base-ipu), e.g. --ipu_config_name . for the one next to the scripts."
         )
     return IPUConfig.from_pretrained(name)
+
+
+# Model types whose position ids start after the padding index (RoBERTa's "padding_idx + 1" offset).
+_POSITIONS_OFFSET_BY_PADDING = ("roberta", "xlm-roberta", "camembert", "longformer")
+
+
+def max_positions_of(config: PretrainedConfig) -> Optional[int]:
+    """The longest sequence the model's position embeddings take (`n_positions` / `max_position_embeddings`),
+    less RoBERTa-style models' padding offset; None for models without absolute positions."""
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if not isinstance(positions, int):
+        return None
+    if getattr(config, "model_type", None) in _POSITIONS_OFFSET_BY_PADDING and config.pad_token_id is not None:
+        positions -= config.pad_token_id + 1
+    return positions
+
+
+def load_model(
+    auto_class: Any,
+    model_args: Any,
+    config: PretrainedConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    model_class: Optional[Any] = None,
+    dtype: Optional[Any] = None,
+) -> Any:
+    """The run's model: `--model_name_or_path` loaded as `model_class` (default `auto_class`), else a fresh
+    one from `config`. Weights the checkpoint lacks are reported plainly, and the embeddings grow when the
+    tokenizer is larger than the vocabulary.
+    """
+    model_class = model_class or auto_class
+    if getattr(model_args, "low_cpu_mem_usage", False):
+        logger.info("--low_cpu_mem_usage: transformers 5 always loads checkpoints without a throwaway copy; nothing to change.")
+    if model_args.model_name_or_path:
+        model, loading_info = model_class.from_pretrained(
+            model_args.model_name_or_path, config=config, dtype=dtype, output_loading_info=True,
+            **_hub_kwargs(model_args),
+        )
+        missing = sorted(loading_info.get("missing_keys") or [])
+        if missing:
+            logger.warning(
+                "%s has no weights for %d tensor(s) of %s; they are freshly initialised and trained from scratch: %s",
+                model_args.model_name_or_path, len(missing), type(model).__name__, ", ".join(missing),
+            )
+    else:
+        model = model_class.from_config(config, dtype=dtype) if model_class is auto_class else model_class(config)
+        if isinstance(dtype, torch.dtype) and model_class is not auto_class:
+            model = model.to(dtype)
+        logger.info("New %s model from scratch: %.1fM parameters.", config.model_type,
+                    sum(p.numel() for p in model.parameters()) / 1e6)
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        logger.info("Resizing the token embeddings to the tokenizer's %d tokens.", len(tokenizer))
+        model.resize_token_embeddings(len(tokenizer))
+    return model
+
+
+def torch_dtype_of(name: Optional[str]) -> Any:
+    """`--torch_dtype`: None, "auto", or a torch dtype name (bfloat16, float16, float32)."""
+    if name is None or name == "auto":
+        return name
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"--torch_dtype {name!r} is not a torch dtype: use auto, bfloat16, float16 or float32")
+    return dtype

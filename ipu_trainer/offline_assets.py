@@ -10,8 +10,8 @@ from __future__ import annotations
 import os
 import re
 
-from tokenizers import BertWordPieceTokenizer
-from transformers import BertTokenizer, PreTrainedTokenizerBase
+from tokenizers import BertWordPieceTokenizer, ByteLevelBPETokenizer
+from transformers import BertTokenizer, GPT2Tokenizer, PreTrainedTokenizerBase
 
 
 def english_text_documents() -> list[str]:
@@ -20,16 +20,28 @@ def english_text_documents() -> list[str]:
     Each topic is split on blank lines; indented code blocks and very short fragments are dropped so
     what remains reads as prose.
     """
+    return [paragraph for topic in _topic_paragraphs() for paragraph in topic]
+
+
+def english_text_topics() -> list[str]:
+    """One document per pydoc topic (its prose paragraphs joined): long enough for sentence pairs
+    to take their second half from the same document half of the time."""
+    return [" ".join(topic) for topic in _topic_paragraphs() if len(topic) >= 3]
+
+
+def _topic_paragraphs() -> list[list[str]]:
     from pydoc_data.topics import topics
 
-    documents = []
+    result = []
     for name in sorted(topics):
+        paragraphs = []
         for paragraph in re.split(r"\n\s*\n", topics[name]):
             lines = [line.strip() for line in paragraph.splitlines() if line.strip() and not line.startswith("   ")]
             text = " ".join(lines)
             if len(text.split()) >= 8:
-                documents.append(text)
-    return documents
+                paragraphs.append(text)
+        result.append(paragraphs)
+    return result
 
 
 def train_wordpiece_tokenizer(
@@ -50,9 +62,9 @@ def write_quickstart_assets(output_dir: str, validation_fraction: float = 0.1) -
 
     Returns the paths: {"tokenizer": ..., "train_file": ..., "validation_file": ...}.
     """
-    documents = english_text_documents()
-    n_validation = max(1, int(len(documents) * validation_fraction))
-    # Every 10th document goes to validation, so both halves cover all topics.
+    documents = english_text_topics()
+    n_validation = max(2, int(len(documents) * validation_fraction))
+    # Every n-th topic goes to validation, so both parts cover the whole documentation.
     step = max(1, len(documents) // n_validation)
     validation = documents[::step]
     train = [d for i, d in enumerate(documents) if i % step]
@@ -71,6 +83,29 @@ def write_quickstart_assets(output_dir: str, validation_fraction: float = 0.1) -
 
 def _one_sentence_per_line(document: str) -> str:
     return re.sub(r"(?<=[.!?])\s+(?=[A-Z\"'(])", "\n", document)
+
+
+def train_byte_level_bpe_tokenizer(
+    texts: list[str], output_dir: str, vocab_size: int = 1000, model_max_length: int = 1024
+) -> PreTrainedTokenizerBase:
+    """Train a GPT-2-style byte-level BPE tokenizer on `texts` and save it with `save_pretrained`.
+
+    The single special token is GPT-2's `<|endoftext|>` (bos, eos and unk). transformers 5 builds the
+    tokenizer from the `vocab=` / `merges=` paths; its `vocab_file=` keywords would silently give a
+    one-token tokenizer, hence the length check.
+    """
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, special_tokens=["<|endoftext|>"])
+    os.makedirs(output_dir, exist_ok=True)
+    vocab_path, merges_path = bpe.save_model(output_dir)
+    tokenizer = GPT2Tokenizer(
+        vocab=vocab_path, merges=merges_path, model_max_length=model_max_length,
+        bos_token="<|endoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>",
+    )
+    if len(tokenizer) != bpe.get_vocab_size():
+        raise RuntimeError(f"byte-level BPE tokenizer has {len(tokenizer)} tokens, expected {bpe.get_vocab_size()}")
+    tokenizer.save_pretrained(output_dir)
+    return tokenizer
 
 
 if __name__ == "__main__":

@@ -132,6 +132,8 @@ class IPUTrainer(Trainer):
         if args.dataloader_mode != "sync" and args.dataloader_num_workers == 0:
             workers = max(1, min(ASYNC_DATALOADER_WORKERS, (os.cpu_count() or 2) - 1))
             args.dataloader_num_workers = workers
+        if args.device.type == "cpu":
+            args.dataloader_pin_memory = False  # pinning needs an accelerator; spare the warning
         if self.ipu_config.executable_cache_dir and (args.torch_compile or args.compile_only):
             # Inductor reads its cache location from the environment; set it before anything compiles.
             os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.abspath(self.ipu_config.executable_cache_dir))
@@ -174,7 +176,7 @@ class IPUTrainer(Trainer):
             f"{self.eval_placement.device_iterations})"
         )
         lines.append(f"precision: {self.precision.describe()}")
-        optimizer = "LAMB" + (" without bias correction" if self.args.lamb_no_bias_correction else "") if self.args.lamb else self.args.optim
+        optimizer = "LAMB" + (" without bias correction" if self.args.lamb_no_bias_correction else "") if self.args.lamb else str(getattr(self.args.optim, "value", self.args.optim))
         lines.append(f"optimizer: {optimizer}")
         lines.append(
             "recomputation: " + ("every layer (activation checkpointing)" if self.ipu_config.recompute_checkpoint_every_layer else "off")

@@ -78,6 +78,16 @@ class IPUTrainingArguments(TrainingArguments):
         metadata={"help": "Pad every batch up to the full step batch size by repeating samples, so each step sees "
                   "one shape and --dataloader_drop_last is not needed."},
     )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Train into a non-empty --output_dir that holds no checkpoint (otherwise refused), or start "
+                  "afresh instead of resuming from the checkpoint found there."},
+    )
+    warmup_ratio: Optional[float] = field(
+        default=None,
+        metadata={"help": "Fraction of the training steps used for a linear warmup of the learning rate (0 <= r < 1). "
+                  "The IPU recipes' flag; the same as a fractional --warmup_steps."},
+    )
     # Redefined with a default of None so that "not given" leaves the IPU config's value alone.
     gradient_accumulation_steps: Optional[int] = field(
         default=None,
@@ -96,6 +106,12 @@ class IPUTrainingArguments(TrainingArguments):
             )
         if self.loss_scaling is not None and self.loss_scaling <= 0:
             raise ValueError(f"--loss_scaling={self.loss_scaling} is invalid: must be > 0")
+        if self.warmup_ratio is not None:
+            if not 0 <= self.warmup_ratio < 1:
+                raise ValueError(f"--warmup_ratio={self.warmup_ratio} is invalid: must be in [0, 1)")
+            if self.warmup_steps:
+                raise ValueError("--warmup_ratio and --warmup_steps both set the warmup: give one of them")
+            self.warmup_steps = self.warmup_ratio
         if self.lamb_no_bias_correction:
             self.lamb = True
         if self.gradient_accumulation_steps is not None and self.gradient_accumulation_steps < 1:

@@ -139,3 +139,22 @@ def test_pad_on_batch_axis_wraps_the_masking_collator(tokenizer, rows128):
     batch = pad_on_batch_axis(8, masking)(rows128[:3])
     assert batch["input_ids"].shape == (8, 128) and batch["labels"].shape == (8, 128)
     assert torch.equal(batch["attention_mask"][3], torch.tensor(rows128[0]["attention_mask"]))
+
+
+def test_seeded_masking_depends_on_the_batch_not_on_the_global_rng(tokenizer, rows128):
+    def mask(rows, seed):
+        return DataCollatorForLanguageModelingWithMaxTokensMasked(tokenizer, seed=seed)(rows)
+
+    torch.manual_seed(0)
+    first = mask(rows128[:16], seed=3)
+    state_after = torch.get_rng_state()
+    torch.manual_seed(123)  # another global RNG state must not change the masks
+    second = mask(rows128[:16], seed=3)
+    assert torch.equal(first["labels"], second["labels"]) and torch.equal(first["input_ids"], second["input_ids"])
+    torch.manual_seed(0)
+    mask(rows128[:16], seed=3)
+    assert torch.equal(torch.get_rng_state(), state_after)  # nothing was drawn from the global RNG
+
+    assert not torch.equal(first["labels"], mask(rows128[:16], seed=4)["labels"])
+    reordered = mask(rows128[1:16] + rows128[:1], seed=3)  # same rows, another batch: new masks
+    assert not torch.equal(first["labels"][1:], reordered["labels"][:15])

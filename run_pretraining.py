@@ -1,0 +1,227 @@
+#!/usr/bin/env python
+"""BERT pretraining (masked-LM + next-sentence prediction) driven by an IPU config, on CPUs and GPUs.
+
+Takes the flags and ipu_config.json files of the Graphcore IPU example, e.g.
+
+    python run_pretraining.py --config_name bert-base-uncased --tokenizer_name bert-base-uncased \
+        --ipu_config_name . --dataset_name Graphcore/wikipedia-bert-128 --do_train --do_eval \
+        --output_dir /tmp/test-pretraining
+
+Data: a pre-built pretraining dataset (columns input_ids, attention_mask, token_type_ids,
+next_sentence_label[, labels]) from the hub or a save_to_disk folder, or raw text that is turned
+into sentence pairs here.
+"""
+
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Optional
+
+import transformers
+from transformers import AutoModelForPreTraining, HfArgumentParser, default_data_collator, set_seed
+
+from ipu_trainer import (
+    DataCollatorForLanguageModelingWithMaxTokensMasked,
+    IPUTrainer,
+    IPUTrainingArguments,
+)
+from ipu_trainer.data import limit_samples, load_raw_datasets, require_columns, resolve_max_seq_length
+from ipu_trainer.data_collators import max_num_masked_tokens
+from ipu_trainer.metrics import pretraining_metrics, pretraining_predictions
+from ipu_trainer.model_loading import load_ipu_config, load_model_config, load_tokenizer
+from ipu_trainer.models import masked_positions_model_for
+from ipu_trainer.optimization import get_groupbert_schedule, warmup_steps_for
+from ipu_trainer.pretraining_data import build_nsp_pairs, load_text_documents
+from ipu_trainer.run_utils import (
+    evaluate_and_save,
+    find_checkpoint_to_resume,
+    run_cli,
+    setup_logging,
+    train_and_save,
+    write_model_card,
+)
+
+if not transformers.__version__.startswith("5."):
+    raise ImportError(f"transformers 5.x is required, found {transformers.__version__}. To fix: pip install -r requirements.txt")
+
+logger = logging.getLogger(__name__)
+
+PRETRAINING_COLUMNS = ["input_ids", "attention_mask", "token_type_ids", "next_sentence_label"]
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: Optional[str] = field(
+        default=None, metadata={"help": "Checkpoint to start from (hub id or folder). Leave unset to train from scratch."}
+    )
+    model_type: Optional[str] = field(
+        default=None, metadata={"help": "Model type for a model trained from scratch, e.g. bert."}
+    )
+    config_overrides: Optional[str] = field(
+        default=None,
+        metadata={"help": 'Override model config values, e.g. "hidden_size=1024,num_attention_heads=16,num_hidden_layers=48".'},
+    )
+    config_name: Optional[str] = field(default=None, metadata={"help": "Config name or path if not the same as the model."})
+    tokenizer_name: Optional[str] = field(default=None, metadata={"help": "Tokenizer name or path if not the same as the model."})
+    cache_dir: Optional[str] = field(default=None, metadata={"help": "Where to store models and data downloaded from the hub."})
+    use_fast_tokenizer: bool = field(default=True, metadata={"help": "Use a fast (tokenizers-backed) tokenizer."})
+    model_revision: str = field(default="main", metadata={"help": "Model version: a branch name, tag or commit id."})
+    use_auth_token: bool = field(default=False, metadata={"help": "Use the token from `hf auth login` (private models)."})
+    groupbert_schedule: bool = field(
+        default=False,
+        metadata={"help": "GroupBERT learning-rate schedule: sqrt warmup over warmup_ratio of the steps, then linear decay to 1e-7."},
+    )
+
+
+@dataclass
+class DataTrainingArguments:
+    dataset_name: Optional[str] = field(default=None, metadata={"help": "Dataset on the hub, e.g. Graphcore/wikipedia-bert-128."})
+    dataset_config_name: Optional[str] = field(default=None, metadata={"help": "The dataset's configuration name."})
+    dataset_path: Optional[str] = field(default=None, metadata={"help": "A folder written by Dataset.save_to_disk (e.g. by prepare_dataset.py)."})
+    train_file: Optional[str] = field(default=None, metadata={"help": "Training data: a csv, json or txt file."})
+    validation_file: Optional[str] = field(default=None, metadata={"help": "Evaluation data: a csv, json or txt file."})
+    data_dir: Optional[str] = field(default=None, metadata={"help": "data_dir passed to datasets.load_dataset."})
+    overwrite_cache: bool = field(default=False, metadata={"help": "Redo preprocessing instead of using the datasets cache."})
+    validation_split_percentage: Optional[int] = field(
+        default=5, metadata={"help": "Percent of train used for evaluation when the data has no validation split."}
+    )
+    is_already_preprocessed: bool = field(
+        default=False, metadata={"help": "The data is already tokenized sentence pairs (input_ids ... next_sentence_label)."}
+    )
+    is_already_masked: bool = field(
+        default=False, metadata={"help": "Keep the masking stored in the data (its labels) instead of masking each batch afresh."}
+    )
+    max_seq_length: Optional[int] = field(
+        default=None, metadata={"help": "Sequence length. Default: the data's length, else the tokenizer maximum capped at 1024."}
+    )
+    preprocessing_num_workers: Optional[int] = field(default=None, metadata={"help": "Processes for preprocessing."})
+    mlm_probability: float = field(default=0.15, metadata={"help": "Fraction of tokens masked for the masked-LM loss."})
+    line_by_line: bool = field(
+        default=False, metadata={"help": "Accepted for compatibility; raw text is always turned into sentence pairs here."}
+    )
+    pad_to_max_length: bool = field(
+        default=False, metadata={"help": "Accepted for compatibility; sentence pairs are always padded to max_seq_length."}
+    )
+    max_train_samples: Optional[int] = field(default=None, metadata={"help": "Use at most this many training samples."})
+    max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Use at most this many evaluation samples."})
+
+    def __post_init__(self):
+        if not any((self.dataset_name, self.dataset_path, self.train_file, self.validation_file)):
+            raise ValueError("Need data: --dataset_name, --dataset_path, or --train_file/--validation_file (csv, json or txt).")
+
+
+def parse_args():
+    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, IPUTrainingArguments))
+    if len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
+        return parser.parse_json_file(json_file=os.path.abspath(sys.argv[1]))
+    return parser.parse_args_into_dataclasses()
+
+
+def main():
+    # Arguments and logging
+    model_args, data_args, training_args = parse_args()
+    setup_logging(training_args)
+    last_checkpoint = find_checkpoint_to_resume(training_args)
+    set_seed(training_args.seed)
+
+    # IPU config, model config and tokenizer
+    ipu_config = load_ipu_config(training_args, model_args.model_name_or_path)
+    config = load_model_config(model_args)
+    tokenizer = load_tokenizer(model_args)
+
+    # Data: pre-built sentence pairs are used as they are; raw text becomes sentence pairs.
+    # Local files that are not pre-built are read as documents (blank-line separated in txt files).
+    file_loader = None if data_args.is_already_preprocessed else load_text_documents
+    raw_datasets = load_raw_datasets(data_args, model_args, file_loader=file_loader)
+    first_split = next(iter(raw_datasets.values()))
+    already_pairs = data_args.is_already_preprocessed or "next_sentence_label" in first_split.column_names
+    max_positions = getattr(config, "max_position_embeddings", None)
+    if already_pairs:
+        hint = ("BERT pretraining needs sentence pairs with a next_sentence_label: give raw text (--train_file corpus.txt) "
+                "to build them, or build a dataset with prepare_dataset.py.")
+        for split in raw_datasets.values():
+            require_columns(split, PRETRAINING_COLUMNS + (["labels"] if data_args.is_already_masked else []), hint)
+        data_length = len(first_split[0]["input_ids"])
+        max_seq_length = data_args.max_seq_length or data_length
+        if max_seq_length != data_length:
+            raise ValueError(f"--max_seq_length {max_seq_length} does not match the data's sequence length {data_length}")
+        tokenized_datasets = raw_datasets
+    else:
+        if data_args.is_already_masked:
+            raise ValueError("--is_already_masked needs pre-built, masked data (input_ids ... labels), not raw text.")
+        max_seq_length = resolve_max_seq_length(data_args.max_seq_length, tokenizer, max_positions)
+        with training_args.main_process_first(desc="building sentence pairs"):
+            tokenized_datasets = {
+                name: build_nsp_pairs(split, tokenizer, max_seq_length, seed=training_args.seed,
+                                      num_proc=data_args.preprocessing_num_workers)
+                for name, split in raw_datasets.items()
+            }
+
+    train_dataset = eval_dataset = None
+    if training_args.do_train:
+        if "train" not in tokenized_datasets:
+            raise ValueError("--do_train requires a train split")
+        train_dataset = limit_samples(tokenized_datasets["train"], data_args.max_train_samples)
+    if training_args.do_eval:
+        if "validation" not in tokenized_datasets:
+            raise ValueError("--do_eval requires a validation split (--validation_file or --validation_split_percentage)")
+        eval_dataset = limit_samples(tokenized_datasets["validation"], data_args.max_eval_samples)
+
+    # Model: MLM logits only at the masked positions, at most max_num_masked_tokens per sequence.
+    config.max_num_masked_tokens = max_num_masked_tokens(max_seq_length, data_args.mlm_probability)
+    model_class = masked_positions_model_for(config) or AutoModelForPreTraining
+    if model_args.model_name_or_path:
+        model = model_class.from_pretrained(
+            model_args.model_name_or_path, config=config, cache_dir=model_args.cache_dir,
+            revision=model_args.model_revision, token=model_args.use_auth_token or None,
+        )
+    else:
+        model = model_class.from_config(config) if model_class is AutoModelForPreTraining else model_class(config)
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+
+    # Masking: dynamic (every batch masked afresh) unless the data's own masking is kept.
+    if data_args.is_already_masked:
+        data_collator = default_data_collator
+    else:
+        data_collator = DataCollatorForLanguageModelingWithMaxTokensMasked(
+            tokenizer=tokenizer, mlm_probability=data_args.mlm_probability, max_seq_length=max_seq_length,
+            seed=training_args.seed,
+        )
+
+    scheduler_factory = None
+    if model_args.groupbert_schedule:
+        def scheduler_factory(optimizer, num_training_steps):
+            explicit_steps = int(training_args.warmup_steps) if training_args.warmup_steps >= 1 else 0
+            warmup = warmup_steps_for(num_training_steps, training_args.warmup_ratio or 0.0, explicit_steps)
+            return get_groupbert_schedule(optimizer, warmup, num_training_steps)
+
+    trainer = IPUTrainer(
+        model=model,
+        ipu_config=ipu_config,
+        args=training_args,
+        data_collator=data_collator,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        compute_metrics=pretraining_metrics if training_args.do_eval else None,
+        preprocess_logits_for_metrics=pretraining_predictions if training_args.do_eval else None,
+        scheduler_factory=scheduler_factory,
+    )
+
+    if training_args.compile_only:
+        trainer.compile_only()
+        return
+
+    # Train, evaluate, write results
+    if training_args.do_train:
+        train_and_save(trainer, training_args, last_checkpoint, len(train_dataset))
+    if training_args.do_eval:
+        evaluate_and_save(trainer, len(eval_dataset))
+    if training_args.do_train:
+        write_model_card(trainer, model_args, data_args, tasks="fill-mask")
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

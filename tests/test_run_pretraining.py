@@ -1,0 +1,213 @@
+"""run_pretraining.py end to end on CPU: tiny BERT, text made on the machine, the original flags."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from datasets import Dataset, DatasetDict
+from safetensors.torch import load_file
+from transformers import AutoModelForPreTraining, HfArgumentParser
+
+from ipu_trainer.offline_assets import write_quickstart_assets
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+import run_pretraining  # noqa: E402
+
+TINY_BERT = "hidden_size=32,num_hidden_layers=2,num_attention_heads=2,intermediate_size=64,max_position_embeddings=64"
+ONE_CPU = "layers_per_ipu=[-1],ipus_per_replica=1,replication_factor=1,gradient_accumulation_steps=2"
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    return write_quickstart_assets(str(tmp_path_factory.mktemp("assets")))
+
+
+def pretraining_argv(assets, output_dir, *extra):
+    return [
+        "run_pretraining.py", "--model_type", "bert", "--config_overrides", TINY_BERT,
+        "--tokenizer_name", assets["tokenizer"], "--train_file", assets["train_file"],
+        "--validation_file", assets["validation_file"], "--max_seq_length", "64",
+        "--ipu_config_name", REPO, "--ipu_config_overrides", ONE_CPU + ",recompute_checkpoint_every_layer=false",
+        "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "16", "--max_train_samples", "400",
+        "--max_eval_samples", "64", "--learning_rate", "3e-3", "--output_dir", str(output_dir), "--report_to", "none",
+        "--disable_tqdm", "true", "--seed", "7", *extra,
+    ]
+
+
+def run(monkeypatch, argv):
+    monkeypatch.setattr(sys, "argv", argv)
+    run_pretraining.main()
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def test_pretraining_from_text_trains_and_writes_results(assets, tmp_path, monkeypatch):
+    before = tmp_path / "before"
+    run(monkeypatch, pretraining_argv(assets, before, "--do_eval"))
+    perplexity_before = read_json(before / "eval_results.json")["perplexity"]
+
+    out = tmp_path / "out"
+    run(monkeypatch, pretraining_argv(assets, out, "--do_train", "--do_eval", "--max_steps", "40",
+                                      "--save_steps", "20", "--logging_steps", "5"))
+    for name in ("train_results.json", "eval_results.json", "all_results.json", "trainer_state.json", "README.md",
+                 "ipu_config.json", "config.json", "model.safetensors", "tokenizer_config.json"):
+        assert (out / name).is_file(), name
+    assert (out / "checkpoint-20" / "ipu_config.json").is_file()
+    assert (out / "checkpoint-40").is_dir()
+
+    eval_results = read_json(out / "eval_results.json")
+    assert {"eval_loss", "perplexity", "eval_samples", "eval_mlm_accuracy", "eval_nsp_accuracy"} <= set(eval_results)
+    assert eval_results["eval_samples"] == 64
+    assert torch.isfinite(torch.tensor(eval_results["perplexity"]))
+    assert eval_results["perplexity"] < perplexity_before
+
+    losses = [e["loss"] for e in read_json(out / "trainer_state.json")["log_history"] if "loss" in e]
+    assert losses[-1] < losses[0]
+
+    # The checkpoint is a plain transformers BertForPreTraining checkpoint.
+    model = AutoModelForPreTraining.from_pretrained(out)
+    assert type(model).__name__ == "BertForPreTraining"
+    assert read_json(out / "config.json")["max_num_masked_tokens"] == 16  # L=64, p=0.15
+
+
+def test_resuming_after_an_interruption_gives_the_same_weights(assets, tmp_path, monkeypatch):
+    args = ("--do_train", "--max_steps", "6", "--save_steps", "3", "--lr_scheduler_type", "linear")
+    straight = tmp_path / "straight"
+    run(monkeypatch, pretraining_argv(assets, straight, *args))
+
+    interrupted = tmp_path / "interrupted"
+    original_step = run_pretraining.IPUTrainer.training_step
+
+    def crash_after_first_checkpoint(self, *a, **k):
+        if self.state.global_step == 4:
+            raise KeyboardInterrupt("simulated crash")
+        return original_step(self, *a, **k)
+
+    monkeypatch.setattr(run_pretraining.IPUTrainer, "training_step", crash_after_first_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        run(monkeypatch, pretraining_argv(assets, interrupted, *args))
+    assert (interrupted / "checkpoint-3").is_dir() and not (interrupted / "model.safetensors").exists()
+    monkeypatch.setattr(run_pretraining.IPUTrainer, "training_step", original_step)
+
+    run(monkeypatch, pretraining_argv(assets, interrupted, *args))  # finds checkpoint-3 and resumes
+    expected = load_file(straight / "model.safetensors")
+    resumed = load_file(interrupted / "model.safetensors")
+    assert expected.keys() == resumed.keys()
+    for name in expected:
+        torch.testing.assert_close(resumed[name], expected[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_prebuilt_dataset_without_next_sentence_label_is_a_clear_error(assets, tmp_path, monkeypatch):
+    rows = {"input_ids": [[2, 5, 6, 3] + [0] * 60] * 4, "attention_mask": [[1] * 4 + [0] * 60] * 4,
+            "token_type_ids": [[0] * 64] * 4}
+    DatasetDict({"train": Dataset.from_dict(rows)}).save_to_disk(str(tmp_path / "data"))
+    argv = pretraining_argv(assets, tmp_path / "out", "--do_train", "--is_already_preprocessed")
+    argv[argv.index("--train_file"):argv.index("--train_file") + 4] = ["--dataset_path", str(tmp_path / "data")]
+    with pytest.raises(ValueError, match="no 'next_sentence_label' column.*prepare_dataset.py"):
+        run(monkeypatch, argv)
+
+
+def test_non_empty_output_dir_without_checkpoint_is_refused(assets, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="already exists and is not empty.*--overwrite_output_dir"):
+        run(monkeypatch, pretraining_argv(assets, out, "--do_train", "--max_steps", "1"))
+    assert (out / "notes.txt").read_text() == "keep me"
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, os.path.join(REPO, "run_pretraining.py"), *args],
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
+
+
+def test_model_type_typo_from_the_seed_readme_gets_a_helpful_one_line_error(assets, tmp_path):
+    result = cli("--model_type", "bert-base-uncased", "--tokenizer_name", assets["tokenizer"],
+                 "--train_file", assets["train_file"], "--ipu_config_name", REPO, "--do_train",
+                 "--output_dir", str(tmp_path / "out"), "--report_to", "none")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    [line] = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert "'bert-base-uncased' is not a model type" in line and "bert" in line and "--config_name" in line
+
+
+@pytest.mark.parametrize("override, message", [
+    ("foo=1", "unknown IPU config key 'foo'"),
+    ("layers_per_ipu=[1 2]", "layers_per_ipu"),
+    ("replication_factor=-2", "replication_factor=-2"),
+])
+def test_bad_ipu_config_overrides_are_one_line_errors(assets, tmp_path, override, message):
+    result = cli("--model_type", "bert", "--config_overrides", TINY_BERT, "--tokenizer_name", assets["tokenizer"],
+                 "--train_file", assets["train_file"], "--ipu_config_name", REPO, "--ipu_config_overrides", override,
+                 "--do_train", "--output_dir", str(tmp_path / "out"), "--report_to", "none")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert message in result.stderr
+
+
+SPEC_FLAGS = {
+    "model": ["model_name_or_path", "model_type", "config_overrides", "config_name", "tokenizer_name", "cache_dir",
+              "use_fast_tokenizer", "model_revision", "use_auth_token", "groupbert_schedule"],
+    "data": ["dataset_name", "dataset_config_name", "dataset_path", "train_file", "validation_file", "data_dir",
+             "overwrite_cache", "validation_split_percentage", "is_already_preprocessed", "is_already_masked",
+             "max_seq_length", "preprocessing_num_workers", "mlm_probability", "line_by_line", "pad_to_max_length",
+             "max_train_samples", "max_eval_samples"],
+    "training": ["ipu_config_name", "ipu_config_overrides", "n_ipu", "fp32", "lamb", "lamb_no_bias_correction",
+                 "loss_scaling", "auto_loss_scaling", "dataloader_mode", "compile_only", "pad_on_batch_axis",
+                 "gradient_accumulation_steps", "gradient_checkpointing", "warmup_ratio"],
+}
+
+
+def test_help_lists_every_flag_of_the_original():
+    result = cli("--help")
+    assert result.returncode == 0
+    for flags in SPEC_FLAGS.values():
+        for flag in flags:
+            assert f"--{flag}" in result.stdout, flag
+
+
+SPEC_COMMANDS = [
+    "--config_name bert-base-uncased --tokenizer_name bert-base-uncased --ipu_config_name . "
+    "--dataset_name Graphcore/wikipedia-bert-128 --do_train --do_eval --output_dir /tmp/test-pretraining",
+    "--config_name bert-base-uncased --tokenizer_name bert-base-uncased --ipu_config_name Graphcore/bert-base-ipu "
+    "--dataset_name Graphcore/wikipedia-bert-128 --do_train --logging_steps 5 --max_seq_length 128 --max_steps 10500 "
+    "--is_already_preprocessed --dataloader_num_workers 64 --dataloader_mode async_rebatched --lamb "
+    "--lamb_no_bias_correction --per_device_train_batch_size 32 --gradient_accumulation_steps 512 --n_ipu 16 "
+    "--learning_rate 0.006 --lr_scheduler_type linear --loss_scaling 16384 --weight_decay 0.01 --warmup_ratio 0.28 "
+    "--output_dir /tmp/phase1",
+    "--model_name_or_path /tmp/phase1 --config_name bert-base-uncased --tokenizer_name bert-base-uncased "
+    "--ipu_config_name Graphcore/bert-base-ipu --dataset_name Graphcore/wikipedia-bert-512 --do_train "
+    "--max_seq_length 512 --max_steps 2038 --per_device_train_batch_size 8 --learning_rate 0.002828 "
+    "--loss_scaling 128.0 --warmup_ratio 0.128 --lamb --n_ipu 16 --output_dir /tmp/phase2",
+    "--model_type groupbert --groupbert_schedule --tokenizer_name bert-base-uncased --ipu_config_name . "
+    "--dataset_name Graphcore/wikipedia-bert-128 --do_train --output_dir /tmp/groupbert",
+]
+
+
+@pytest.mark.parametrize("command", SPEC_COMMANDS)
+def test_readme_commands_parse(command):
+    parser = HfArgumentParser((run_pretraining.ModelArguments, run_pretraining.DataTrainingArguments,
+                               run_pretraining.IPUTrainingArguments))
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=command.split())
+    assert data_args.dataset_name.startswith("Graphcore/")
+    if "--n_ipu" in command:
+        assert training_args.n_ipu == 16 and training_args.lamb
+
+
+def test_readme_commands_with_quoted_overrides_parse():
+    parser = HfArgumentParser((run_pretraining.ModelArguments, run_pretraining.DataTrainingArguments,
+                               run_pretraining.IPUTrainingArguments))
+    args = ["--config_name", "bert-base-uncased", "--dataset_name", "Graphcore/wikipedia-bert-128",
+            "--config_overrides", "layer_norm_eps=0.001", "--ipu_config_overrides",
+            "device_iterations=1,matmul_proportion=[0.14 0.19 0.19 0.19]", "--gradient_accumulation_steps", "512",
+            "--output_dir", "/tmp/x"]
+    _, _, training_args = parser.parse_args_into_dataclasses(args=args)
+    overrides = training_args.ipu_config_overrides_for_run()
+    assert overrides == "gradient_accumulation_steps=512,device_iterations=1,matmul_proportion=[0.14 0.19 0.19 0.19]"
