@@ -9,6 +9,8 @@ import torch
 from transformers import CONFIG_MAPPING, AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
 from .ipu_config import IPUConfig
+from .placement import Placement
+from .trainer import ipu_config_for_run
 from .training_args import IPUTrainingArguments
 
 logger = logging.getLogger(__name__)
@@ -67,15 +69,18 @@ def load_tokenizer(model_args: Any) -> PreTrainedTokenizerBase:
 
 
 def load_ipu_config(training_args: IPUTrainingArguments, model_name_or_path: Optional[str]) -> IPUConfig:
-    """The run's IPU config file, from --ipu_config_name or the model's folder. The trainer applies the
-    command-line overrides and --n_ipu to it."""
+    """The run's IPU config: the file from --ipu_config_name (or the model's folder) with the command-line
+    overrides and --n_ipu applied, checked against the processes at hand so a bad combination fails
+    before any model or data is loaded."""
     name = training_args.ipu_config_name or model_name_or_path
     if not name:
         raise ValueError(
             "You must provide an IPUConfig: pass --ipu_config_name (a folder with ipu_config.json, a .json file, "
             "or a hub id such as Graphcore/bert-base-ipu), e.g. --ipu_config_name . for the one next to the scripts."
         )
-    return IPUConfig.from_pretrained(name)
+    ipu_config = ipu_config_for_run(IPUConfig.from_pretrained(name), training_args)
+    Placement.for_training(ipu_config, training_args.per_device_train_batch_size, training_args.world_size)
+    return ipu_config
 
 
 # Model types whose position ids start after the padding index (RoBERTa's "padding_idx + 1" offset).

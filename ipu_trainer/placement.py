@@ -5,11 +5,19 @@ numbers fix the math: one weight update averages the gradients of `replication_f
 gradient_accumulation_steps` micro-batches, and one step performs `device_iterations` updates. Here
 replicas become data-parallel processes (`torchrun`), and replicas that have no process of their own
 are emulated by accumulating their micro-batches in a process that does; the average is the same.
+
+With W processes (`torchrun --nproc_per_node W`), the `replicas x accumulation` micro-batches of one
+update are shared out evenly: each process runs `replicas x accumulation / W` of them and averages
+their losses, and the gradient all-reduce averages the processes. So W must divide
+`replicas x accumulation`: W = replicas gives the IPU layout, a divisor of it hosts several replicas
+per process, and a multiple of it splits each replica's accumulation over several processes.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from torch.distributed.optim import ZeroRedundancyOptimizer
 
 from .ipu_config import IncompatibleIPUConfigError, IPUConfig
 
@@ -48,25 +56,21 @@ class Placement:
         )
 
     def check(self) -> None:
-        if self.replication_factor % self.world_size:
+        micro_batches = self.replication_factor * self.gradient_accumulation_steps
+        if micro_batches % self.world_size:
+            fitting = max(d for d in range(1, self.world_size + 1) if micro_batches % d == 0)
             raise IncompatibleIPUConfigError(
-                f"incompatible placement: replication_factor={self.replication_factor} cannot be spread over "
-                f"{self.world_size} processes; start a number of processes that divides it "
-                f"(e.g. torchrun --nproc_per_node {self._largest_divisor_up_to(self.world_size)}) or change "
-                "replication_factor / --n_ipu"
+                f"incompatible placement: one weight update averages replication_factor={self.replication_factor} x "
+                f"gradient_accumulation_steps={self.gradient_accumulation_steps} = {micro_batches} micro-batches, which "
+                f"{self.world_size} processes cannot share evenly; start a number of processes that divides "
+                f"{micro_batches} (e.g. torchrun --nproc_per_node {fitting}) or change replication_factor, --n_ipu "
+                "or --gradient_accumulation_steps"
             )
-
-    def _largest_divisor_up_to(self, limit: int) -> int:
-        return max(d for d in range(1, limit + 1) if self.replication_factor % d == 0)
-
-    @property
-    def replicas_per_process(self) -> int:
-        return self.replication_factor // self.world_size
 
     @property
     def micro_batches_per_update(self) -> int:
         """Micro-batches one process runs, forward and backward, before each weight update."""
-        return self.replicas_per_process * self.gradient_accumulation_steps
+        return self.replication_factor * self.gradient_accumulation_steps // self.world_size
 
     @property
     def samples_per_update(self) -> int:
@@ -82,20 +86,48 @@ class Placement:
         return self.samples_per_step // self.world_size
 
     def describe(self) -> list[str]:
-        emulated = self.replicas_per_process
         replicas = f"{self.replication_factor}"
         if self.world_size == 1:
-            replicas += " (emulated by accumulation in this process)" if emulated > 1 else ""
+            replicas += " (emulated by accumulation in this process)" if self.replication_factor > 1 else ""
+        elif self.replication_factor % self.world_size == 0:
+            per_process = self.replication_factor // self.world_size
+            replicas += f" over {self.world_size} processes ({per_process} per process"
+            replicas += ", emulated by accumulation)" if per_process > 1 else ")"
         else:
-            replicas += f" over {self.world_size} processes ({emulated} per process)"
+            replicas += f" over {self.world_size} processes (each replica's accumulation split across processes)"
         return [
             f"data-parallel processes: {self.world_size}",
             f"replicas: {replicas}",
             f"micro batch: {self.micro_batch_size}, gradient accumulation: {self.gradient_accumulation_steps}, "
             f"device iterations: {self.device_iterations}",
-            f"micro-batches per weight update per process: {self.micro_batches_per_update}",
+            f"micro-batches per weight update per process: {self.micro_batches_per_update} "
+            "(gradients all-reduced once per update)" if self.world_size > 1 else
+            f"micro-batches per weight update: {self.micro_batches_per_update}",
             f"samples per weight update: {self.samples_per_update} "
             f"(micro {self.micro_batch_size} x accumulation {self.gradient_accumulation_steps} "
             f"x replicas {self.replication_factor})",
             f"samples per step: {self.samples_per_step} ({self.device_iterations} weight update(s) per step)",
         ]
+
+
+class ShardedOptimizer(ZeroRedundancyOptimizer):
+    """ZeRO stage 1: each process keeps the optimizer state of its share of the parameters.
+
+    `state_dict()` is the whole, consolidated state on the process it was consolidated to (the trainer
+    consolidates to process 0 before writing a checkpoint, and loading such a file re-shards it). Before
+    any consolidation, e.g. when accelerate moves the fresh optimizer's state to the device, it is this
+    process's own shard, which `load_state_dict` takes back as it is.
+    """
+
+    def state_dict(self) -> dict:
+        if self._all_state_dicts:
+            state = super().state_dict()
+            self._all_state_dicts = []  # consolidated copies go stale after the next update
+            return state
+        return {"local_shard": self.optim.state_dict()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if "local_shard" in state_dict:
+            self.optim.load_state_dict(state_dict["local_shard"])
+        else:
+            super().load_state_dict(state_dict)

@@ -10,6 +10,7 @@ advances the learning-rate schedule once per step. The updates before the last o
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
@@ -24,7 +25,7 @@ from transformers.trainer_utils import TrainOutput
 from .data_collators import pad_on_batch_axis
 from .ipu_config import IncompatibleIPUConfigError, IPUConfig
 from .optimization import Lamb
-from .placement import Placement
+from .placement import Placement, ShardedOptimizer
 from .precision import Precision
 from .training_args import IPUTrainingArguments
 
@@ -50,14 +51,17 @@ def num_hidden_layers_of(config: Any) -> Optional[int]:
 def ipu_config_for_run(ipu_config: IPUConfig, args: IPUTrainingArguments) -> IPUConfig:
     """A copy of `ipu_config` with the command line applied: the override string (forwarded flags and
     --ipu_config_overrides) once, then --n_ipu, then validated as a whole."""
+    given = copy.deepcopy(ipu_config)
     ipu_config = copy.deepcopy(ipu_config)
     overrides = args.ipu_config_overrides_for_run()
     if overrides:
-        logger.info("Overriding IPU config: %s", overrides)
         ipu_config.update_from_string(overrides)
     if args.n_ipu is not None:
         ipu_config.apply_n_ipu(args.n_ipu)
     ipu_config.validate()
+    if ipu_config != given:  # applying the same command line twice changes nothing and says nothing
+        logger.info("IPU config overridden from the command line: %s%s", overrides,
+                    f" and --n_ipu {args.n_ipu}" if args.n_ipu is not None else "")
     return ipu_config
 
 
@@ -119,16 +123,8 @@ class IPUTrainer(Trainer):
         elif self.ipu_config.recompute_checkpoint_every_layer:
             _enable_activation_checkpointing(model)
 
-        if args.lamb and kwargs.get("optimizer_cls_and_kwargs") is None and optimizers[0] is None:
-            kwargs["optimizer_cls_and_kwargs"] = (
-                Lamb,
-                {
-                    "lr": args.learning_rate,
-                    "betas": (args.adam_beta1, args.adam_beta2),
-                    "eps": args.adam_epsilon,
-                    "bias_correction": not args.lamb_no_bias_correction,
-                },
-            )
+        if kwargs.get("optimizer_cls_and_kwargs") is None and optimizers[0] is None:
+            kwargs["optimizer_cls_and_kwargs"] = self._optimizer_cls_and_kwargs(args, model)
         if args.dataloader_mode != "sync" and args.dataloader_num_workers == 0:
             workers = max(1, min(ASYNC_DATALOADER_WORKERS, (os.cpu_count() or 2) - 1))
             args.dataloader_num_workers = workers
@@ -162,6 +158,24 @@ class IPUTrainer(Trainer):
         )
         self._log_run_layout()
 
+    def _optimizer_cls_and_kwargs(self, args: IPUTrainingArguments, model: nn.Module) -> tuple[type, dict[str, Any]]:
+        """LAMB or the upstream choice (AdamW by default); sharded across processes with ZeRO stage 1 when
+        the IPU config asks for replicated tensor sharding."""
+        if args.lamb:
+            optimizer_cls, optimizer_kwargs = Lamb, {
+                "lr": args.learning_rate,
+                "betas": (args.adam_beta1, args.adam_beta2),
+                "eps": args.adam_epsilon,
+                "bias_correction": not args.lamb_no_bias_correction,
+            }
+        else:
+            optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+        if self.ipu_config.replicated_tensor_sharding and args.world_size > 1:
+            # Each process keeps the optimizer state of 1/W of the parameters and broadcasts its updated
+            # shard: the same update, 1/W of the state memory.
+            return ShardedOptimizer, {"optimizer_class": optimizer_cls, **optimizer_kwargs}
+        return optimizer_cls, optimizer_kwargs
+
     # ---- start-up log -------------------------------------------------------------------------------
 
     def _log_run_layout(self) -> None:
@@ -184,12 +198,19 @@ class IPUTrainer(Trainer):
         chunks = max(self.ipu_config.embedding_serialization_factor or 1, self.ipu_config.projection_serialization_factor or 1)
         if chunks > 1:
             lines.append(f"vocabulary projection: computed in {chunks} chunks")
+        sharded = self.ipu_config.replicated_tensor_sharding and self.args.world_size > 1
+        lines.append(
+            f"optimizer state: sharded over {self.args.world_size} processes (ZeRO stage 1)" if sharded
+            else "optimizer state: one full copy per process"
+        )
         if self.args.dataloader_mode != "sync":
             lines.append(f"dataloader: {self.args.dataloader_mode}, {self.args.dataloader_num_workers} worker process(es)")
         if self.args.pad_on_batch_axis:
             lines.append("batches padded on the batch axis to the full step size")
         logger.info("***** IPU config on this machine *****\n  " + "\n  ".join(lines))
         ipu_only = self.ipu_config.ipu_only_settings()
+        if sharded:
+            ipu_only.pop("replicated_tensor_sharding", None)
         if ipu_only:
             settings = ", ".join(f"{name}={value!r}" for name, value in ipu_only.items())
             logger.info("IPU-only settings with no effect on %s: %s", device.type.upper(), settings)
@@ -236,14 +257,17 @@ class IPUTrainer(Trainer):
 
         total_loss = torch.zeros((), device=self.args.device)
         for update_index, update in enumerate(updates):
-            for micro_batch in update:
-                with self.compute_loss_context_manager():
-                    loss = self.compute_loss(model, micro_batch)
-                total_loss += loss.detach().float()
-                loss = loss / len(update)
-                if self.precision.loss_scaler is not None:
-                    loss = self.precision.loss_scaler.scale_loss(loss)
-                self.accelerator.backward(loss)
+            for index, micro_batch in enumerate(update):
+                # Processes all-reduce gradients once per update, on its last micro-batch.
+                last = index == len(update) - 1
+                with contextlib.nullcontext() if last else self.accelerator.no_sync(model):
+                    with self.compute_loss_context_manager():
+                        loss = self.compute_loss(model, micro_batch)
+                    total_loss += loss.detach().float()
+                    loss = loss / len(update)
+                    if self.precision.loss_scaler is not None:
+                        loss = self.precision.loss_scaler.scale_loss(loss)
+                    self.accelerator.backward(loss)
             if self.precision.loss_scaler is not None:
                 self.precision.loss_scaler.unscale_or_skip(model.parameters())
             if update_index < len(updates) - 1:
@@ -265,6 +289,9 @@ class IPUTrainer(Trainer):
             self.ipu_config.save_pretrained(output_dir if output_dir is not None else self.args.output_dir)
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        sharded = getattr(self.optimizer, "optimizer", self.optimizer)
+        if isinstance(sharded, ShardedOptimizer):
+            sharded.consolidate_state_dict(to=0)  # every process sends its shard; process 0 writes the whole
         super()._save_optimizer_and_scheduler(output_dir)
         if self.precision.loss_scaler is not None and self.args.should_save:
             torch.save(self.precision.loss_scaler.state_dict(), os.path.join(output_dir, LOSS_SCALER_NAME))

@@ -12,11 +12,19 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+import torch
 from transformers import TrainingArguments
 
 VALID_N_IPU = (1, 2, 4, 8, 16, 32, 64)
 DATALOADER_MODES = ("sync", "async", "async_rebatched")
 HALF_PRECISION_FLAGS = {"fp16": "float16", "bf16": "bfloat16"}
+
+
+def _has_accelerator() -> bool:
+    if torch.cuda.is_available():
+        return True
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps is not None and mps.is_available())
 
 
 @dataclass
@@ -134,6 +142,10 @@ class IPUTrainingArguments(TrainingArguments):
         if self.fp32 and self.half_precision_request:
             raise ValueError(f"--fp32 and --{self.half_precision_request} contradict each other: pick one")
         self.fp16 = self.bf16 = False
+
+        if not self.use_cpu and not _has_accelerator():
+            # Lets accelerate set up gloo data parallelism when torchrun starts several CPU processes.
+            self.use_cpu = True
 
         # The upstream loop runs one batch per step; the IPU config's accumulation happens inside the step.
         self.gradient_accumulation_steps = 1

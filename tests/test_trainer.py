@@ -5,40 +5,11 @@ import math
 
 import pytest
 import torch
-from datasets import Dataset
-from transformers import BertConfig, BertForPreTraining, default_data_collator
+from transformers import default_data_collator
 
 from ipu_trainer import IncompatibleIPUConfigError, IPUConfig, IPUTrainer, IPUTrainingArguments
 from ipu_trainer.optimization import Lamb
-
-VOCAB = 64
-SEQ = 16
-
-
-def tiny_bert(seed=0):
-    torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        max_position_embeddings=SEQ, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-    )
-    return BertForPreTraining(config)
-
-
-def masked_pairs(n, seed=1):
-    """Pre-masked pretraining rows, so batches are deterministic whatever the order."""
-    g = torch.Generator().manual_seed(seed)
-    input_ids = torch.randint(5, VOCAB, (n, SEQ), generator=g)
-    labels = torch.full((n, SEQ), -100)
-    chosen = torch.rand(n, SEQ, generator=g) < 0.3
-    chosen[:, 1] = True
-    labels[chosen] = input_ids[chosen]
-    return Dataset.from_dict({
-        "input_ids": input_ids.tolist(),
-        "attention_mask": torch.ones(n, SEQ, dtype=torch.long).tolist(),
-        "token_type_ids": torch.zeros(n, SEQ, dtype=torch.long).tolist(),
-        "labels": labels.tolist(),
-        "next_sentence_label": torch.randint(0, 2, (n,), generator=g).tolist(),
-    })
+from tiny import masked_pairs, tiny_bert
 
 
 class RecordingCollator:
