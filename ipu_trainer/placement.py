@@ -16,6 +16,9 @@ per process, and a multiple of it splits each replica's accumulation over severa
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
+
+import torch
 
 from torch.distributed.optim import ZeroRedundancyOptimizer
 
@@ -131,3 +134,73 @@ class ShardedOptimizer(ZeroRedundancyOptimizer):
             self.optim.load_state_dict(state_dict["local_shard"])
         else:
             super().load_state_dict(state_dict)
+
+
+class HostOffloadedOptimizer(torch.optim.Optimizer):
+    """An optimizer whose state lives in host memory (`optimizer_state_offchip: true` on a GPU).
+
+    Each update copies the parameters and gradients to float32 host buffers, runs `optimizer_class`
+    there, and copies the new parameters back. The device then holds no optimizer state (Adam's two
+    moments are twice the model's size) at the price of three parameter-sized transfers per update,
+    small beside an update of thousands of sequences. The host copies are refreshed from the device
+    every update, so weights loaded into the model after this optimizer was built are never lost.
+    """
+
+    def __init__(self, params: Any, optimizer_class: type, **optimizer_kwargs: Any) -> None:
+        groups = list(params)
+        if groups and not isinstance(groups[0], dict):
+            groups = [{"params": groups}]
+        pin = torch.cuda.is_available()
+        self._device_params: list[torch.Tensor] = []
+        self._host_params: list[torch.Tensor] = []
+        host_groups = []
+        for group in groups:
+            host_params = []
+            for param in group["params"]:
+                host = torch.empty(param.shape, dtype=torch.float32, pin_memory=pin)
+                host.copy_(param.detach())
+                host_params.append(host)
+                self._device_params.append(param)
+                self._host_params.append(host)
+            host_groups.append({**group, "params": host_params})
+        self.optimizer = optimizer_class(host_groups, **optimizer_kwargs)
+        super().__init__(self._host_params, self.optimizer.defaults)
+        # One set of groups and state, the wrapped optimizer's, so schedulers and checkpoints see them.
+        self.param_groups = self.optimizer.param_groups
+        self.state = self.optimizer.state
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        if closure is not None:
+            raise ValueError("HostOffloadedOptimizer does not take a closure")
+        for device_param, host_param in zip(self._device_params, self._host_params):
+            host_param.copy_(device_param, non_blocking=True)
+            if device_param.grad is None:
+                host_param.grad = None  # an update skipped for this parameter stays skipped
+                continue
+            if host_param.grad is None:
+                host_param.grad = torch.empty_like(host_param, pin_memory=host_param.is_pinned())
+            host_param.grad.copy_(device_param.grad, non_blocking=True)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # the copies into host memory must land before the host reads them
+        self.optimizer.step()
+        for device_param, host_param in zip(self._device_params, self._host_params):
+            device_param.copy_(host_param, non_blocking=True)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for param in self._device_params:
+            if param.grad is None:
+                continue
+            if set_to_none:
+                param.grad = None
+            else:
+                param.grad.zero_()
+
+    def state_dict(self) -> dict:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.optimizer.load_state_dict(state_dict)  # state follows the host parameters' device
+        # Loading replaces the wrapped optimizer's group list and state; keep sharing them.
+        self.param_groups = self.optimizer.param_groups
+        self.state = self.optimizer.state

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import logging
 import os
 import time
@@ -25,7 +26,7 @@ from transformers.trainer_utils import TrainOutput
 from .data_collators import pad_on_batch_axis
 from .ipu_config import IncompatibleIPUConfigError, IPUConfig
 from .optimization import Lamb
-from .placement import Placement, ShardedOptimizer
+from .placement import HostOffloadedOptimizer, Placement, ShardedOptimizer
 from .precision import Precision
 from .training_args import IPUTrainingArguments
 
@@ -159,8 +160,9 @@ class IPUTrainer(Trainer):
         self._log_run_layout()
 
     def _optimizer_cls_and_kwargs(self, args: IPUTrainingArguments, model: nn.Module) -> tuple[type, dict[str, Any]]:
-        """LAMB or the upstream choice (AdamW by default); sharded across processes with ZeRO stage 1 when
-        the IPU config asks for replicated tensor sharding."""
+        """LAMB or the upstream choice (AdamW by default); its state in host memory for
+        optimizer_state_offchip on a GPU, and sharded over the processes (ZeRO stage 1) for
+        replicated_tensor_sharding."""
         if args.lamb:
             optimizer_cls, optimizer_kwargs = Lamb, {
                 "lr": args.learning_rate,
@@ -170,11 +172,21 @@ class IPUTrainer(Trainer):
             }
         else:
             optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
-        if self.ipu_config.replicated_tensor_sharding and args.world_size > 1:
+        if self._offloads_optimizer_state(args):
+            optimizer_cls = functools.partial(HostOffloadedOptimizer, optimizer_class=optimizer_cls)
+        if self._shards_optimizer_state(args):
             # Each process keeps the optimizer state of 1/W of the parameters and broadcasts its updated
             # shard: the same update, 1/W of the state memory.
             return ShardedOptimizer, {"optimizer_class": optimizer_cls, **optimizer_kwargs}
+        if isinstance(optimizer_cls, functools.partial):
+            return optimizer_cls.func, {**optimizer_cls.keywords, **optimizer_kwargs}
         return optimizer_cls, optimizer_kwargs
+
+    def _shards_optimizer_state(self, args: IPUTrainingArguments) -> bool:
+        return bool(self.ipu_config.replicated_tensor_sharding) and args.world_size > 1
+
+    def _offloads_optimizer_state(self, args: IPUTrainingArguments) -> bool:
+        return bool(self.ipu_config.optimizer_state_offchip) and args.device.type == "cuda"
 
     # ---- start-up log -------------------------------------------------------------------------------
 
@@ -198,11 +210,9 @@ class IPUTrainer(Trainer):
         chunks = max(self.ipu_config.embedding_serialization_factor or 1, self.ipu_config.projection_serialization_factor or 1)
         if chunks > 1:
             lines.append(f"vocabulary projection: computed in {chunks} chunks")
-        sharded = self.ipu_config.replicated_tensor_sharding and self.args.world_size > 1
-        lines.append(
-            f"optimizer state: sharded over {self.args.world_size} processes (ZeRO stage 1)" if sharded
-            else "optimizer state: one full copy per process"
-        )
+        sharded, offloaded = self._shards_optimizer_state(self.args), self._offloads_optimizer_state(self.args)
+        state = f"sharded over {self.args.world_size} processes (ZeRO stage 1)" if sharded else "one full copy per process"
+        lines.append(f"optimizer state: {state}, in {'host' if offloaded else self.args.device.type.upper()} memory")
         if self.args.dataloader_mode != "sync":
             lines.append(f"dataloader: {self.args.dataloader_mode}, {self.args.dataloader_num_workers} worker process(es)")
         if self.args.pad_on_batch_axis:
@@ -211,6 +221,8 @@ class IPUTrainer(Trainer):
         ipu_only = self.ipu_config.ipu_only_settings()
         if sharded:
             ipu_only.pop("replicated_tensor_sharding", None)
+        if offloaded:
+            ipu_only.pop("optimizer_state_offchip", None)
         if ipu_only:
             settings = ", ".join(f"{name}={value!r}" for name, value in ipu_only.items())
             logger.info("IPU-only settings with no effect on %s: %s", device.type.upper(), settings)
