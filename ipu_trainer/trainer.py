@@ -132,8 +132,9 @@ class IPUTrainer(Trainer):
         if args.device.type == "cpu":
             args.dataloader_pin_memory = False  # pinning needs an accelerator; spare the warning
         if self.ipu_config.executable_cache_dir and (args.torch_compile or args.compile_only):
-            # Inductor reads its cache location from the environment; set it before anything compiles.
-            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.abspath(self.ipu_config.executable_cache_dir))
+            # Inductor reads its cache location from the environment each time it compiles (and fills in its
+            # default there once asked), so the IPU config's executable_cache_dir is put there explicitly.
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.abspath(self.ipu_config.executable_cache_dir)
 
         super().__init__(
             model=model,

@@ -211,3 +211,14 @@ def test_readme_commands_with_quoted_overrides_parse():
     _, _, training_args = parser.parse_args_into_dataclasses(args=args)
     overrides = training_args.ipu_config_overrides_for_run()
     assert overrides == "gradient_accumulation_steps=512,device_iterations=1,matmul_proportion=[0.14 0.19 0.19 0.19]"
+
+
+def test_groupbert_schedule_drives_the_learning_rate(assets, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    run(monkeypatch, pretraining_argv(assets, out, "--do_train", "--max_steps", "8", "--warmup_ratio", "0.25",
+                                      "--groupbert_schedule", "--logging_steps", "1", "--learning_rate", "1e-3"))
+    rates = [e["learning_rate"] for e in read_json(out / "trainer_state.json")["log_history"] if "learning_rate" in e]
+    warmup, lr, lr_end = 2, 1e-3, 1e-7  # ceil(8 x 0.25)
+    expected = [lr * (s / warmup) ** 0.5 if s < warmup else lr - (lr - lr_end) * (s - warmup) / (8 - warmup)
+                for s in range(8)]
+    assert rates == pytest.approx(expected, rel=1e-6, abs=1e-12)

@@ -200,3 +200,12 @@ def test_ipu_config_is_saved_with_the_model(tmp_path):
     trainer.train()
     trainer.save_model()
     assert IPUConfig.from_pretrained(trainer.args.output_dir).gradient_accumulation_steps == 2
+
+
+def test_async_dataloader_mode_builds_batches_in_worker_processes(tmp_path):
+    args = make_args(tmp_path, dataloader_mode="async", max_steps=2)
+    trainer = IPUTrainer(model=tiny_bert(), ipu_config=ipu_config(), args=args, data_collator=default_data_collator,
+                         train_dataset=masked_pairs(16))
+    assert trainer.get_train_dataloader().num_workers >= 1
+    result = trainer.train()
+    assert trainer.state.global_step == 2 and math.isfinite(result.training_loss)
