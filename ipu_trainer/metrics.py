@@ -3,10 +3,13 @@ evaluation memory does not grow with the vocabulary."""
 
 from __future__ import annotations
 
-from typing import Any
+import logging
+from typing import Any, Callable
 
 import numpy as np
 import torch
+
+logger = logging.getLogger(__name__)
 
 
 def _as_tuple(value: Any) -> tuple:
@@ -51,3 +54,64 @@ def masked_accuracy(predictions: Any, labels: Any) -> float:
     if not counted.any():
         return float("nan")
     return float((predictions[counted] == labels[counted]).mean())
+
+
+def masked_lm_predictions(logits: Any, labels: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """`preprocess_logits_for_metrics` for masked LMs: (argmax predictions, the labels they align with).
+
+    The masked-position models return logits [B, K, V] at the gathered positions plus the gathered labels
+    [B, K]; a plain `AutoModelForMaskedLM` returns logits [B, S, V], scored against the batch labels [B, S].
+    Only the [B, K or S] argmax leaves the device, so evaluation memory does not grow with the vocabulary.
+    """
+    outputs = [t for t in _as_tuple(logits) if isinstance(t, torch.Tensor)]
+    mlm_logits = next(t for t in outputs if t.dim() == 3)
+    gathered = next((t for t in outputs if t.dim() == 2 and not t.is_floating_point()), None)
+    return mlm_logits.argmax(dim=-1), gathered if gathered is not None else _as_tuple(labels)[0]
+
+
+def causal_lm_predictions(logits: Any, labels: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """`preprocess_logits_for_metrics` for causal LMs: the prediction at position t is scored against the
+    label at t + 1, so this returns (argmax of logits[:, :-1], labels[:, 1:])."""
+    lm_logits = _as_tuple(logits)[0]
+    return lm_logits[:, :-1].argmax(dim=-1), _as_tuple(labels)[0][:, 1:]
+
+
+class AccuracyMetric:
+    """Token accuracy over labelled positions, through `evaluate`'s "accuracy" metric when it loads.
+
+    `evaluate.load("accuracy")` needs the metric script from the hub; offline it fails (FileNotFoundError
+    after a second or two), so the first failure switches to the identical local computation
+    (`masked_accuracy`) for the rest of the run. Construct it once per run, not once per evaluation.
+    """
+
+    def __init__(self, cache_dir: str | None = None) -> None:
+        try:
+            import evaluate  # imported here: it is slow to import and only needed when evaluating
+
+            self._metric = evaluate.load("accuracy", cache_dir=cache_dir)
+            self.source = "evaluate"
+        except Exception as error:  # offline, no script, or evaluate missing: same number computed locally
+            logger.info("evaluate's accuracy metric is not available (%s); computing accuracy locally.", error)
+            self._metric = None
+            self.source = "local"
+
+    def __call__(self, predictions: Any, labels: Any) -> float:
+        if self._metric is None:
+            return masked_accuracy(predictions, labels)
+        predictions = np.asarray(predictions).reshape(-1)
+        labels = np.asarray(labels).reshape(-1)
+        counted = labels != -100
+        if not counted.any():
+            return float("nan")
+        return float(self._metric.compute(predictions=predictions[counted], references=labels[counted])["accuracy"])
+
+
+def token_accuracy_metrics(accuracy: Callable[[Any, Any], float]) -> Callable[[Any], dict[str, float]]:
+    """`compute_metrics` for predictions reduced by `masked_lm_predictions` / `causal_lm_predictions`:
+    {"accuracy": accuracy over the positions whose label is not -100}."""
+
+    def compute_metrics(eval_prediction: Any) -> dict[str, float]:
+        predictions, labels = eval_prediction.predictions
+        return {"accuracy": accuracy(predictions, labels)}
+
+    return compute_metrics

@@ -5,7 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from .bert import BertForPreTrainingMaskedPositions, MaskedPositionsPreTrainingOutput
+from .causal_lm import GPT2LMHeadModelChunked
 from .layers import ChunkedVocabProjection, gather_masked_positions, trunc_normal_init_, vocab_projection_loss
+from .masked_lm import BertForMaskedLMMaskedPositions, MaskedPositionsMaskedLMOutput, RobertaForMaskedLMMaskedPositions
 
 
 # model_type -> class computing the MLM head only at the masked positions; other families join here.
@@ -19,11 +21,40 @@ def masked_positions_model_for(config: Any) -> type | None:
     return _MASKED_POSITIONS_MODELS.get(getattr(config, "model_type", None))
 
 
+# model_type -> masked-LM (fine-tuning) class with the masked-position head; others use AutoModelForMaskedLM.
+_MASKED_LM_MODELS: dict[str, type] = {
+    "bert": BertForMaskedLMMaskedPositions,
+    "roberta": RobertaForMaskedLMMaskedPositions,
+}
+
+
+def masked_lm_model_for(config: Any) -> type | None:
+    """The masked-position masked-LM class for `config`'s model type, or None if there is none."""
+    return _MASKED_LM_MODELS.get(getattr(config, "model_type", None))
+
+
+# model_type -> causal-LM class with parallelize(); others use AutoModelForCausalLM as they are.
+_CAUSAL_LM_MODELS: dict[str, type] = {
+    "gpt2": GPT2LMHeadModelChunked,
+}
+
+
+def causal_lm_model_for(config: Any) -> type | None:
+    """The causal-LM class with `parallelize()` for `config`'s model type, or None if there is none."""
+    return _CAUSAL_LM_MODELS.get(getattr(config, "model_type", None))
+
+
 __all__ = [
+    "BertForMaskedLMMaskedPositions",
     "BertForPreTrainingMaskedPositions",
     "ChunkedVocabProjection",
+    "GPT2LMHeadModelChunked",
+    "MaskedPositionsMaskedLMOutput",
     "MaskedPositionsPreTrainingOutput",
+    "RobertaForMaskedLMMaskedPositions",
+    "causal_lm_model_for",
     "gather_masked_positions",
+    "masked_lm_model_for",
     "masked_positions_model_for",
     "trunc_normal_init_",
     "vocab_projection_loss",

@@ -6,6 +6,8 @@ pretraining heads, `BertForMaskedLM`, `RobertaForMaskedLM`) can reuse them.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -141,3 +143,42 @@ def vocab_projection_loss(
             logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX
         )
     return loss, logits
+
+
+def num_projection_chunks(ipu_config: object) -> int:
+    """How many chunks the vocabulary projection is computed in: the larger of the IPU config's
+    `embedding_serialization_factor` and `projection_serialization_factor` (1 when unset)."""
+    return max(
+        getattr(ipu_config, "embedding_serialization_factor", None) or 1,
+        getattr(ipu_config, "projection_serialization_factor", None) or 1,
+    )
+
+
+def set_projection_chunks(owner: nn.Module, name: str, num_chunks: int) -> None:
+    """Make `owner.<name>` a `ChunkedVocabProjection` of `num_chunks` chunks, or a plain `nn.Linear` when
+    `num_chunks` is 1, on the same Parameters either way (tying and state-dict keys are unchanged)."""
+    projection = getattr(owner, name)
+    if isinstance(projection, ChunkedVocabProjection):
+        projection = projection.to_linear()
+    setattr(owner, name, ChunkedVocabProjection(projection, num_chunks) if num_chunks > 1 else projection)
+
+
+class SaveAsUpstreamMixin:
+    """`save_pretrained` that names `upstream_class` in `config.architectures` instead of the subclass.
+
+    The training-speed subclasses keep upstream's parameter names, so their weights need no conversion;
+    only the class name upstream stamps into the config would tie the checkpoint to this package.
+    """
+
+    upstream_class: type
+
+    def save_pretrained(self, save_directory, is_main_process: bool = True, *args, push_to_hub: bool = False, **kwargs):
+        hub_kwargs = {key: kwargs.pop(key) for key in ("repo_id", "commit_message", "create_pr") if key in kwargs}
+        super().save_pretrained(save_directory, is_main_process, *args, **kwargs)
+        self.config.architectures = [self.upstream_class.__name__]
+        if is_main_process:
+            self.config.save_pretrained(save_directory)
+        if push_to_hub and is_main_process:
+            # push_to_hub saves through this method into a temporary folder, so the rename above applies.
+            repo_id = hub_kwargs.pop("repo_id", os.path.basename(os.path.normpath(str(save_directory))))
+            self.push_to_hub(repo_id, token=kwargs.get("token"), **hub_kwargs)

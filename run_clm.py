@@ -1,0 +1,179 @@
+#!/usr/bin/env python
+"""Causal-language-model fine-tuning and training (GPT-2 and any causal LM the Auto classes build) driven
+by an IPU config, on CPUs and GPUs.
+
+Takes the flags and ipu_config.json files of the Graphcore IPU example, e.g.
+
+    python run_clm.py --model_name_or_path gpt2 --ipu_config_name Graphcore/gpt2-small-ipu \
+        --dataset_name wikitext --dataset_config_name wikitext-2-raw-v1 --do_train --do_eval \
+        --output_dir /tmp/clm_gpt2
+
+Texts are concatenated and cut into block_size blocks; the model predicts each next token. GPT-2 keeps its
+LM head tied to the token embedding, also when the IPU config computes the projection in chunks.
+"""
+
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Optional
+
+import transformers
+from transformers import AutoModelForCausalLM, HfArgumentParser, default_data_collator, set_seed
+
+from ipu_trainer import IPUTrainer, IPUTrainingArguments
+from ipu_trainer.data import limit_samples, load_raw_datasets, require_samples, resolve_block_size, tokenize_for_causal_lm
+from ipu_trainer.metrics import AccuracyMetric, causal_lm_predictions, token_accuracy_metrics
+from ipu_trainer.model_loading import (
+    load_ipu_config,
+    load_model,
+    load_model_config,
+    load_tokenizer,
+    max_positions_of,
+    torch_dtype_of,
+)
+from ipu_trainer.models import causal_lm_model_for
+from ipu_trainer.run_utils import (
+    evaluate_and_save,
+    find_checkpoint_to_resume,
+    run_cli,
+    setup_logging,
+    train_and_save,
+    write_model_card,
+)
+
+if not transformers.__version__.startswith("5."):
+    raise ImportError(f"transformers 5.x is required, found {transformers.__version__}. To fix: pip install -r requirements.txt")
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: Optional[str] = field(
+        default=None, metadata={"help": "Checkpoint to start from (hub id or folder). Leave unset to train from scratch."}
+    )
+    model_type: Optional[str] = field(
+        default=None, metadata={"help": "Model type for a model trained from scratch, e.g. gpt2."}
+    )
+    config_overrides: Optional[str] = field(
+        default=None,
+        metadata={"help": 'Override model config values, e.g. "n_embd=256,n_layer=4,n_head=4,activation_function=gelu".'},
+    )
+    config_name: Optional[str] = field(default=None, metadata={"help": "Config name or path if not the same as the model."})
+    tokenizer_name: Optional[str] = field(default=None, metadata={"help": "Tokenizer name or path if not the same as the model."})
+    cache_dir: Optional[str] = field(default=None, metadata={"help": "Where to store models and data downloaded from the hub."})
+    use_fast_tokenizer: bool = field(default=True, metadata={"help": "Use a fast (tokenizers-backed) tokenizer."})
+    model_revision: str = field(default="main", metadata={"help": "Model version: a branch name, tag or commit id."})
+    use_auth_token: bool = field(default=False, metadata={"help": "Use the token from `hf auth login` (private models)."})
+    torch_dtype: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Load the model's weights in this dtype; auto takes the checkpoint's own. Mixed precision during "
+            "training is chosen separately (see --fp32).",
+            "choices": ["auto", "bfloat16", "float16", "float32"],
+        },
+    )
+    low_cpu_mem_usage: bool = field(
+        default=False,
+        metadata={"help": "Accepted for compatibility: transformers 5 always loads checkpoints without an extra copy in memory."},
+    )
+
+
+@dataclass
+class DataTrainingArguments:
+    dataset_name: Optional[str] = field(default=None, metadata={"help": "Dataset on the hub, e.g. wikitext."})
+    dataset_config_name: Optional[str] = field(default=None, metadata={"help": "The dataset's configuration, e.g. wikitext-2-raw-v1."})
+    train_file: Optional[str] = field(default=None, metadata={"help": "Training data: a csv, json or txt file."})
+    validation_file: Optional[str] = field(default=None, metadata={"help": "Evaluation data: a csv, json or txt file."})
+    max_train_samples: Optional[int] = field(default=None, metadata={"help": "Use at most this many training blocks."})
+    max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Use at most this many evaluation blocks."})
+    block_size: Optional[int] = field(
+        default=None,
+        metadata={"help": "Tokens per training sample after concatenating the texts. Default: the tokenizer maximum capped at 1024 "
+                  "(and at the model's positions); larger than the model's positions is an error."},
+    )
+    overwrite_cache: bool = field(default=False, metadata={"help": "Redo preprocessing instead of using the datasets cache."})
+    validation_split_percentage: Optional[int] = field(
+        default=5, metadata={"help": "Percent of train used for evaluation when the data has no validation split."}
+    )
+    preprocessing_num_workers: Optional[int] = field(default=None, metadata={"help": "Processes for preprocessing."})
+    keep_linebreaks: bool = field(default=True, metadata={"help": "Keep the line breaks of txt files in the text."})
+
+    def __post_init__(self):
+        if not any((self.dataset_name, self.train_file, self.validation_file)):
+            raise ValueError("Need data: --dataset_name, or --train_file/--validation_file (csv, json or txt).")
+
+
+def parse_args():
+    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, IPUTrainingArguments))
+    if len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
+        return parser.parse_json_file(json_file=os.path.abspath(sys.argv[1]))
+    return parser.parse_args_into_dataclasses()
+
+
+def main():
+    # Arguments and logging
+    model_args, data_args, training_args = parse_args()
+    setup_logging(training_args)
+    last_checkpoint = find_checkpoint_to_resume(training_args)
+    set_seed(training_args.seed)
+
+    # IPU config, model config and tokenizer
+    ipu_config = load_ipu_config(training_args, model_args.model_name_or_path)
+    config = load_model_config(model_args)
+    tokenizer = load_tokenizer(model_args)
+    dtype = torch_dtype_of(model_args.torch_dtype)
+
+    # Data: all texts concatenated and cut into block_size blocks; labels are the inputs (shifted in the model)
+    block_size = resolve_block_size(data_args.block_size, tokenizer, max_positions_of(config))
+    raw_datasets = load_raw_datasets(data_args, model_args, text_builder_kwargs={"keep_linebreaks": data_args.keep_linebreaks})
+    with training_args.main_process_first(desc="tokenizing the dataset"):
+        lm_datasets = tokenize_for_causal_lm(
+            raw_datasets, tokenizer, block_size,
+            num_proc=data_args.preprocessing_num_workers, overwrite_cache=data_args.overwrite_cache,
+        )
+    too_short = f"the text is empty or shorter than one block of {block_size} tokens (try a smaller --block_size)"
+    train_dataset = eval_dataset = None
+    if training_args.do_train:
+        if "train" not in lm_datasets:
+            raise ValueError("--do_train requires a train split (--train_file or --dataset_name)")
+        train_dataset = limit_samples(lm_datasets["train"], data_args.max_train_samples)
+        require_samples(train_dataset, "train", too_short)
+    if training_args.do_eval:
+        if "validation" not in lm_datasets:
+            raise ValueError("--do_eval requires a validation split (--validation_file or --validation_split_percentage)")
+        eval_dataset = limit_samples(lm_datasets["validation"], data_args.max_eval_samples)
+        require_samples(eval_dataset, "validation", too_short)
+
+    # Model: GPT-2 gets recomputation and a chunked (still tied) LM head from the IPU config
+    model = load_model(AutoModelForCausalLM, model_args, config, tokenizer, model_class=causal_lm_model_for(config), dtype=dtype)
+
+    # Trainer
+    trainer = IPUTrainer(
+        model=model,
+        ipu_config=ipu_config,
+        args=training_args,
+        data_collator=default_data_collator,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        compute_metrics=token_accuracy_metrics(AccuracyMetric(model_args.cache_dir)) if training_args.do_eval else None,
+        preprocess_logits_for_metrics=causal_lm_predictions if training_args.do_eval else None,
+    )
+
+    if training_args.compile_only:
+        trainer.compile_only()
+        return
+
+    # Train, evaluate, write results
+    if training_args.do_train:
+        train_and_save(trainer, training_args, last_checkpoint, len(train_dataset))
+    if training_args.do_eval:
+        evaluate_and_save(trainer, len(eval_dataset))
+    if training_args.do_train:
+        write_model_card(trainer, model_args, data_args, tasks="text-generation")
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

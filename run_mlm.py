@@ -1,0 +1,192 @@
+#!/usr/bin/env python
+"""Masked-language-model fine-tuning and training (BERT, RoBERTa, DistilBERT, ALBERT...) driven by an
+IPU config, on CPUs and GPUs.
+
+Takes the flags and ipu_config.json files of the Graphcore IPU example, e.g.
+
+    python run_mlm.py --model_name_or_path roberta-base --ipu_config_name Graphcore/roberta-base-ipu \
+        --dataset_name wikitext --dataset_config_name wikitext-2-raw-v1 --do_train --do_eval \
+        --output_dir /tmp/mlm_output
+
+Text is either tokenized line by line (--line_by_line) or concatenated and cut into max_seq_length
+blocks. Every batch is masked afresh with at most max_num_masked_tokens masks per sequence; BERT and
+RoBERTa compute the MLM head only at those positions.
+"""
+
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Optional
+
+import transformers
+from transformers import AutoModelForMaskedLM, HfArgumentParser, set_seed
+
+from ipu_trainer import DataCollatorForLanguageModelingWithMaxTokensMasked, IPUTrainer, IPUTrainingArguments
+from ipu_trainer.data import (
+    limit_samples,
+    load_raw_datasets,
+    require_samples,
+    resolve_max_seq_length,
+    tokenize_for_masked_lm,
+)
+from ipu_trainer.data_collators import max_num_masked_tokens
+from ipu_trainer.metrics import AccuracyMetric, masked_lm_predictions, token_accuracy_metrics
+from ipu_trainer.model_loading import load_ipu_config, load_model, load_model_config, load_tokenizer, max_positions_of
+from ipu_trainer.models import masked_lm_model_for
+from ipu_trainer.run_utils import (
+    evaluate_and_save,
+    find_checkpoint_to_resume,
+    run_cli,
+    setup_logging,
+    train_and_save,
+    write_model_card,
+)
+
+if not transformers.__version__.startswith("5."):
+    raise ImportError(f"transformers 5.x is required, found {transformers.__version__}. To fix: pip install -r requirements.txt")
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: Optional[str] = field(
+        default=None, metadata={"help": "Checkpoint to start from (hub id or folder). Leave unset to train from scratch."}
+    )
+    model_type: Optional[str] = field(
+        default=None, metadata={"help": "Model type for a model trained from scratch, e.g. bert, roberta, distilbert, albert."}
+    )
+    config_overrides: Optional[str] = field(
+        default=None,
+        metadata={"help": 'Override model config values, e.g. "hidden_size=256,num_hidden_layers=4,num_attention_heads=4".'},
+    )
+    config_name: Optional[str] = field(default=None, metadata={"help": "Config name or path if not the same as the model."})
+    tokenizer_name: Optional[str] = field(default=None, metadata={"help": "Tokenizer name or path if not the same as the model."})
+    cache_dir: Optional[str] = field(default=None, metadata={"help": "Where to store models and data downloaded from the hub."})
+    use_fast_tokenizer: bool = field(default=True, metadata={"help": "Use a fast (tokenizers-backed) tokenizer."})
+    model_revision: str = field(default="main", metadata={"help": "Model version: a branch name, tag or commit id."})
+    use_auth_token: bool = field(default=False, metadata={"help": "Use the token from `hf auth login` (private models)."})
+    low_cpu_mem_usage: bool = field(
+        default=False,
+        metadata={"help": "Accepted for compatibility: transformers 5 always loads checkpoints without an extra copy in memory."},
+    )
+
+
+@dataclass
+class DataTrainingArguments:
+    dataset_name: Optional[str] = field(default=None, metadata={"help": "Dataset on the hub, e.g. wikitext."})
+    dataset_config_name: Optional[str] = field(default=None, metadata={"help": "The dataset's configuration, e.g. wikitext-2-raw-v1."})
+    train_file: Optional[str] = field(default=None, metadata={"help": "Training data: a csv, json or txt file."})
+    validation_file: Optional[str] = field(default=None, metadata={"help": "Evaluation data: a csv, json or txt file."})
+    overwrite_cache: bool = field(default=False, metadata={"help": "Redo preprocessing instead of using the datasets cache."})
+    validation_split_percentage: Optional[int] = field(
+        default=5, metadata={"help": "Percent of train used for evaluation when the data has no validation split."}
+    )
+    max_seq_length: Optional[int] = field(
+        default=None,
+        metadata={"help": "Sequence length after tokenization. Default: the tokenizer maximum capped at 1024 (and at the model's positions)."},
+    )
+    preprocessing_num_workers: Optional[int] = field(default=None, metadata={"help": "Processes for preprocessing."})
+    mlm_probability: float = field(default=0.15, metadata={"help": "Fraction of tokens masked for the masked-LM loss."})
+    line_by_line: bool = field(
+        default=False,
+        metadata={"help": "Each non-empty line of text is one sample. Otherwise texts are concatenated and cut into max_seq_length blocks."},
+    )
+    pad_to_max_length: bool = field(
+        default=False,
+        metadata={"help": "With --line_by_line, pad every sample to max_seq_length. Otherwise batches are padded to their longest sample."},
+    )
+    max_train_samples: Optional[int] = field(default=None, metadata={"help": "Use at most this many training samples."})
+    max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Use at most this many evaluation samples."})
+
+    def __post_init__(self):
+        if not any((self.dataset_name, self.train_file, self.validation_file)):
+            raise ValueError("Need data: --dataset_name, or --train_file/--validation_file (csv, json or txt).")
+        if not 0 < self.mlm_probability < 1:
+            raise ValueError(f"--mlm_probability={self.mlm_probability} is invalid: must be between 0 and 1")
+
+
+def parse_args():
+    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, IPUTrainingArguments))
+    if len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
+        return parser.parse_json_file(json_file=os.path.abspath(sys.argv[1]))
+    return parser.parse_args_into_dataclasses()
+
+
+def main():
+    # Arguments and logging
+    model_args, data_args, training_args = parse_args()
+    setup_logging(training_args)
+    last_checkpoint = find_checkpoint_to_resume(training_args)
+    set_seed(training_args.seed)
+
+    # IPU config, model config and tokenizer
+    ipu_config = load_ipu_config(training_args, model_args.model_name_or_path)
+    config = load_model_config(model_args)
+    tokenizer = load_tokenizer(model_args)
+    if tokenizer.mask_token is None:
+        raise ValueError(f"the tokenizer ({type(tokenizer).__name__}) has no mask token, so it cannot be used for masked-LM training")
+
+    # Data: line by line, or concatenated and cut into max_seq_length blocks
+    raw_datasets = load_raw_datasets(data_args, model_args)
+    max_seq_length = resolve_max_seq_length(data_args.max_seq_length, tokenizer, max_positions_of(config))
+    with training_args.main_process_first(desc="tokenizing the dataset"):
+        tokenized_datasets = tokenize_for_masked_lm(
+            raw_datasets, tokenizer, max_seq_length, data_args.line_by_line, data_args.pad_to_max_length,
+            num_proc=data_args.preprocessing_num_workers, overwrite_cache=data_args.overwrite_cache,
+        )
+    too_short = "the text is empty or shorter than one max_seq_length block (try --line_by_line or a smaller --max_seq_length)"
+    train_dataset = eval_dataset = None
+    if training_args.do_train:
+        if "train" not in tokenized_datasets:
+            raise ValueError("--do_train requires a train split (--train_file or --dataset_name)")
+        train_dataset = limit_samples(tokenized_datasets["train"], data_args.max_train_samples)
+        require_samples(train_dataset, "train", too_short)
+    if training_args.do_eval:
+        if "validation" not in tokenized_datasets:
+            raise ValueError("--do_eval requires a validation split (--validation_file or --validation_split_percentage)")
+        eval_dataset = limit_samples(tokenized_datasets["validation"], data_args.max_eval_samples)
+        require_samples(eval_dataset, "validation", too_short)
+
+    # Model: BERT and RoBERTa compute the MLM head only at the (at most max_num_masked_tokens) masked positions
+    config.max_num_masked_tokens = max_num_masked_tokens(max_seq_length, data_args.mlm_probability)
+    model_class = masked_lm_model_for(config)
+    if model_class is None:
+        logger.info("No masked-position head for model type %r: the MLM head runs on every position.", config.model_type)
+    model = load_model(AutoModelForMaskedLM, model_args, config, tokenizer, model_class=model_class)
+
+    # Dynamic masking, capped at max_num_masked_tokens per sequence; seeded so runs (and evaluations) repeat
+    data_collator = DataCollatorForLanguageModelingWithMaxTokensMasked(
+        tokenizer=tokenizer, mlm_probability=data_args.mlm_probability, max_seq_length=max_seq_length,
+        seed=training_args.data_seed if training_args.data_seed is not None else training_args.seed,
+    )
+
+    # Trainer
+    trainer = IPUTrainer(
+        model=model,
+        ipu_config=ipu_config,
+        args=training_args,
+        data_collator=data_collator,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        compute_metrics=token_accuracy_metrics(AccuracyMetric(model_args.cache_dir)) if training_args.do_eval else None,
+        preprocess_logits_for_metrics=masked_lm_predictions if training_args.do_eval else None,
+    )
+
+    if training_args.compile_only:
+        trainer.compile_only()
+        return
+
+    # Train, evaluate, write results
+    if training_args.do_train:
+        train_and_save(trainer, training_args, last_checkpoint, len(train_dataset))
+    if training_args.do_eval:
+        evaluate_and_save(trainer, len(eval_dataset))
+    if training_args.do_train:
+        write_model_card(trainer, model_args, data_args, tasks="fill-mask")
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -1,0 +1,351 @@
+"""Masked-LM and causal-LM building blocks of run_mlm.py / run_clm.py: the masked-position MLM heads, the
+chunked GPT-2 head, eval metrics, text preprocessing and sequence-length rules."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from datasets import Dataset, DatasetDict
+from torch import nn
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForMaskedLM,
+    BertConfig,
+    BertForMaskedLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    RobertaConfig,
+    RobertaForMaskedLM,
+)
+
+from ipu_trainer import IncompatibleIPUConfigError, IPUConfig
+from ipu_trainer import metrics as metrics_module
+from ipu_trainer.data import resolve_block_size, tokenize_for_causal_lm, tokenize_for_masked_lm
+from ipu_trainer.data_collators import DataCollatorForLanguageModelingWithMaxTokensMasked, max_num_masked_tokens
+from ipu_trainer.metrics import (
+    AccuracyMetric,
+    causal_lm_predictions,
+    masked_accuracy,
+    masked_lm_predictions,
+    token_accuracy_metrics,
+)
+from ipu_trainer.model_loading import max_positions_of
+from ipu_trainer.models import (
+    BertForMaskedLMMaskedPositions,
+    ChunkedVocabProjection,
+    GPT2LMHeadModelChunked,
+    RobertaForMaskedLMMaskedPositions,
+    causal_lm_model_for,
+    masked_lm_model_for,
+)
+from ipu_trainer.trainer import check_model_fits
+
+SEQ = 32
+BATCH = 6
+CHUNKED = SimpleNamespace(recompute_checkpoint_every_layer=True, embedding_serialization_factor=3)
+
+
+def bert_config(**extra):
+    return BertConfig(
+        vocab_size=2000, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=SEQ, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **extra,
+    )
+
+
+def roberta_config(**extra):
+    return RobertaConfig(
+        vocab_size=2000, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=SEQ + 2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **extra,
+    )
+
+
+MLM_CASES = [
+    pytest.param(BertForMaskedLMMaskedPositions, BertForMaskedLM, bert_config, id="bert"),
+    pytest.param(RobertaForMaskedLMMaskedPositions, RobertaForMaskedLM, roberta_config, id="roberta"),
+]
+
+
+@pytest.fixture(scope="module")
+def mlm_batch(tokenizer, english_documents):
+    examples = [tokenizer(doc, truncation=True, max_length=SEQ, padding="max_length") for doc in english_documents[:BATCH]]
+    collator = DataCollatorForLanguageModelingWithMaxTokensMasked(tokenizer, mlm_probability=0.15, seed=0)
+    return collator(examples)
+
+
+def paired(ours_class, upstream_class, make_config):
+    config = make_config(max_num_masked_tokens=max_num_masked_tokens(SEQ, 0.15))
+    torch.manual_seed(0)
+    reference = upstream_class(make_config())
+    ours = ours_class(config)
+    ours.load_state_dict(reference.state_dict())
+    return ours, reference
+
+
+# ---- masked-position MLM heads ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ours_class, upstream_class, make_config", MLM_CASES)
+def test_masked_position_head_gives_the_upstream_loss_and_gradients(ours_class, upstream_class, make_config, mlm_batch):
+    ours, reference = paired(ours_class, upstream_class, make_config)
+    assert set(ours.state_dict()) == set(reference.state_dict())
+    ours.train(), reference.train()
+    out = ours(**mlm_batch)
+    expected = reference(**mlm_batch)
+    assert out.logits is None  # training returns only the loss
+    torch.testing.assert_close(out.loss, expected.loss)
+    out.loss.backward(), expected.loss.backward()
+    reference_grads = dict(reference.named_parameters())
+    for name, parameter in ours.named_parameters():
+        torch.testing.assert_close(parameter.grad, reference_grads[name].grad, msg=name)
+
+
+@pytest.mark.parametrize("ours_class, upstream_class, make_config", MLM_CASES)
+def test_eval_returns_logits_only_at_masked_positions_with_their_labels(ours_class, upstream_class, make_config, mlm_batch):
+    ours, reference = paired(ours_class, upstream_class, make_config)
+    ours.eval(), reference.eval()
+    with torch.no_grad():
+        out = ours(**mlm_batch)
+        full = reference(**mlm_batch)
+    k = ours.config.max_num_masked_tokens
+    assert out.logits.shape == (BATCH, k, 2000) and out.masked_lm_labels.shape == (BATCH, k)
+    torch.testing.assert_close(out.loss, full.loss)
+    # The gathered accuracy equals the full-sequence accuracy over labelled positions.
+    predictions, labels = masked_lm_predictions((out.logits, out.masked_lm_labels), mlm_batch["labels"])
+    full_predictions, full_labels = masked_lm_predictions(full.logits, mlm_batch["labels"])
+    assert full_labels is mlm_batch["labels"]
+    assert masked_accuracy(predictions, labels) == masked_accuracy(full_predictions, full_labels)
+    assert (labels != -100).sum() == (mlm_batch["labels"] != -100).sum()
+
+
+@pytest.mark.parametrize("ours_class, upstream_class, make_config", MLM_CASES)
+def test_parallelize_chunks_the_tied_decoder_and_deparallelize_restores_it(ours_class, upstream_class, make_config, mlm_batch):
+    ours, reference = paired(ours_class, upstream_class, make_config)
+    ours.train(), reference.train()
+    embeddings = ours.get_input_embeddings().weight
+    ours.parallelize(CHUNKED)
+    decoder = ours.get_output_embeddings()
+    assert isinstance(decoder, ChunkedVocabProjection) and decoder.num_chunks == 3
+    assert decoder.weight is embeddings  # still tied
+    assert ours.is_activation_checkpointing
+    torch.testing.assert_close(ours(**mlm_batch).loss, reference(**mlm_batch).loss)
+    ours.deparallelize()
+    assert type(ours.get_output_embeddings()) is nn.Linear and ours.get_output_embeddings().weight is embeddings
+    assert not ours.is_activation_checkpointing
+
+
+@pytest.mark.parametrize("ours_class, upstream_class, make_config", MLM_CASES)
+def test_saved_checkpoint_is_a_plain_upstream_masked_lm(ours_class, upstream_class, make_config, mlm_batch, tmp_path):
+    ours, _ = paired(ours_class, upstream_class, make_config)
+    ours.parallelize(CHUNKED).eval()
+    ours.save_pretrained(tmp_path)
+    loaded = AutoModelForMaskedLM.from_pretrained(tmp_path)
+    assert type(loaded) is upstream_class
+    assert loaded.config.architectures == [upstream_class.__name__]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(**mlm_batch).loss, ours(**mlm_batch).loss)
+
+
+def test_masked_lm_classes_are_picked_by_model_type():
+    assert masked_lm_model_for(bert_config()) is BertForMaskedLMMaskedPositions
+    assert masked_lm_model_for(roberta_config()) is RobertaForMaskedLMMaskedPositions
+    assert masked_lm_model_for(SimpleNamespace(model_type="distilbert")) is None
+    assert causal_lm_model_for(GPT2Config()) is GPT2LMHeadModelChunked
+    assert causal_lm_model_for(SimpleNamespace(model_type="llama")) is None
+
+
+# ---- GPT-2 -----------------------------------------------------------------------------------------------
+
+
+def gpt2_config():
+    return GPT2Config(
+        vocab_size=1000, n_embd=32, n_layer=2, n_head=2, n_positions=SEQ, bos_token_id=0, eos_token_id=0,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )
+
+
+def fixed_causal_batch():
+    g = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, 1000, (4, SEQ), generator=g)
+    labels = input_ids.clone()
+    labels[0, 5:9] = -100
+    return {"input_ids": input_ids, "labels": labels}
+
+
+def shifted_cross_entropy(logits, labels):
+    """By hand: position t predicts token t + 1, averaged over the targets that are not -100."""
+    total, count = 0.0, 0
+    for row in range(labels.shape[0]):
+        for t in range(labels.shape[1] - 1):
+            target = int(labels[row, t + 1])
+            if target == -100:
+                continue
+            total += -torch.log_softmax(logits[row, t].double(), dim=-1)[target].item()
+            count += 1
+    return total / count
+
+
+def test_gpt2_loss_is_the_shifted_cross_entropy_with_and_without_chunks():
+    torch.manual_seed(0)
+    model = GPT2LMHeadModelChunked(gpt2_config())
+    batch = fixed_causal_batch()
+    model.eval()
+    with torch.no_grad():
+        out = model(**batch)
+    expected = shifted_cross_entropy(out.logits, batch["labels"])
+    assert out.loss.item() == pytest.approx(expected, rel=1e-5)
+
+    model.train()
+    model.parallelize(CHUNKED)
+    chunked = model(**batch)
+    assert chunked.logits is None
+    assert chunked.loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_gpt2_head_stays_tied_through_parallelize_training_and_saving(tmp_path):
+    torch.manual_seed(0)
+    model = GPT2LMHeadModelChunked(gpt2_config())
+    wte = model.transformer.wte.weight
+    model.parallelize(CHUNKED).train()
+    assert model.lm_head.weight is wte
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(**fixed_causal_batch()).loss.backward()
+    optimizer.step()
+    assert model.lm_head.weight is wte and model.transformer.wte.weight is wte
+    model.deparallelize()
+    assert type(model.lm_head) is nn.Linear and model.lm_head.weight is wte
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert type(loaded) is GPT2LMHeadModel and loaded.config.architectures == ["GPT2LMHeadModel"]
+    assert loaded.lm_head.weight is loaded.transformer.wte.weight
+    torch.testing.assert_close(loaded.transformer.wte.weight, wte.detach())
+
+
+def test_layers_per_ipu_is_checked_against_gpt2_layers():
+    model = GPT2LMHeadModel(gpt2_config())  # n_layer=2
+    check_model_fits(IPUConfig(layers_per_ipu=[1, 1], ipus_per_replica=2), model)
+    with pytest.raises(IncompatibleIPUConfigError, match="3.*2|2.*3"):
+        check_model_fits(IPUConfig(layers_per_ipu=[1, 2], ipus_per_replica=2), model)
+
+
+# ---- metrics ---------------------------------------------------------------------------------------------
+
+
+def test_causal_predictions_are_scored_against_the_next_token():
+    logits = torch.zeros(1, 4, 10)
+    for t, token in enumerate([3, 4, 5, 6]):
+        logits[0, t, token] = 1.0  # position t predicts `token`
+    labels = torch.tensor([[9, 3, 4, -100]])  # targets at t+1: 3 (right), 4 (right), -100 (ignored)
+    predictions, shifted = causal_lm_predictions(logits, labels)
+    assert predictions.tolist() == [[3, 4, 5]] and shifted.tolist() == [[3, 4, -100]]
+    assert masked_accuracy(predictions, shifted) == 1.0
+    labels = torch.tensor([[9, 3, 7, 5]])  # 3 right, 7 wrong, 5 right
+    assert masked_accuracy(*causal_lm_predictions(logits, labels)) == pytest.approx(2 / 3)
+
+
+def test_accuracy_counts_only_labelled_positions():
+    predictions = np.array([[1, 2, 3, 4]])
+    labels = np.array([[1, -100, 9, -100]])
+    assert masked_accuracy(predictions, labels) == 0.5
+    assert np.isnan(masked_accuracy(predictions, np.full((1, 4), -100)))
+    compute = token_accuracy_metrics(masked_accuracy)
+    assert compute(SimpleNamespace(predictions=(predictions, labels), label_ids=None)) == {"accuracy": 0.5}
+
+
+def test_accuracy_falls_back_to_local_computation_once_when_evaluate_cannot_load(monkeypatch):
+    import evaluate
+
+    calls = []
+
+    def offline_load(*args, **kwargs):
+        calls.append(args)
+        raise FileNotFoundError("Couldn't find a module script at accuracy/accuracy.py")
+
+    monkeypatch.setattr(evaluate, "load", offline_load)
+    accuracy = AccuracyMetric()
+    assert accuracy.source == "local"
+    for _ in range(3):
+        assert accuracy(np.array([1, 2, 3]), np.array([1, -100, 0])) == 0.5
+    assert len(calls) == 1
+
+
+def test_accuracy_uses_evaluate_when_it_loads(monkeypatch):
+    import evaluate
+
+    class FakeAccuracy:
+        def compute(self, predictions, references):
+            assert -100 not in references
+            return {"accuracy": float((np.asarray(predictions) == np.asarray(references)).mean())}
+
+    monkeypatch.setattr(evaluate, "load", lambda *args, **kwargs: FakeAccuracy())
+    accuracy = AccuracyMetric()
+    assert accuracy.source == "evaluate"
+    assert accuracy(np.array([1, 2, 3, 4]), np.array([1, -100, 0, 4])) == pytest.approx(2 / 3)
+    assert metrics_module.masked_accuracy(np.array([1, 2, 3, 4]), np.array([1, -100, 0, 4])) == pytest.approx(2 / 3)
+
+
+# ---- preprocessing ---------------------------------------------------------------------------------------
+
+
+def text_splits(lines):
+    return DatasetDict({"train": Dataset.from_dict({"text": lines})})
+
+
+def test_line_by_line_drops_empty_lines_and_pads_only_when_asked(tokenizer):
+    lines = ["the first line of text", "", "   ", "a second, longer line of text with more words in it"]
+    unpadded = tokenize_for_masked_lm(text_splits(lines), tokenizer, 16, line_by_line=True, pad_to_max_length=False)["train"]
+    assert len(unpadded) == 2
+    lengths = [len(ids) for ids in unpadded["input_ids"]]
+    assert lengths[0] < lengths[1] <= 16
+    assert tokenizer.pad_token_id not in unpadded["input_ids"][0]
+    padded = tokenize_for_masked_lm(text_splits(lines), tokenizer, 16, line_by_line=True, pad_to_max_length=True)["train"]
+    assert len(padded) == 2 and {len(ids) for ids in padded["input_ids"]} == {16}
+    assert padded["input_ids"][0][lengths[0]:] == [tokenizer.pad_token_id] * (16 - lengths[0])
+
+
+def test_grouping_concatenates_and_drops_the_remainder(tokenizer, english_documents):
+    raw = text_splits(english_documents[:20])
+    total = sum(len(ids) for ids in tokenizer(english_documents[:20])["input_ids"])
+    grouped = tokenize_for_masked_lm(raw, tokenizer, 24, line_by_line=False, pad_to_max_length=False)["train"]
+    assert len(grouped) == total // 24
+    assert {len(ids) for ids in grouped["input_ids"]} == {24}
+    flat = [t for ids in tokenizer(english_documents[:20])["input_ids"] for t in ids]
+    assert [t for ids in grouped["input_ids"] for t in ids] == flat[: (total // 24) * 24]
+
+
+def test_causal_blocks_have_labels_equal_to_inputs_and_drop_the_remainder(tokenizer, english_documents):
+    raw = text_splits(english_documents[:20])
+    total = sum(len(ids) for ids in tokenizer(english_documents[:20])["input_ids"])
+    blocks = tokenize_for_causal_lm(raw, tokenizer, 24)["train"]
+    assert len(blocks) == total // 24
+    assert blocks["labels"] == blocks["input_ids"]
+    assert {len(ids) for ids in blocks["input_ids"]} == {24}
+
+
+def test_block_size_defaults_and_limits():
+    tokenizer = SimpleNamespace(model_max_length=int(1e30))
+    assert resolve_block_size(None, tokenizer) == 1024
+    assert resolve_block_size(None, tokenizer, model_max_positions=256) == 256
+    assert resolve_block_size(None, SimpleNamespace(model_max_length=512), 1024) == 512
+    assert resolve_block_size(2048, SimpleNamespace(model_max_length=512), 4096) == 512  # clipped to the tokenizer
+    with pytest.raises(ValueError, match="--block_size 2048 is larger than the model's 1024 positions"):
+        resolve_block_size(2048, tokenizer, 1024)
+    with pytest.raises(ValueError, match="--block_size=0"):
+        resolve_block_size(0, tokenizer, 1024)
+
+
+def test_max_positions_account_for_the_roberta_padding_offset():
+    assert max_positions_of(roberta_config()) == SEQ
+    assert max_positions_of(bert_config()) == SEQ
+    assert max_positions_of(gpt2_config()) == SEQ
+
+
+def test_chunked_projection_loss_matches_full_logits():
+    # Guards the equivalence the GPT-2 chunked path relies on, on uneven chunk sizes.
+    torch.manual_seed(0)
+    linear = nn.Linear(8, 50, bias=False)
+    hidden, labels = torch.randn(2, 7, 8), torch.randint(0, 50, (2, 7))
+    labels[0, 0] = -100
+    expected = F.cross_entropy(linear(hidden).reshape(-1, 50), labels.reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(ChunkedVocabProjection(linear, 3).loss(hidden, labels), expected)

@@ -1,0 +1,261 @@
+"""run_mlm.py end to end on CPU: tiny masked LMs from a config, text and tokenizer made on the machine,
+the original flags and the repository's ipu_config.json."""
+
+import dataclasses
+import json
+import os
+import sys
+
+import pytest
+import torch
+from datasets import load_dataset
+from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+from ipu_trainer import IPUTrainingArguments
+from ipu_trainer.data import tokenize_for_masked_lm
+from ipu_trainer.data_collators import DataCollatorForLanguageModelingWithMaxTokensMasked
+from ipu_trainer.offline_assets import write_quickstart_assets
+from ipu_trainer.run_utils import run_cli
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+import run_mlm  # noqa: E402
+
+SEQ = 64
+TINY_BERT = (
+    "vocab_size=2000,hidden_size=64,num_hidden_layers=2,num_attention_heads=2,intermediate_size=128,"
+    f"max_position_embeddings={SEQ}"
+)
+ONE_CPU = "layers_per_ipu=[-1],ipus_per_replica=1,replication_factor=1,gradient_accumulation_steps=2"
+SEED = 7
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    return write_quickstart_assets(str(tmp_path_factory.mktemp("assets")))
+
+
+def mlm_argv(assets, output_dir, *extra, model=("--model_type", "bert", "--config_overrides", TINY_BERT)):
+    return [
+        "run_mlm.py", *model, "--tokenizer_name", assets["tokenizer"], "--train_file", assets["train_file"],
+        "--validation_file", assets["validation_file"], "--max_seq_length", str(SEQ),
+        "--ipu_config_name", REPO, "--ipu_config_overrides", ONE_CPU,
+        "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "16", "--max_train_samples", "400",
+        "--max_eval_samples", "48", "--learning_rate", "5e-3", "--output_dir", str(output_dir), "--report_to", "none",
+        "--disable_tqdm", "true", "--seed", str(SEED), "--fp32", *extra,
+    ]
+
+
+def run(monkeypatch, argv):
+    monkeypatch.setattr(sys, "argv", argv)
+    run_mlm.main()
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def trained(assets, tmp_path_factory):
+    """One short training run (and an evaluation of the same initial weights before it)."""
+    monkeypatch = pytest.MonkeyPatch()
+    root = tmp_path_factory.mktemp("mlm")
+    try:
+        run(monkeypatch, mlm_argv(assets, root / "before", "--do_eval"))
+        run(monkeypatch, mlm_argv(assets, root / "out", "--do_train", "--do_eval", "--max_steps", "30",
+                                  "--save_steps", "15", "--logging_steps", "5"))
+    finally:
+        monkeypatch.undo()
+    return root
+
+
+def test_tiny_bert_trains_and_writes_results(trained):
+    out = trained / "out"
+    for name in ("train_results.json", "eval_results.json", "all_results.json", "trainer_state.json", "README.md",
+                 "ipu_config.json", "config.json", "model.safetensors", "tokenizer_config.json"):
+        assert (out / name).is_file(), name
+    assert (out / "checkpoint-15" / "ipu_config.json").is_file() and (out / "checkpoint-30").is_dir()
+
+    results = read_json(out / "eval_results.json")
+    assert {"eval_loss", "perplexity", "eval_samples", "eval_accuracy"} <= set(results)
+    assert results["eval_samples"] == 48
+    assert results["perplexity"] == pytest.approx(torch.tensor(results["eval_loss"]).exp().item(), rel=1e-5)
+    before = read_json(trained / "before" / "eval_results.json")
+    assert results["perplexity"] < 0.5 * before["perplexity"]
+    assert results["eval_accuracy"] > before["eval_accuracy"]
+    assert {"train_loss", "train_samples"} <= set(read_json(out / "all_results.json"))
+
+    config = read_json(out / "config.json")
+    assert config["architectures"] == ["BertForMaskedLM"]  # a plain checkpoint, not our subclass
+    assert config["max_num_masked_tokens"] == 16  # L=64, p=0.15
+    # The IPU config the run used, overrides applied, travels with the model.
+    ipu_config = read_json(out / "ipu_config.json")
+    assert ipu_config["layers_per_ipu"] == [-1] and ipu_config["gradient_accumulation_steps"] == 2
+    # One step = micro 8 x accumulation 2 samples.
+    assert read_json(out / "trainer_state.json")["global_step"] == 30
+
+
+def test_checkpoint_reloads_with_auto_class_and_reproduces_eval_loss(trained, assets, monkeypatch):
+    out, again = trained / "out", trained / "again"
+    # Evaluate the saved checkpoint through the script (it picks up out/ipu_config.json by itself)...
+    monkeypatch.setattr(sys, "argv", [
+        "run_mlm.py", "--model_name_or_path", str(out), "--validation_file", assets["validation_file"],
+        "--max_seq_length", str(SEQ), "--per_device_eval_batch_size", "16", "--max_eval_samples", "48",
+        "--do_eval", "--output_dir", str(again), "--report_to", "none", "--seed", str(SEED), "--fp32",
+        "--disable_tqdm", "true",
+    ])
+    run_mlm.main()
+    script_loss = read_json(again / "eval_results.json")["eval_loss"]
+
+    # ...and by hand with the plain upstream class, masking with the same seeded collator.
+    model = AutoModelForMaskedLM.from_pretrained(out).eval()
+    assert type(model).__name__ == "BertForMaskedLM"
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    raw = load_dataset("text", data_files={"validation": assets["validation_file"]})
+    data = tokenize_for_masked_lm(raw, tokenizer, SEQ, line_by_line=False, pad_to_max_length=False)["validation"]
+    data = data.select(range(48)).remove_columns("special_tokens_mask")
+    collator = DataCollatorForLanguageModelingWithMaxTokensMasked(tokenizer, mlm_probability=0.15, max_seq_length=SEQ, seed=SEED)
+    losses = []
+    with torch.no_grad():
+        for start in range(0, 48, 16):
+            losses.append(model(**collator([data[i] for i in range(start, start + 16)])).loss.item())
+    assert script_loss == pytest.approx(sum(losses) / len(losses), rel=1e-4)
+    # Masks are seeded by batch content, so the training run's own evaluation saw the same batches.
+    assert read_json(out / "eval_results.json")["eval_loss"] == pytest.approx(script_loss, rel=1e-4)
+
+
+@pytest.mark.parametrize("model, extra", [
+    pytest.param(
+        ("--model_type", "roberta", "--config_overrides",
+         f"vocab_size=2000,hidden_size=32,num_hidden_layers=2,num_attention_heads=2,intermediate_size=64,max_position_embeddings={SEQ + 2}"),
+        ("--line_by_line", "--pad_to_max_length"), id="roberta-line-by-line",
+    ),
+    pytest.param(
+        ("--model_type", "distilbert", "--config_overrides",
+         f"vocab_size=2000,dim=32,n_layers=2,n_heads=2,hidden_dim=64,max_position_embeddings={SEQ}"),
+        ("--line_by_line",), id="distilbert",
+    ),
+])
+def test_other_architectures_train(assets, tmp_path, monkeypatch, model, extra):
+    run(monkeypatch, mlm_argv(assets, tmp_path, "--do_train", "--do_eval", "--max_steps", "2", "--max_eval_samples", "16",
+                              "--save_strategy", "no", *extra, model=model))
+    results = read_json(tmp_path / "eval_results.json")
+    assert results["eval_samples"] == 16 and 0.0 <= results["eval_accuracy"] <= 1.0
+    architecture = {"roberta": "RobertaForMaskedLM", "distilbert": "DistilBertForMaskedLM"}[model[1]]
+    assert read_json(tmp_path / "config.json")["architectures"] == [architecture]
+    assert type(AutoModelForMaskedLM.from_pretrained(tmp_path)).__name__ == architecture
+
+
+# ---- command line ----------------------------------------------------------------------------------------
+
+SPEC_MODEL_FLAGS = ["model_name_or_path", "model_type", "config_overrides", "config_name", "tokenizer_name", "cache_dir",
+                    "use_fast_tokenizer", "model_revision", "use_auth_token", "low_cpu_mem_usage"]
+SPEC_DATA_FLAGS = ["dataset_name", "dataset_config_name", "train_file", "validation_file", "overwrite_cache",
+                   "validation_split_percentage", "max_seq_length", "preprocessing_num_workers", "mlm_probability",
+                   "line_by_line", "pad_to_max_length", "max_train_samples", "max_eval_samples"]
+SPEC_IPU_FLAGS = ["ipu_config_name", "ipu_config_overrides", "n_ipu", "fp32", "lamb", "lamb_no_bias_correction",
+                  "loss_scaling", "auto_loss_scaling", "dataloader_mode", "compile_only", "pad_on_batch_axis",
+                  "gradient_accumulation_steps", "gradient_checkpointing"]
+
+
+def test_help_lists_every_flag(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["run_mlm.py", "--help"])
+    with pytest.raises(SystemExit) as exit_info:
+        run_mlm.main()
+    assert exit_info.value.code == 0
+    help_text = capsys.readouterr().out
+    for flag in SPEC_MODEL_FLAGS + SPEC_DATA_FLAGS + SPEC_IPU_FLAGS:
+        assert f"--{flag} " in help_text or f"--{flag}\n" in help_text, flag
+
+
+def test_defaults_match_the_original():
+    model_defaults = {f.name: f.default for f in dataclasses.fields(run_mlm.ModelArguments)}
+    assert model_defaults == {
+        "model_name_or_path": None, "model_type": None, "config_overrides": None, "config_name": None,
+        "tokenizer_name": None, "cache_dir": None, "use_fast_tokenizer": True, "model_revision": "main",
+        "use_auth_token": False, "low_cpu_mem_usage": False,
+    }
+    data_defaults = {f.name: f.default for f in dataclasses.fields(run_mlm.DataTrainingArguments)}
+    assert data_defaults == {
+        "dataset_name": None, "dataset_config_name": None, "train_file": None, "validation_file": None,
+        "overwrite_cache": False, "validation_split_percentage": 5, "max_seq_length": None,
+        "preprocessing_num_workers": None, "mlm_probability": 0.15, "line_by_line": False,
+        "pad_to_max_length": False, "max_train_samples": None, "max_eval_samples": None,
+    }
+
+
+def test_readme_command_parses(monkeypatch):
+    command = (
+        "run_mlm.py --model_name_or_path roberta-base --ipu_config_name Graphcore/roberta-base-ipu "
+        "--dataset_name wikitext --dataset_config_name wikitext-2-raw-v1 --per_device_train_batch_size 4 "
+        "--per_device_eval_batch_size 1 --gradient_accumulation_steps 16 --do_train --do_eval "
+        "--num_train_epochs 5 --n_ipu 16 --output_dir /tmp/mlm_output "
+        "--ipu_config_overrides=inference_device_iterations=5 --dataloader_drop_last"
+    )
+    monkeypatch.setattr(sys, "argv", command.split())
+    model_args, data_args, training_args = run_mlm.parse_args()
+    assert isinstance(training_args, IPUTrainingArguments)
+    assert model_args.model_name_or_path == "roberta-base" and data_args.dataset_config_name == "wikitext-2-raw-v1"
+    assert training_args.n_ipu == 16 and training_args.dataloader_drop_last
+    assert training_args.ipu_config_overrides_for_run() == "gradient_accumulation_steps=16,inference_device_iterations=5"
+
+
+# ---- bad input: one clear line, exit code 2 ---------------------------------------------------------------
+
+
+def error_line(monkeypatch, capsys, argv):
+    monkeypatch.setattr(sys, "argv", argv)
+    assert run_cli(run_mlm.main) == 2
+    err = capsys.readouterr().err
+    # Progress bars may share stderr; the error itself is one line, and no traceback.
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_unknown_model_type_is_one_clear_line(assets, tmp_path, monkeypatch, capsys):
+    line = error_line(monkeypatch, capsys, mlm_argv(assets, tmp_path, "--do_train",
+                                                    model=("--model_type", "bert-base-uncased")))
+    assert "'bert-base-uncased' is not a model type" in line and "--config_name bert-base-uncased" in line
+
+
+def test_unsupported_train_file_is_one_clear_line(assets, tmp_path, monkeypatch, capsys):
+    data = tmp_path / "train.parquet"
+    data.write_bytes(b"PAR1")
+    argv = mlm_argv(assets, tmp_path / "out", "--do_train")
+    argv[argv.index("--train_file") + 1] = str(data)
+    argv[argv.index("--validation_file") + 1] = str(data)
+    assert "unsupported file type '.parquet'" in error_line(monkeypatch, capsys, argv)
+
+
+def test_empty_text_file_is_one_clear_line(assets, tmp_path, monkeypatch, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    argv = mlm_argv(assets, tmp_path / "out", "--do_train")
+    argv[argv.index("--train_file") + 1] = str(empty)
+    assert "is empty" in error_line(monkeypatch, capsys, argv)
+
+
+def test_text_with_only_blank_lines_is_one_clear_line(assets, tmp_path, monkeypatch, capsys):
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n   \n\n")
+    argv = mlm_argv(assets, tmp_path / "out", "--do_train", "--line_by_line")
+    argv[argv.index("--train_file") + 1] = str(blank)
+    assert "the train data yields no samples" in error_line(monkeypatch, capsys, argv)
+
+
+def test_encoder_only_checkpoint_gets_a_fresh_mlm_head_and_says_so(assets, tmp_path, monkeypatch, caplog):
+    # Like fine-tuning a sentence-embedding BERT (e.g. all-MiniLM-L6-v2): encoder weights, no MLM head.
+    from transformers import BertConfig, BertModel
+
+    encoder_dir = tmp_path / "encoder"
+    BertModel(BertConfig(vocab_size=2000, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=SEQ)).save_pretrained(encoder_dir)
+    AutoTokenizer.from_pretrained(assets["tokenizer"]).save_pretrained(encoder_dir)
+    with caplog.at_level("WARNING", logger="ipu_trainer"):
+        run(monkeypatch, mlm_argv(assets, tmp_path / "out", "--do_train", "--max_steps", "1", "--save_strategy", "no",
+                                  model=("--model_name_or_path", str(encoder_dir))))
+    warning = next(r.getMessage() for r in caplog.records if "freshly initialised" in r.getMessage())
+    assert "cls.predictions.transform.dense.weight" in warning and "bert.encoder" not in warning
+    assert read_json(tmp_path / "out" / "config.json")["architectures"] == ["BertForMaskedLM"]
