@@ -1,0 +1,593 @@
+"""BERT pretraining data from raw text: documents -> sentences -> NSP sentence pairs (SPEC §6 columns).
+
+This follows the published BERT `create_pretraining_data.py` recipe, but works on token ids and in
+blocks so it is fast and parallel:
+
+1. Documents: txt files hold documents separated by blank lines (BERT's format); csv/json files and
+   hub datasets hold one document per row.
+2. Sentences: `split_sentences` cuts a document at newlines and at `.`, `!` or `?` (optionally followed
+   by a closing quote or bracket) followed by whitespace and an upper-case letter, digit or opening
+   quote. It is a fast heuristic: "e.g. Python" is split too. BERT's own format (one sentence per line)
+   goes through unchanged. The boundaries only decide where segment A may end, so an occasional wrong
+   cut costs little.
+3. All sentences of a block of documents are tokenized in one call to the fast tokenizer.
+4. Pairs are built per document exactly as in the original (see `_pairs_from_document`).
+
+Determinism: documents are processed in `len(documents) // DOCUMENTS_PER_BLOCK` blocks of consecutive
+documents (near-equal sizes, each at least `DOCUMENTS_PER_BLOCK` when there are that many documents),
+each with its own random generator seeded from `seed` and the block's index. The random "other
+document" for a label-1 pair is drawn from the same block, so blocks are independent and the result
+depends only on the seed and the data, not on `num_proc`.
+
+Storage: token-id sequences are int32 (half the disk of int64 for corpora of tens of millions of
+pairs), `next_sentence_label` is int64. Collators turn both into int64 tensors.
+"""
+
+from __future__ import annotations
+
+import codecs
+import hashlib
+import logging
+import os
+import random
+import re
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import datasets
+import multiprocess
+import numpy as np
+import pyarrow.compute
+import torch
+from datasets.fingerprint import Hasher
+from transformers import PreTrainedTokenizerBase
+
+from ipu_trainer.data_collators import DataCollatorForLanguageModelingWithMaxTokensMasked
+
+logger = logging.getLogger(__name__)
+
+# A block is the unit of parallel work and the pool for random next sentences. 256 documents keep the
+# random B segments varied and make one tokenizer call large enough to amortise its overhead.
+DOCUMENTS_PER_BLOCK = 256
+PAIRS_PER_MASKING_BLOCK = 1024
+# Bump when the pair recipe changes so cached results from an older recipe are not reused.
+_RECIPE_VERSION = "nsp-pairs-v1"
+
+SUPPORTED_EXTENSIONS = ("txt", "csv", "json", "jsonl")
+
+PAIR_FEATURES = datasets.Features(
+    {
+        "input_ids": datasets.Sequence(datasets.Value("int32")),
+        "attention_mask": datasets.Sequence(datasets.Value("int32")),
+        "token_type_ids": datasets.Sequence(datasets.Value("int32")),
+        "next_sentence_label": datasets.Value("int64"),
+    }
+)
+
+# The leading `(?=\s)` lets the engine reject the ~85% of positions that are not whitespace at once
+# (twice as fast as the bare alternatives).
+_SENTENCE_BOUNDARY = re.compile(
+    r"(?=\s)(?:\s*\n\s*"
+    r"|(?<=[.!?])\s+(?=[\"'“‘(\[]?[A-Z0-9])"
+    r"|(?<=[.!?][\"'”’)\]])\s+(?=[\"'“‘(\[]?[A-Z0-9]))"
+)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading documents
+# ---------------------------------------------------------------------------------------------------
+
+
+def _extension(path: str) -> str:
+    return os.path.splitext(path)[1].lstrip(".").lower()
+
+
+def _scan_file(path: str) -> tuple[bool, bool]:
+    """Return `(has_text, is_valid_utf8)` reading the file once in blocks."""
+    has_text = False
+    valid = True
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="strict")
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 20):
+            try:
+                text = decoder.decode(block)
+            except UnicodeDecodeError:
+                valid = False
+                decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+                text = decoder.decode(block)
+            if not has_text and text.strip():
+                has_text = True
+            if has_text and not valid:
+                break
+    return has_text, valid
+
+
+def _check_files(files: Sequence[str]) -> list[str]:
+    """Validate paths; return the files that are not valid UTF-8 (after warning about each)."""
+    non_utf8 = []
+    for path in files:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path} does not exist")
+        extension = _extension(path)
+        if extension not in SUPPORTED_EXTENSIONS:
+            raise ValueError(
+                f"{path} has an unsupported extension {extension!r}: use one of {', '.join(SUPPORTED_EXTENSIONS)}"
+            )
+        has_text, valid = _scan_file(path)
+        if not has_text:
+            raise ValueError(f"{path} is empty: nothing to pretrain on")
+        if not valid:
+            logger.warning(
+                "%s is not valid UTF-8: undecodable bytes are replaced with U+FFFD. Re-encode the file as "
+                "UTF-8 to keep those characters.",
+                path,
+            )
+            non_utf8.append(path)
+    return non_utf8
+
+
+def _blank_line_documents(paths: list[str], stamps: list[tuple[int, int]]) -> Iterator[dict[str, str]]:
+    # `stamps` (size, mtime) is unused here: it is part of gen_kwargs so datasets' cache key changes
+    # when a file is edited in place.
+    del stamps
+    for path in paths:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            lines: list[str] = []
+            for line in handle:
+                if line.strip():
+                    lines.append(line.rstrip("\r\n"))
+                elif lines:
+                    yield {"text": "\n".join(lines)}
+                    lines = []
+            if lines:
+                yield {"text": "\n".join(lines)}
+
+
+def load_text_documents(
+    data_files: dict[str, list[str] | str], cache_dir: str | None = None
+) -> datasets.DatasetDict:
+    """Load pretraining documents, one split per key of `data_files`, into a single "text" column.
+
+    - txt: documents are blocks of lines separated by blank lines (BERT's format); line breaks inside a
+      document are kept (they are sentence boundaries for `split_sentences`).
+    - csv / json / jsonl: one document per row, from the column "text" (other columns are dropped).
+    All files of one split must share an extension. Missing files raise FileNotFoundError, unsupported
+    extensions and empty (or whitespace-only) files raise ValueError naming the file. Bytes that are not
+    UTF-8 are decoded as U+FFFD with a warning naming the file, in the main process, before any worker
+    starts.
+    """
+    splits = {}
+    for split, files in data_files.items():
+        files = [files] if isinstance(files, str) else list(files)
+        if not files:
+            raise ValueError(f"No files given for the {split!r} split")
+        non_utf8 = _check_files(files)
+        extensions = {_extension(path) for path in files}
+        if len(extensions) > 1:
+            raise ValueError(f"The {split!r} split mixes file types {sorted(extensions)}: use one type per split")
+        extension = extensions.pop()
+        if extension == "txt":
+            stamps = [(os.stat(path).st_size, os.stat(path).st_mtime_ns) for path in files]
+            documents = datasets.Dataset.from_generator(
+                _blank_line_documents,
+                gen_kwargs={"paths": [os.path.abspath(path) for path in files], "stamps": stamps},
+                features=datasets.Features({"text": datasets.Value("string")}),
+                cache_dir=cache_dir,
+                split=datasets.NamedSplit(split),
+            )
+        else:
+            builder = "json" if extension in ("json", "jsonl") else "csv"
+            documents = datasets.load_dataset(
+                builder,
+                data_files={split: files},
+                cache_dir=cache_dir,
+                encoding_errors="replace" if non_utf8 else "strict",
+            )[split]
+            if "text" not in documents.column_names:
+                raise ValueError(
+                    f"{files[0]} has no 'text' column (columns: {documents.column_names}): put one document "
+                    "per row in a column named 'text'"
+                )
+            documents = documents.select_columns(["text"])
+        splits[split] = documents
+    return datasets.DatasetDict(splits)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sentence pairs
+# ---------------------------------------------------------------------------------------------------
+
+
+def split_sentences(text: str) -> list[str]:
+    """Split a document into sentences (see the module docstring for the rule); drops empty pieces."""
+    return [sentence for sentence in _SENTENCE_BOUNDARY.split(text.strip()) if sentence]
+
+
+def _block_seed(*parts: Any) -> int:
+    # A hash, not a sum, so (seed, block) pairs never collide across seeds; stable across processes.
+    digest = hashlib.sha256(":".join(str(part) for part in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def _truncated_lengths(length_a: int, length_b: int, max_num_tokens: int) -> tuple[int, int]:
+    """Final lengths after BERT's `truncate_seq_pair`, computed in O(1).
+
+    The original removes one token at a time from the longer segment (B on ties) until the pair fits.
+    So the longer one shrinks to the shorter one's length first, then the two alternate, B first.
+    """
+    excess = length_a + length_b - max_num_tokens
+    if excess <= 0:
+        return length_a, length_b
+    if length_a > length_b:
+        gap = length_a - length_b
+        if excess <= gap:
+            return length_a - excess, length_b
+        rest = excess - gap
+        return length_b - rest // 2, length_b - (rest + 1) // 2
+    gap = length_b - length_a
+    if excess <= gap:
+        return length_a, length_b - excess
+    rest = excess - gap
+    return length_a - rest // 2, length_a - (rest + 1) // 2
+
+
+def _truncate(tokens: list[int], new_length: int, rng: random.Random) -> list[int]:
+    removed = len(tokens) - new_length
+    if removed <= 0:
+        return tokens
+    # Each removed token comes from the front or the back with probability 1/2 (as in the original):
+    # the number taken from the front is Binomial(removed, 1/2), drawn with one call.
+    from_front = bin(rng.getrandbits(removed)).count("1")
+    return tokens[from_front : from_front + new_length]
+
+
+def _pairs_from_document(
+    document_index: int,
+    documents: list[list[list[int]]],
+    pool: list[int],
+    pool_position: int,
+    max_num_tokens: int,
+    short_seq_prob: float,
+    rng: random.Random,
+) -> list[tuple[list[int], list[int], int]]:
+    """BERT's `create_instances_from_document` on token ids; returns `(tokens_a, tokens_b, label)`.
+
+    Sentences are accumulated greedily into a chunk until it reaches the target length (max_num_tokens,
+    or with probability `short_seq_prob` a random length in [2, max_num_tokens], chosen once per
+    document as in the original). A ends at a random sentence boundary of the chunk. With probability
+    1/2 (always when the chunk is a single sentence) B is a span from a random other document of `pool`
+    starting at a random sentence, and the chunk's unused sentences are put back to start the next
+    chunk; otherwise B is the rest of the chunk. The longer segment is then trimmed, token by token
+    from a random end, until the pair fits. When the pool has no other document, a one-sentence chunk
+    yields nothing and longer chunks always use their true continuation.
+    """
+    document = documents[document_index]
+    target_seq_length = max_num_tokens
+    if rng.random() < short_seq_prob:
+        target_seq_length = rng.randint(2, max_num_tokens)
+
+    pairs = []
+    chunk: list[list[int]] = []
+    chunk_length = 0
+    i = 0
+    while i < len(document):
+        chunk.append(document[i])
+        chunk_length += len(document[i])
+        if i == len(document) - 1 or chunk_length >= target_seq_length:
+            a_end = rng.randint(1, len(chunk) - 1) if len(chunk) >= 2 else 1
+            tokens_a = [token for sentence in chunk[:a_end] for token in sentence]
+            can_draw_random = len(pool) >= 2
+            if can_draw_random and (len(chunk) == 1 or rng.random() < 0.5):
+                label = 1
+                target_b_length = target_seq_length - len(tokens_a)
+                # Uniform over the pool without the current document.
+                other = rng.randrange(len(pool) - 1)
+                other += other >= pool_position
+                random_document = documents[pool[other]]
+                tokens_b = []
+                for sentence in random_document[rng.randrange(len(random_document)) :]:
+                    tokens_b.extend(sentence)
+                    if len(tokens_b) >= target_b_length:
+                        break
+                i -= len(chunk) - a_end
+            elif len(chunk) >= 2:
+                label = 0
+                tokens_b = [token for sentence in chunk[a_end:] for token in sentence]
+            else:
+                label = -1
+            if label >= 0:
+                length_a, length_b = _truncated_lengths(len(tokens_a), len(tokens_b), max_num_tokens)
+                pairs.append((_truncate(tokens_a, length_a, rng), _truncate(tokens_b, length_b, rng), label))
+            chunk = []
+            chunk_length = 0
+        i += 1
+    return pairs
+
+
+def _block_bounds(num_documents: int, block: int, num_blocks: int) -> tuple[int, int]:
+    return block * num_documents // num_blocks, (block + 1) * num_documents // num_blocks
+
+
+def _tokenize_sentences(tokenizer: PreTrainedTokenizerBase, sentences: list[str]) -> list[list[int]]:
+    if not sentences:
+        return []
+    if getattr(tokenizer, "is_fast", False):
+        # The Rust tokenizer directly: skips offsets and the BatchEncoding conversion we do not need.
+        backend = tokenizer.backend_tokenizer
+        encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+        return [encoding.ids for encoding in encode(sentences, add_special_tokens=False)]
+    return tokenizer(sentences, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+
+
+def _build_block(
+    batch: dict[str, list],
+    documents: datasets.Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    text_column: str,
+    num_blocks: int,
+    max_seq_length: int,
+    short_seq_prob: float,
+    seed: int,
+    dupe_factor: int,
+) -> dict[str, Any]:
+    if multiprocess.current_process().name != "MainProcess":
+        # One process per core already: a Rust thread pool per worker would only oversubscribe the CPUs.
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    block = batch["block"][0]
+    start, end = _block_bounds(len(documents), block, num_blocks)
+    texts = documents[start:end][text_column]
+
+    sentences, owners = [], []
+    for position, text in enumerate(texts):
+        for sentence in split_sentences(text or ""):
+            sentences.append(sentence)
+            owners.append(position)
+    token_ids = _tokenize_sentences(tokenizer, sentences)
+    tokenized: list[list[list[int]]] = [[] for _ in texts]
+    for owner, ids in zip(owners, token_ids):
+        if ids:
+            tokenized[owner].append(ids)
+    pool = [position for position, document in enumerate(tokenized) if document]
+
+    rng = random.Random(_block_seed(seed, block))
+    max_num_tokens = max_seq_length - 3
+    pairs = []
+    for _ in range(dupe_factor):
+        for pool_position, document_index in enumerate(pool):
+            pairs.extend(
+                _pairs_from_document(
+                    document_index, tokenized, pool, pool_position, max_num_tokens, short_seq_prob, rng
+                )
+            )
+    rng.shuffle(pairs)
+
+    input_ids = np.full((len(pairs), max_seq_length), tokenizer.pad_token_id, dtype=np.int32)
+    attention_mask = np.zeros((len(pairs), max_seq_length), dtype=np.int32)
+    token_type_ids = np.zeros((len(pairs), max_seq_length), dtype=np.int32)
+    labels = np.zeros(len(pairs), dtype=np.int64)
+    cls_id, sep_id = tokenizer.cls_token_id, tokenizer.sep_token_id
+    for row, (tokens_a, tokens_b, label) in enumerate(pairs):
+        length_a, length_b = len(tokens_a), len(tokens_b)
+        b_start = length_a + 2
+        total = b_start + length_b + 1
+        input_ids[row, :total] = [cls_id, *tokens_a, sep_id, *tokens_b, sep_id]
+        attention_mask[row, :total] = 1
+        token_type_ids[row, b_start:total] = 1
+        labels[row] = label
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "token_type_ids": token_type_ids,
+        "next_sentence_label": labels,
+    }
+
+
+def _cache_file_name(dataset: datasets.Dataset, fingerprint: str) -> str | None:
+    if not dataset.cache_files:
+        return None
+    return os.path.join(os.path.dirname(dataset.cache_files[0]["filename"]), f"cache-{fingerprint}.arrow")
+
+
+def _map_blocks(
+    function: Callable[..., dict[str, Any]],
+    num_blocks: int,
+    source: datasets.Dataset,
+    fn_kwargs: dict[str, Any],
+    features: datasets.Features,
+    fingerprint: str,
+    num_proc: int | None,
+    load_from_cache_file: bool,
+    desc: str,
+) -> datasets.Dataset:
+    # Mapping over block numbers, not over the rows of `source`, keeps every block whole whatever the
+    # number of processes, which is what makes the result independent of `num_proc`.
+    blocks = datasets.Dataset.from_dict({"block": list(range(num_blocks))})
+    if num_proc is not None and num_proc > 1:
+        num_proc = min(num_proc, num_blocks)
+    return blocks.map(
+        function,
+        batched=True,
+        batch_size=1,
+        remove_columns=["block"],
+        fn_kwargs=fn_kwargs,
+        features=features,
+        num_proc=num_proc if num_proc and num_proc > 1 else None,
+        cache_file_name=_cache_file_name(source, fingerprint),
+        new_fingerprint=fingerprint,
+        load_from_cache_file=load_from_cache_file,
+        desc=desc,
+    )
+
+
+def build_nsp_pairs(
+    documents: datasets.Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    max_seq_length: int,
+    text_column: str = "text",
+    short_seq_prob: float = 0.1,
+    seed: int = 42,
+    num_proc: int | None = None,
+    dupe_factor: int = 1,
+    load_from_cache_file: bool = True,
+) -> datasets.Dataset:
+    """Build BERT next-sentence-prediction pairs from a dataset of documents (one per row).
+
+    Returns a dataset with exactly the columns `input_ids`, `attention_mask`, `token_type_ids` (int32
+    lists of length `max_seq_length`, `[CLS] A [SEP] B [SEP]` padded with the tokenizer's pad id, token
+    type 0 for CLS+A+SEP and 1 for B+SEP, 0 on padding) and `next_sentence_label` (0 = B continues A,
+    1 = B is from another document, as transformers' BERT expects). The recipe is the published
+    BERT one on token ids; see `_pairs_from_document`. Random B segments come from another document
+    of the same block of `DOCUMENTS_PER_BLOCK` documents, so pairs are reproducible for a given `seed`
+    whatever `num_proc` is. `dupe_factor` repeats the pass over the documents with fresh random choices.
+    Results are cached next to `documents`' cache files when it has any.
+
+    Raises ValueError when no pair can be built, e.g. from a single document of one sentence.
+    """
+    if max_seq_length < 5:
+        raise ValueError(f"max_seq_length={max_seq_length!r} is too short: a pair needs [CLS] A [SEP] B [SEP]")
+    if not 0.0 <= short_seq_prob <= 1.0:
+        raise ValueError(f"short_seq_prob={short_seq_prob!r} must be in [0, 1]")
+    if dupe_factor < 1:
+        raise ValueError(f"dupe_factor={dupe_factor!r} must be >= 1")
+    if text_column not in documents.column_names:
+        raise ValueError(f"text_column={text_column!r} is not a column of the documents: {documents.column_names}")
+    for name in ("cls_token_id", "sep_token_id", "pad_token_id"):
+        if getattr(tokenizer, name) is None:
+            raise ValueError(f"The tokenizer has no {name[:-3]}: NSP pairs need [CLS], [SEP] and [PAD] tokens")
+    if len(documents) == 0:
+        raise ValueError("There are no documents: nothing to pretrain on")
+
+    num_blocks = max(1, len(documents) // DOCUMENTS_PER_BLOCK)
+    fingerprint = Hasher.hash(
+        [_RECIPE_VERSION, documents._fingerprint, text_column, tokenizer, max_seq_length, short_seq_prob,
+         seed, dupe_factor, DOCUMENTS_PER_BLOCK]
+    )
+    pairs = _map_blocks(
+        _build_block,
+        num_blocks,
+        documents,
+        fn_kwargs={
+            "documents": documents,
+            "tokenizer": tokenizer,
+            "text_column": text_column,
+            "num_blocks": num_blocks,
+            "max_seq_length": max_seq_length,
+            "short_seq_prob": short_seq_prob,
+            "seed": seed,
+            "dupe_factor": dupe_factor,
+        },
+        features=PAIR_FEATURES,
+        fingerprint=fingerprint,
+        num_proc=num_proc,
+        load_from_cache_file=load_from_cache_file,
+        desc="Building NSP sentence pairs",
+    )
+    if len(pairs) == 0:
+        raise ValueError(
+            f"No sentence pairs could be built from {len(documents)} document(s): next-sentence prediction needs "
+            "at least two documents, or a document with at least two sentences. Separate documents with blank "
+            "lines (txt) or rows (csv/json), and end sentences with '.', '!' or '?' or put them on separate lines."
+        )
+    random_fraction = pyarrow.compute.mean(pairs.data.column("next_sentence_label")).as_py()
+    logger.info(
+        "Built %d sentence pairs from %d documents (%.1f%% with a random next sentence)",
+        len(pairs), len(documents), 100 * random_fraction,
+    )
+    if not 0.4 <= random_fraction <= 0.6:
+        # The recipe forces a random B whenever a chunk is a single sentence, so short documents skew it.
+        logger.warning(
+            "%.1f%% of the pairs have a random next sentence, far from 50%%: documents are short or have few "
+            "sentences compared with max_seq_length=%d. Longer documents (separated by blank lines) balance it.",
+            100 * random_fraction, max_seq_length,
+        )
+    return pairs
+
+
+# ---------------------------------------------------------------------------------------------------
+# Static masking
+# ---------------------------------------------------------------------------------------------------
+
+
+def _mask_block(
+    batch: dict[str, list],
+    pairs: datasets.Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    mlm_probability: float,
+    max_seq_length: int,
+    seed: int,
+    mask_input_ids: bool,
+) -> dict[str, Any]:
+    if multiprocess.current_process().name != "MainProcess":
+        # datasets forks its workers; if the parent already ran torch ops, its OpenMP thread pool does not
+        # survive the fork and the first multi-threaded op in the child hangs. PyTorch's DataLoader
+        # workers do the same. Blocks are small and the workers already use every core.
+        torch.set_num_threads(1)
+    block = batch["block"][0]
+    rows = pairs.with_format("numpy")[block * PAIRS_PER_MASKING_BLOCK : (block + 1) * PAIRS_PER_MASKING_BLOCK]
+    input_ids = np.stack(rows["input_ids"]) if rows["input_ids"].dtype == object else rows["input_ids"]
+    collator = DataCollatorForLanguageModelingWithMaxTokensMasked(
+        tokenizer=tokenizer, mlm_probability=mlm_probability, max_seq_length=max_seq_length
+    )
+    collator.generator = torch.Generator().manual_seed(_block_seed("mask", seed, block))
+    masked, labels = collator.torch_mask_tokens(torch.from_numpy(input_ids.astype(np.int64)))
+    return {
+        "input_ids": masked.numpy() if mask_input_ids else input_ids,
+        "attention_mask": rows["attention_mask"],
+        "token_type_ids": rows["token_type_ids"],
+        "labels": labels.numpy(),
+        "next_sentence_label": rows["next_sentence_label"],
+    }
+
+
+def add_mlm_labels(
+    pairs: datasets.Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    mlm_probability: float = 0.15,
+    seed: int = 42,
+    mask_input_ids: bool = False,
+    num_proc: int | None = None,
+    load_from_cache_file: bool = True,
+) -> datasets.Dataset:
+    """Add a seeded static-masking `labels` column (SPEC §6 order of columns).
+
+    Masking uses `DataCollatorForLanguageModelingWithMaxTokensMasked` at the pairs' sequence length, on
+    fixed blocks of `PAIRS_PER_MASKING_BLOCK` rows each with its own seed, so it is reproducible whatever
+    `num_proc`. `labels` holds the original id at masked positions and -100 elsewhere. With
+    `mask_input_ids=False` the stored `input_ids` stay the unmasked originals, which is what dynamic
+    masking (the trainer's default) needs; with True they hold the masked ids, for `--is_already_masked`.
+    """
+    if len(pairs) == 0:
+        raise ValueError("There are no sentence pairs to mask")
+    max_seq_length = len(pairs[0]["input_ids"])
+    num_blocks = -(-len(pairs) // PAIRS_PER_MASKING_BLOCK)
+    fingerprint = Hasher.hash(
+        [_RECIPE_VERSION, "mask", pairs._fingerprint, tokenizer, mlm_probability, seed, mask_input_ids,
+         PAIRS_PER_MASKING_BLOCK]
+    )
+    features = datasets.Features(
+        {
+            "input_ids": PAIR_FEATURES["input_ids"],
+            "attention_mask": PAIR_FEATURES["attention_mask"],
+            "token_type_ids": PAIR_FEATURES["token_type_ids"],
+            "labels": datasets.Sequence(datasets.Value("int32")),
+            "next_sentence_label": PAIR_FEATURES["next_sentence_label"],
+        }
+    )
+    return _map_blocks(
+        _mask_block,
+        num_blocks,
+        pairs,
+        fn_kwargs={
+            "pairs": pairs,
+            "tokenizer": tokenizer,
+            "mlm_probability": mlm_probability,
+            "max_seq_length": max_seq_length,
+            "seed": seed,
+            "mask_input_ids": mask_input_ids,
+        },
+        features=features,
+        fingerprint=fingerprint,
+        num_proc=num_proc,
+        load_from_cache_file=load_from_cache_file,
+        desc="Masking tokens for MLM labels",
+    )

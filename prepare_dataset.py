@@ -1,0 +1,282 @@
+#!/usr/bin/env python
+"""Turn text (or BERT tfrecord shards) into a BERT pretraining dataset saved with `save_to_disk`.
+
+The output is a DatasetDict with a "train" split (and "validation" with --validation_split_percentage)
+in the format of Graphcore/wikipedia-bert-128: `input_ids`, `attention_mask`, `token_type_ids`,
+`labels`, `next_sentence_label`. Train on it with
+`run_pretraining.py --dataset_path OUT --is_already_preprocessed`.
+
+Masking. `labels` always comes from a seeded static masking (-100 where a token is not masked). By
+default `input_ids` are stored UNMASKED: the trainer's default dynamic masking re-masks every batch from
+`input_ids` and ignores the stored labels, which needs the originals. With --static_masking the masked
+ids are stored instead, for training with --is_already_masked (the stored masking is then used as is).
+
+Examples
+  python prepare_dataset.py --tokenizer_name bert-base-uncased --train_file corpus.txt \\
+      --max_seq_length 128 --output_dir data/pretrain-128 --num_workers 8
+  python prepare_dataset.py --tokenizer_name bert-base-uncased --tfrecord_files shards/*.tfrecord \\
+      --output_dir data/from-tfrecord
+"""
+
+# ---- arguments, logging ---------------------------------------------------------------------------
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import datasets
+import numpy as np
+import pyarrow.compute
+from transformers import AutoTokenizer
+
+from ipu_trainer.pretraining_data import (
+    PAIR_FEATURES,
+    add_mlm_labels,
+    build_nsp_pairs,
+    load_text_documents,
+)
+
+logger = logging.getLogger("prepare_dataset")
+
+SPEC_FEATURES = datasets.Features(
+    {
+        "input_ids": PAIR_FEATURES["input_ids"],
+        "attention_mask": PAIR_FEATURES["attention_mask"],
+        "token_type_ids": PAIR_FEATURES["token_type_ids"],
+        "labels": datasets.Sequence(datasets.Value("int32")),
+        "next_sentence_label": PAIR_FEATURES["next_sentence_label"],
+    }
+)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    source = parser.add_argument_group("input (one of)")
+    source.add_argument("--train_file", nargs="+", help="txt (blank-line separated documents), csv or json files")
+    source.add_argument("--dataset_name", help="a dataset on the hub (or a local loading script/folder)")
+    source.add_argument("--tfrecord_files", nargs="+", help="BERT/Graphcore-format tfrecord shards to convert")
+    parser.add_argument("--dataset_config_name", help="the dataset's configuration name")
+    parser.add_argument("--text_column", default="text", help="column of --dataset_name holding the documents")
+    parser.add_argument("--tokenizer_name", help="tokenizer folder or hub id (required for text input)")
+    parser.add_argument("--max_seq_length", type=int, help="sequence length (128 and 512 for the two BERT phases)")
+    parser.add_argument("--output_dir", required=True, help="where the save_to_disk dataset is written")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output_dir")
+    parser.add_argument("--num_workers", type=int, default=None, help="processes for building and masking")
+    parser.add_argument("--seed", type=int, default=42, help="seed for pairs, masking and the validation split")
+    parser.add_argument("--mlm_probability", type=float, default=0.15)
+    parser.add_argument("--short_seq_prob", type=float, default=0.1)
+    parser.add_argument("--dupe_factor", type=int, default=1, help="passes over the documents, each masked afresh")
+    parser.add_argument(
+        "--validation_split_percentage", type=float, default=0,
+        help="percentage of documents (of pairs for tfrecord input) held out as a validation split",
+    )
+    parser.add_argument(
+        "--static_masking", action="store_true",
+        help="store masked input_ids (for --is_already_masked); by default input_ids stay unmasked",
+    )
+    parser.add_argument("--cache_dir", help="datasets cache folder")
+    args = parser.parse_args(argv)
+
+    sources = [name for name in ("train_file", "dataset_name", "tfrecord_files") if getattr(args, name)]
+    if len(sources) != 1:
+        parser.error("give exactly one of --train_file, --dataset_name or --tfrecord_files")
+    if not args.tfrecord_files and (args.max_seq_length is None or args.tokenizer_name is None):
+        parser.error("--tokenizer_name and --max_seq_length are required to build sentence pairs from text")
+    if not 0 <= args.validation_split_percentage < 100:
+        parser.error(f"--validation_split_percentage={args.validation_split_percentage} must be in [0, 100)")
+    return args
+
+
+def check_output_dir(output_dir: str, overwrite: bool) -> None:
+    if os.path.isdir(output_dir) and os.listdir(output_dir) and not overwrite:
+        raise ValueError(f"{output_dir} exists and is not empty: pass --overwrite to replace it")
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise ValueError(f"{output_dir} exists and is not a folder")
+
+
+# ---- tfrecord input -------------------------------------------------------------------------------
+
+
+def _tfrecord_examples(paths: list[str], static_masking: bool) -> Iterator[dict[str, Any]]:
+    from tfrecord.reader import tfrecord_loader
+
+    for path in paths:
+        for record in tfrecord_loader(path, None):
+            yield tfrecord_to_spec(record, static_masking)
+
+
+def tfrecord_to_spec(record: dict[str, np.ndarray], static_masking: bool = False) -> dict[str, Any]:
+    """One BERT tfrecord example (input_ids, input_mask, segment_ids, masked_lm_*) as SPEC §6 columns.
+
+    The shards store input_ids already masked, with the originals in masked_lm_ids at masked_lm_positions
+    (padded with position 0, which is always [CLS], and weight 0). Labels are the originals at the real
+    positions and -100 elsewhere; unless `static_masking`, the originals are also put back into input_ids
+    so the trainer's dynamic masking starts from unmasked text.
+    """
+    input_ids = np.asarray(record["input_ids"], dtype=np.int64).copy()
+    positions = np.asarray(record["masked_lm_positions"], dtype=np.int64)
+    originals = np.asarray(record["masked_lm_ids"], dtype=np.int64)
+    if "masked_lm_weights" in record:
+        real = np.asarray(record["masked_lm_weights"]) > 0
+    else:
+        real = positions > 0
+    positions, originals = positions[real], originals[real]
+    labels = np.full_like(input_ids, -100)
+    labels[positions] = originals
+    if not static_masking:
+        input_ids[positions] = originals
+    return {
+        "input_ids": input_ids,
+        "attention_mask": np.asarray(record["input_mask"], dtype=np.int64),
+        "token_type_ids": np.asarray(record["segment_ids"], dtype=np.int64),
+        "labels": labels,
+        "next_sentence_label": int(np.asarray(record["next_sentence_labels"]).reshape(-1)[0]),
+    }
+
+
+def load_tfrecords(paths: list[str], static_masking: bool, cache_dir: str | None) -> datasets.Dataset:
+    try:
+        import tfrecord  # noqa: F401  (checked here so the error says what to install)
+    except ImportError as error:
+        raise ImportError("--tfrecord_files needs the tfrecord reader. To fix: pip install tfrecord") from error
+    for path in paths:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path} does not exist")
+        if os.path.getsize(path) == 0:
+            raise ValueError(f"{path} is empty: nothing to pretrain on")
+    stamps = [(os.stat(path).st_size, os.stat(path).st_mtime_ns) for path in paths]
+    return datasets.Dataset.from_generator(
+        _tfrecord_examples_with_stamps,
+        gen_kwargs={"paths": [os.path.abspath(path) for path in paths], "stamps": stamps,
+                    "static_masking": static_masking},
+        features=SPEC_FEATURES,
+        cache_dir=cache_dir,
+    )
+
+
+def _tfrecord_examples_with_stamps(paths: list[str], stamps: list, static_masking: bool) -> Iterator[dict]:
+    # `stamps` only feeds datasets' cache key, so a rewritten shard is not served from the cache.
+    del stamps
+    yield from _tfrecord_examples(paths, static_masking)
+
+
+# ---- summary --------------------------------------------------------------------------------------
+
+
+def summarize(dataset: datasets.Dataset) -> dict[str, float]:
+    table = dataset.with_format("arrow")[:]
+    attention = pyarrow.compute.list_flatten(table.column("attention_mask"))
+    labels = pyarrow.compute.list_flatten(table.column("labels"))
+    num_masked = pyarrow.compute.sum(pyarrow.compute.not_equal(labels, -100)).as_py() or 0
+    return {
+        "pairs": len(dataset),
+        "random_next_fraction": pyarrow.compute.mean(table.column("next_sentence_label")).as_py(),
+        "padding_fraction": 1.0 - pyarrow.compute.mean(attention).as_py(),
+        "masked_tokens_per_sequence": num_masked / max(1, len(dataset)),
+    }
+
+
+# ---- main -----------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    datasets.utils.logging.set_verbosity_warning()
+
+    output_dir = os.path.abspath(args.output_dir.rstrip("/\\"))
+    check_output_dir(output_dir, args.overwrite)
+    partial_dir = output_dir + ".partial"
+
+    # ---- data -------------------------------------------------------------------------------------
+    summary: dict[str, Any] = {"arguments": vars(args)}
+    if args.tfrecord_files:
+        tokenizer = None
+        examples = load_tfrecords(args.tfrecord_files, args.static_masking, args.cache_dir)
+        if len(examples) == 0:
+            raise ValueError(f"{args.tfrecord_files[0]} holds no examples: nothing to pretrain on")
+        length = len(examples[0]["input_ids"])
+        if args.max_seq_length is not None and args.max_seq_length != length:
+            raise ValueError(f"--max_seq_length={args.max_seq_length} but the tfrecord sequences have length {length}")
+        splits = {"train": examples}
+        if args.validation_split_percentage > 0:
+            held_out = examples.train_test_split(test_size=args.validation_split_percentage / 100, seed=args.seed)
+            splits = {"train": held_out["train"], "validation": held_out["test"]}
+    else:
+        # ---- tokenizer ------------------------------------------------------------------------
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name, cache_dir=args.cache_dir)
+        if args.max_seq_length > tokenizer.model_max_length:
+            raise ValueError(
+                f"--max_seq_length={args.max_seq_length} is longer than the tokenizer's model_max_length="
+                f"{tokenizer.model_max_length}"
+            )
+        if args.train_file:
+            documents = load_text_documents({"train": args.train_file}, cache_dir=args.cache_dir)["train"]
+            text_column = "text"
+        else:
+            loaded = datasets.load_dataset(args.dataset_name, args.dataset_config_name, cache_dir=args.cache_dir)
+            documents = loaded["train"]
+            text_column = args.text_column
+            if text_column not in documents.column_names:
+                raise ValueError(
+                    f"--text_column={text_column!r} is not a column of {args.dataset_name}: {documents.column_names}"
+                )
+        document_splits = {"train": documents}
+        if args.validation_split_percentage > 0:
+            # Split documents, not pairs, so no validation pair shares a document with training.
+            held_out = documents.train_test_split(test_size=args.validation_split_percentage / 100, seed=args.seed)
+            document_splits = {"train": held_out["train"], "validation": held_out["test"]}
+        summary["documents"] = {name: len(split) for name, split in document_splits.items()}
+
+        # ---- sentence pairs and masking ---------------------------------------------------------
+        splits = {}
+        for name, split_documents in document_splits.items():
+            pairs = build_nsp_pairs(
+                split_documents, tokenizer, args.max_seq_length, text_column=text_column,
+                short_seq_prob=args.short_seq_prob, seed=args.seed, num_proc=args.num_workers,
+                dupe_factor=args.dupe_factor,
+            )
+            splits[name] = add_mlm_labels(
+                pairs, tokenizer, mlm_probability=args.mlm_probability, seed=args.seed,
+                mask_input_ids=args.static_masking, num_proc=args.num_workers,
+            )
+
+    # ---- write: to a .partial folder first, renamed only once complete ------------------------------
+    if os.path.exists(partial_dir):
+        logger.info("Removing %s left by an interrupted run", partial_dir)
+        shutil.rmtree(partial_dir)
+    dataset = datasets.DatasetDict(splits)
+    dataset.save_to_disk(partial_dir, num_proc=args.num_workers if args.num_workers and args.num_workers > 1 else None)
+    summary["splits"] = {name: summarize(split) for name, split in dataset.items()}
+    with open(os.path.join(partial_dir, "prepare_dataset.json"), "w") as handle:
+        json.dump(summary, handle, indent=2)
+    if os.path.exists(output_dir):
+        shutil.rmtree(output_dir)
+    os.replace(partial_dir, output_dir)
+
+    # ---- results ------------------------------------------------------------------------------------
+    for name, numbers in summary["splits"].items():
+        documents_note = f"{summary['documents'][name]} documents -> " if "documents" in summary else ""
+        logger.info(
+            "%s: %s%d pairs, %.1f%% random next sentence, %.1f%% padding, %.1f masked tokens per sequence",
+            name, documents_note, numbers["pairs"], 100 * numbers["random_next_fraction"],
+            100 * numbers["padding_fraction"], numbers["masked_tokens_per_sequence"],
+        )
+    logger.info("Saved to %s (train with --dataset_path %s --is_already_preprocessed)", output_dir, output_dir)
+    return summary
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError, ImportError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,174 @@
+"""prepare_dataset.py end to end (in-process, patched sys.argv), its error handling, tfrecord input, and
+a smoke run of bench/preprocess.py so the benchmark cannot rot."""
+
+import json
+import os
+import runpy
+import sys
+
+import datasets
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+import prepare_dataset  # noqa: E402
+
+SPEC_COLUMNS = ["input_ids", "attention_mask", "token_type_ids", "labels", "next_sentence_label"]
+
+
+@pytest.fixture(scope="module")
+def corpus_file(tmp_path_factory, english_documents):
+    # Four paragraphs per document, documents separated by blank lines (BERT's text format).
+    documents = ["\n".join(english_documents[i : i + 4]) for i in range(0, 400, 4)]
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text("\n\n".join(documents))
+    return str(path)
+
+
+def run_main(monkeypatch, *arguments):
+    monkeypatch.setattr(sys, "argv", ["prepare_dataset.py", *arguments])
+    return prepare_dataset.main()
+
+
+def test_text_to_spec_dataset(monkeypatch, tmp_path, tokenizer_dir, tokenizer, corpus_file):
+    output = tmp_path / "out"
+    common = ["--tokenizer_name", tokenizer_dir, "--train_file", corpus_file, "--max_seq_length", "64",
+              "--output_dir", str(output), "--cache_dir", str(tmp_path / "cache")]
+    summary = run_main(monkeypatch, *common, "--num_workers", "2", "--validation_split_percentage", "10")
+
+    assert not os.path.exists(str(output) + ".partial")
+    loaded = datasets.load_from_disk(str(output))
+    assert set(loaded) == {"train", "validation"}
+    assert summary["documents"] == {"train": 90, "validation": 10}
+    for split in loaded.values():
+        assert split.column_names == SPEC_COLUMNS
+        ids, labels = np.array(split["input_ids"]), np.array(split["labels"])
+        assert ids.shape[1] == labels.shape[1] == 64
+        assert np.array(split["attention_mask"]).shape[1] == np.array(split["token_type_ids"]).shape[1] == 64
+        assert (ids[:, 0] == tokenizer.cls_token_id).all()
+        masked = labels != -100
+        assert masked.any()
+        # input_ids stay the unmasked originals: the labels at masked positions are those very ids.
+        assert (labels[masked] == ids[masked]).all()
+        assert set(split["next_sentence_label"]) == {0, 1}
+    assert summary["splits"]["train"]["pairs"] == len(loaded["train"])
+
+    # Refused without --overwrite; the existing output is untouched.
+    with pytest.raises(ValueError, match="exists and is not empty: pass --overwrite"):
+        run_main(monkeypatch, *common)
+    assert datasets.load_from_disk(str(output))["train"]["input_ids"] == loaded["train"]["input_ids"]
+
+    # --overwrite with --static_masking: same seed, same pairs and labels, masked input_ids.
+    run_main(monkeypatch, *common, "--validation_split_percentage", "10", "--overwrite", "--static_masking")
+    static = datasets.load_from_disk(str(output))
+    assert static["train"]["labels"] == loaded["train"]["labels"]
+    static_ids = np.array(static["train"]["input_ids"])
+    original_ids = np.array(loaded["train"]["input_ids"])
+    masked = np.array(loaded["train"]["labels"]) != -100
+    assert (static_ids[~masked] == original_ids[~masked]).all()
+    assert (static_ids[masked] == tokenizer.mask_token_id).mean() > 0.7
+    assert not os.path.exists(str(output) + ".partial")
+
+
+def test_stale_partial_folder_is_replaced(monkeypatch, tmp_path, tokenizer_dir, corpus_file):
+    output = tmp_path / "out"
+    partial = tmp_path / "out.partial"
+    partial.mkdir()
+    (partial / "junk").write_text("left by a killed run")
+    run_main(monkeypatch, "--tokenizer_name", tokenizer_dir, "--train_file", corpus_file,
+             "--max_seq_length", "32", "--output_dir", str(output), "--cache_dir", str(tmp_path / "cache"))
+    assert not partial.exists()
+    assert list(datasets.load_from_disk(str(output))) == ["train"]
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "missing.txt does not exist"),
+        ("", "empty.txt is empty: nothing to pretrain on"),
+        ("One lonely sentence.", "No sentence pairs could be built"),
+    ],
+)
+def test_clear_one_line_errors(monkeypatch, capsys, tmp_path, tokenizer_dir, content, message):
+    name = {None: "missing.txt", "": "empty.txt"}.get(content, "one.txt")
+    path = tmp_path / name
+    if content is not None:
+        path.write_text(content)
+    monkeypatch.setattr(sys, "argv", ["prepare_dataset.py", "--tokenizer_name", tokenizer_dir, "--train_file",
+                                      str(path), "--max_seq_length", "32", "--output_dir", str(tmp_path / "out"),
+                                      "--cache_dir", str(tmp_path / "cache")])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(os.path.join(REPO, "prepare_dataset.py"), run_name="__main__")
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("error: ") and message in error
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_unsupported_extension(monkeypatch, tmp_path, tokenizer_dir):
+    path = tmp_path / "corpus.xml"
+    path.write_text("<doc>text</doc>")
+    with pytest.raises(ValueError, match="unsupported extension 'xml'"):
+        run_main(monkeypatch, "--tokenizer_name", tokenizer_dir, "--train_file", str(path),
+                 "--max_seq_length", "32", "--output_dir", str(tmp_path / "out"))
+
+
+def test_tfrecord_shards_convert_to_spec(monkeypatch, tmp_path):
+    tfrecord_writer = pytest.importorskip("tfrecord.writer")
+    path = str(tmp_path / "shard.tfrecord")
+    writer = tfrecord_writer.TFRecordWriter(path)
+    # Google/Graphcore layout: input_ids already masked (103 = [MASK]), originals in masked_lm_ids at
+    # masked_lm_positions, padded with position 0 / id 0 / weight 0.
+    examples = [
+        ([101, 7, 103, 9, 102, 11, 103, 102, 0, 0], [1] * 8 + [0, 0], [0] * 5 + [1] * 3 + [0, 0],
+         [2, 6, 0], [8, 12, 0], [1.0, 1.0, 0.0], 0),
+        ([101, 21, 22, 102, 103, 24, 102, 0, 0, 0], [1] * 7 + [0] * 3, [0] * 4 + [1] * 3 + [0] * 3,
+         [4, 0, 0], [23, 0, 0], [1.0, 0.0, 0.0], 1),
+    ]
+    for ids, mask, segments, positions, lm_ids, weights, nsp in examples:
+        writer.write({
+            "input_ids": (ids, "int"), "input_mask": (mask, "int"), "segment_ids": (segments, "int"),
+            "masked_lm_positions": (positions, "int"), "masked_lm_ids": (lm_ids, "int"),
+            "masked_lm_weights": (weights, "float"), "next_sentence_labels": ([nsp], "int"),
+        })
+    writer.close()
+
+    output = tmp_path / "out"
+    run_main(monkeypatch, "--tfrecord_files", path, "--output_dir", str(output), "--cache_dir", str(tmp_path / "c"))
+    train = datasets.load_from_disk(str(output))["train"]
+    assert train.column_names == SPEC_COLUMNS
+    first, second = train[0], train[1]
+    assert first["input_ids"] == [101, 7, 8, 9, 102, 11, 12, 102, 0, 0]  # originals restored
+    assert first["labels"] == [-100, -100, 8, -100, -100, -100, 12, -100, -100, -100]
+    assert first["attention_mask"] == examples[0][1] and first["token_type_ids"] == examples[0][2]
+    assert (first["next_sentence_label"], second["next_sentence_label"]) == (0, 1)
+    assert second["labels"] == [-100] * 4 + [23] + [-100] * 5
+
+    run_main(monkeypatch, "--tfrecord_files", path, "--output_dir", str(output), "--overwrite", "--static_masking",
+             "--cache_dir", str(tmp_path / "c"))
+    assert datasets.load_from_disk(str(output))["train"][0]["input_ids"] == examples[0][0]  # kept as stored
+
+
+def test_bench_smoke(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["preprocess.py", "--megabytes", "0.2", "--max_seq_length", "64"])
+    runpy.run_path(os.path.join(REPO, "bench", "preprocess.py"), run_name="__main__")
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1].startswith("speedup: ") and lines[-1].endswith("x")
+    assert float(lines[-1].split()[1][:-1]) > 0
+
+
+def test_dataset_name_with_text_column(monkeypatch, tmp_path, tokenizer_dir, english_documents):
+    # A local folder stands in for a hub dataset (same load_dataset call, no network).
+    folder = tmp_path / "my_dataset"
+    folder.mkdir()
+    rows = ["\n".join(english_documents[i : i + 3]) for i in range(0, 120, 3)]
+    (folder / "train.jsonl").write_text("\n".join(json.dumps({"id": i, "body": body}) for i, body in enumerate(rows)))
+    output = tmp_path / "out"
+    base = ["--tokenizer_name", tokenizer_dir, "--dataset_name", str(folder), "--max_seq_length", "64",
+            "--output_dir", str(output), "--cache_dir", str(tmp_path / "cache")]
+    with pytest.raises(ValueError, match="--text_column='text' is not a column"):
+        run_main(monkeypatch, *base)
+    summary = run_main(monkeypatch, *base, "--text_column", "body")
+    assert summary["documents"] == {"train": 40}
+    assert datasets.load_from_disk(str(output))["train"].column_names == SPEC_COLUMNS
