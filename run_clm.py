@@ -22,7 +22,7 @@ import transformers
 from transformers import AutoModelForCausalLM, HfArgumentParser, default_data_collator, set_seed
 
 from ipu_trainer import IPUTrainer, IPUTrainingArguments
-from ipu_trainer.data import limit_samples, load_raw_datasets, require_samples, resolve_block_size, tokenize_for_causal_lm
+from ipu_trainer.data import load_raw_datasets, resolve_block_size, tokenize_for_causal_lm, train_and_eval_splits
 from ipu_trainer.metrics import AccuracyMetric, causal_lm_predictions, token_accuracy_metrics
 from ipu_trainer.model_loading import (
     load_ipu_config,
@@ -34,12 +34,10 @@ from ipu_trainer.model_loading import (
 )
 from ipu_trainer.models import causal_lm_model_for
 from ipu_trainer.run_utils import (
-    evaluate_and_save,
     find_checkpoint_to_resume,
     run_cli,
     setup_logging,
-    train_and_save,
-    write_model_card,
+    train_evaluate_and_report,
 )
 
 if not transformers.__version__.startswith("5."):
@@ -134,17 +132,7 @@ def main():
             num_proc=data_args.preprocessing_num_workers, overwrite_cache=data_args.overwrite_cache,
         )
     too_short = f"the text is empty or shorter than one block of {block_size} tokens (try a smaller --block_size)"
-    train_dataset = eval_dataset = None
-    if training_args.do_train:
-        if "train" not in lm_datasets:
-            raise ValueError("--do_train requires a train split (--train_file or --dataset_name)")
-        train_dataset = limit_samples(lm_datasets["train"], data_args.max_train_samples)
-        require_samples(train_dataset, "train", too_short)
-    if training_args.do_eval:
-        if "validation" not in lm_datasets:
-            raise ValueError("--do_eval requires a validation split (--validation_file or --validation_split_percentage)")
-        eval_dataset = limit_samples(lm_datasets["validation"], data_args.max_eval_samples)
-        require_samples(eval_dataset, "validation", too_short)
+    train_dataset, eval_dataset = train_and_eval_splits(lm_datasets, training_args, data_args, too_short)
 
     # Model: GPT-2 gets recomputation and a chunked (still tied) LM head from the IPU config
     model = load_model(AutoModelForCausalLM, model_args, config, tokenizer, model_class=causal_lm_model_for(config), dtype=dtype)
@@ -162,17 +150,10 @@ def main():
         preprocess_logits_for_metrics=causal_lm_predictions if training_args.do_eval else None,
     )
 
-    if training_args.compile_only:
-        trainer.compile_only()
-        return
-
-    # Train, evaluate, write results
-    if training_args.do_train:
-        train_and_save(trainer, training_args, last_checkpoint, len(train_dataset))
-    if training_args.do_eval:
-        evaluate_and_save(trainer, len(eval_dataset))
-    if training_args.do_train:
-        write_model_card(trainer, model_args, data_args, tasks="text-generation")
+    # Train, evaluate, write results (or only compile, with --compile_only)
+    train_evaluate_and_report(
+        trainer, training_args, model_args, data_args, last_checkpoint, train_dataset, eval_dataset, tasks="text-generation"
+    )
 
 
 if __name__ == "__main__":

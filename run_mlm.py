@@ -23,24 +23,16 @@ import transformers
 from transformers import AutoModelForMaskedLM, HfArgumentParser, set_seed
 
 from ipu_trainer import DataCollatorForLanguageModelingWithMaxTokensMasked, IPUTrainer, IPUTrainingArguments
-from ipu_trainer.data import (
-    limit_samples,
-    load_raw_datasets,
-    require_samples,
-    resolve_max_seq_length,
-    tokenize_for_masked_lm,
-)
+from ipu_trainer.data import load_raw_datasets, resolve_max_seq_length, tokenize_for_masked_lm, train_and_eval_splits
 from ipu_trainer.data_collators import max_num_masked_tokens
 from ipu_trainer.metrics import AccuracyMetric, masked_lm_predictions, token_accuracy_metrics
 from ipu_trainer.model_loading import load_ipu_config, load_model, load_model_config, load_tokenizer, max_positions_of
 from ipu_trainer.models import masked_lm_model_for
 from ipu_trainer.run_utils import (
-    evaluate_and_save,
     find_checkpoint_to_resume,
     run_cli,
     setup_logging,
-    train_and_save,
-    write_model_card,
+    train_evaluate_and_report,
 )
 
 if not transformers.__version__.startswith("5."):
@@ -137,17 +129,7 @@ def main():
             num_proc=data_args.preprocessing_num_workers, overwrite_cache=data_args.overwrite_cache,
         )
     too_short = "the text is empty or shorter than one max_seq_length block (try --line_by_line or a smaller --max_seq_length)"
-    train_dataset = eval_dataset = None
-    if training_args.do_train:
-        if "train" not in tokenized_datasets:
-            raise ValueError("--do_train requires a train split (--train_file or --dataset_name)")
-        train_dataset = limit_samples(tokenized_datasets["train"], data_args.max_train_samples)
-        require_samples(train_dataset, "train", too_short)
-    if training_args.do_eval:
-        if "validation" not in tokenized_datasets:
-            raise ValueError("--do_eval requires a validation split (--validation_file or --validation_split_percentage)")
-        eval_dataset = limit_samples(tokenized_datasets["validation"], data_args.max_eval_samples)
-        require_samples(eval_dataset, "validation", too_short)
+    train_dataset, eval_dataset = train_and_eval_splits(tokenized_datasets, training_args, data_args, too_short)
 
     # Model: BERT and RoBERTa compute the MLM head only at the (at most max_num_masked_tokens) masked positions
     config.max_num_masked_tokens = max_num_masked_tokens(max_seq_length, data_args.mlm_probability)
@@ -175,17 +157,10 @@ def main():
         preprocess_logits_for_metrics=masked_lm_predictions if training_args.do_eval else None,
     )
 
-    if training_args.compile_only:
-        trainer.compile_only()
-        return
-
-    # Train, evaluate, write results
-    if training_args.do_train:
-        train_and_save(trainer, training_args, last_checkpoint, len(train_dataset))
-    if training_args.do_eval:
-        evaluate_and_save(trainer, len(eval_dataset))
-    if training_args.do_train:
-        write_model_card(trainer, model_args, data_args, tasks="fill-mask")
+    # Train, evaluate, write results (or only compile, with --compile_only)
+    train_evaluate_and_report(
+        trainer, training_args, model_args, data_args, last_checkpoint, train_dataset, eval_dataset, tasks="fill-mask"
+    )
 
 
 if __name__ == "__main__":

@@ -26,20 +26,18 @@ from ipu_trainer import (
     IPUTrainer,
     IPUTrainingArguments,
 )
-from ipu_trainer.data import limit_samples, load_raw_datasets, require_columns, resolve_max_seq_length
+from ipu_trainer.data import load_raw_datasets, require_columns, resolve_max_seq_length, train_and_eval_splits
 from ipu_trainer.data_collators import max_num_masked_tokens
 from ipu_trainer.metrics import pretraining_metrics, pretraining_predictions
-from ipu_trainer.model_loading import load_ipu_config, load_model_config, load_tokenizer
+from ipu_trainer.model_loading import load_ipu_config, load_model, load_model_config, load_tokenizer, max_positions_of
 from ipu_trainer.models import masked_positions_model_for
 from ipu_trainer.optimization import get_groupbert_schedule, warmup_steps_for
 from ipu_trainer.pretraining_data import build_nsp_pairs, load_text_documents
 from ipu_trainer.run_utils import (
-    evaluate_and_save,
     find_checkpoint_to_resume,
     run_cli,
     setup_logging,
-    train_and_save,
-    write_model_card,
+    train_evaluate_and_report,
 )
 
 if not transformers.__version__.startswith("5."):
@@ -136,7 +134,6 @@ def main():
     raw_datasets = load_raw_datasets(data_args, model_args, file_loader=file_loader)
     first_split = next(iter(raw_datasets.values()))
     already_pairs = data_args.is_already_preprocessed or "next_sentence_label" in first_split.column_names
-    max_positions = getattr(config, "max_position_embeddings", None)
     if already_pairs:
         hint = ("BERT pretraining needs sentence pairs with a next_sentence_label: give raw text (--train_file corpus.txt) "
                 "to build them, or build a dataset with prepare_dataset.py.")
@@ -150,36 +147,20 @@ def main():
     else:
         if data_args.is_already_masked:
             raise ValueError("--is_already_masked needs pre-built, masked data (input_ids ... labels), not raw text.")
-        max_seq_length = resolve_max_seq_length(data_args.max_seq_length, tokenizer, max_positions)
+        max_seq_length = resolve_max_seq_length(data_args.max_seq_length, tokenizer, max_positions_of(config))
         with training_args.main_process_first(desc="building sentence pairs"):
             tokenized_datasets = {
                 name: build_nsp_pairs(split, tokenizer, max_seq_length, seed=training_args.seed,
-                                      num_proc=data_args.preprocessing_num_workers)
+                                      num_proc=data_args.preprocessing_num_workers,
+                                      load_from_cache_file=not data_args.overwrite_cache)
                 for name, split in raw_datasets.items()
             }
 
-    train_dataset = eval_dataset = None
-    if training_args.do_train:
-        if "train" not in tokenized_datasets:
-            raise ValueError("--do_train requires a train split")
-        train_dataset = limit_samples(tokenized_datasets["train"], data_args.max_train_samples)
-    if training_args.do_eval:
-        if "validation" not in tokenized_datasets:
-            raise ValueError("--do_eval requires a validation split (--validation_file or --validation_split_percentage)")
-        eval_dataset = limit_samples(tokenized_datasets["validation"], data_args.max_eval_samples)
+    train_dataset, eval_dataset = train_and_eval_splits(tokenized_datasets, training_args, data_args, "the data is empty")
 
     # Model: MLM logits only at the masked positions, at most max_num_masked_tokens per sequence.
     config.max_num_masked_tokens = max_num_masked_tokens(max_seq_length, data_args.mlm_probability)
-    model_class = masked_positions_model_for(config) or AutoModelForPreTraining
-    if model_args.model_name_or_path:
-        model = model_class.from_pretrained(
-            model_args.model_name_or_path, config=config, cache_dir=model_args.cache_dir,
-            revision=model_args.model_revision, token=model_args.use_auth_token or None,
-        )
-    else:
-        model = model_class.from_config(config) if model_class is AutoModelForPreTraining else model_class(config)
-    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(len(tokenizer))
+    model = load_model(AutoModelForPreTraining, model_args, config, tokenizer, model_class=masked_positions_model_for(config))
 
     # Masking: dynamic (every batch masked afresh) unless the data's own masking is kept.
     if data_args.is_already_masked:
@@ -190,13 +171,13 @@ def main():
             seed=training_args.seed,
         )
 
-    scheduler_factory = None
-    if model_args.groupbert_schedule:
-        def scheduler_factory(optimizer, num_training_steps):
-            explicit_steps = int(training_args.warmup_steps) if training_args.warmup_steps >= 1 else 0
-            warmup = warmup_steps_for(num_training_steps, training_args.warmup_ratio or 0.0, explicit_steps)
-            return get_groupbert_schedule(optimizer, warmup, num_training_steps)
+    # Learning-rate schedule: --lr_scheduler_type, or the GroupBERT schedule
+    def groupbert_schedule(optimizer, num_training_steps):
+        explicit_steps = int(training_args.warmup_steps) if training_args.warmup_steps >= 1 else 0
+        warmup = warmup_steps_for(num_training_steps, training_args.warmup_ratio or 0.0, explicit_steps)
+        return get_groupbert_schedule(optimizer, warmup, num_training_steps)
 
+    # Trainer
     trainer = IPUTrainer(
         model=model,
         ipu_config=ipu_config,
@@ -207,20 +188,13 @@ def main():
         processing_class=tokenizer,
         compute_metrics=pretraining_metrics if training_args.do_eval else None,
         preprocess_logits_for_metrics=pretraining_predictions if training_args.do_eval else None,
-        scheduler_factory=scheduler_factory,
+        scheduler_factory=groupbert_schedule if model_args.groupbert_schedule else None,
     )
 
-    if training_args.compile_only:
-        trainer.compile_only()
-        return
-
-    # Train, evaluate, write results
-    if training_args.do_train:
-        train_and_save(trainer, training_args, last_checkpoint, len(train_dataset))
-    if training_args.do_eval:
-        evaluate_and_save(trainer, len(eval_dataset))
-    if training_args.do_train:
-        write_model_card(trainer, model_args, data_args, tasks="fill-mask")
+    # Train, evaluate, write results (or only compile, with --compile_only)
+    train_evaluate_and_report(
+        trainer, training_args, model_args, data_args, last_checkpoint, train_dataset, eval_dataset, tasks="fill-mask"
+    )
 
 
 if __name__ == "__main__":

@@ -262,3 +262,21 @@ def require_samples(dataset: datasets.Dataset, split: str, what: str) -> None:
     """A split that preprocessing left empty is a user error, not a crash deep in the trainer."""
     if len(dataset) == 0:
         raise ValueError(f"the {split} data yields no samples: {what}")
+
+
+def train_and_eval_splits(
+    datasets_by_split: Any, training_args: Any, data_args: Any, empty_hint: str
+) -> tuple[Optional[datasets.Dataset], Optional[datasets.Dataset]]:
+    """The train split for --do_train and the validation split for --do_eval, cut to --max_*_samples."""
+    train_dataset = eval_dataset = None
+    if training_args.do_train:
+        if "train" not in datasets_by_split:
+            raise ValueError("--do_train requires a train split (--train_file, --dataset_name or --dataset_path)")
+        train_dataset = limit_samples(datasets_by_split["train"], data_args.max_train_samples)
+        require_samples(train_dataset, "train", empty_hint)
+    if training_args.do_eval:
+        if "validation" not in datasets_by_split:
+            raise ValueError("--do_eval requires a validation split (--validation_file or --validation_split_percentage)")
+        eval_dataset = limit_samples(datasets_by_split["validation"], data_args.max_eval_samples)
+        require_samples(eval_dataset, "validation", empty_hint)
+    return train_dataset, eval_dataset

@@ -103,6 +103,22 @@ def write_model_card(trainer: Any, model_args: Any, data_args: Any, tasks: str) 
         logger.warning("Could not write the model card: %s", error)
 
 
+def train_evaluate_and_report(
+    trainer: Any, training_args: Any, model_args: Any, data_args: Any, last_checkpoint: Optional[str],
+    train_dataset: Any, eval_dataset: Any, tasks: str,
+) -> None:
+    """The end of every script: --compile_only, or train, evaluate and write the results and model card."""
+    if training_args.compile_only:
+        trainer.compile_only()
+        return
+    if training_args.do_train:
+        train_and_save(trainer, training_args, last_checkpoint, len(train_dataset))
+    if training_args.do_eval:
+        evaluate_and_save(trainer, len(eval_dataset))
+    if training_args.do_train:
+        write_model_card(trainer, model_args, data_args, tasks=tasks)
+
+
 def run_cli(main: Callable[[], Any]) -> int:
     """Run a script's `main()`; bad input ends with one `error:` line and exit code 2, not a traceback."""
     try:

@@ -209,7 +209,9 @@ class IPUTrainer(Trainer):
             "recomputation: " + ("every layer (activation checkpointing)" if self.ipu_config.recompute_checkpoint_every_layer else "off")
         )
         chunks = max(self.ipu_config.embedding_serialization_factor or 1, self.ipu_config.projection_serialization_factor or 1)
-        if chunks > 1:
+        if chunks > 1 and not hasattr(self.model, "parallelize"):
+            lines.append(f"vocabulary projection: in one piece ({type(self.model).__name__} has no chunked head)")
+        elif chunks > 1:
             lines.append(f"vocabulary projection: computed in {chunks} chunks")
         sharded, offloaded = self._shards_optimizer_state(self.args), self._offloads_optimizer_state(self.args)
         state = f"sharded over {self.args.world_size} processes (ZeRO stage 1)" if sharded else "one full copy per process"
