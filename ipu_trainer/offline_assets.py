@@ -57,10 +57,11 @@ def train_wordpiece_tokenizer(
     return tokenizer
 
 
-def write_quickstart_assets(output_dir: str, validation_fraction: float = 0.1) -> dict[str, str]:
-    """Write a tokenizer and a train/validation text corpus (documents separated by blank lines).
+def write_quickstart_assets(output_dir: str, validation_fraction: float = 0.1, bpe: bool = False) -> dict[str, str]:
+    """Write a WordPiece tokenizer (BERT-style), optionally a byte-level BPE tokenizer (GPT-2-style), and a
+    train/validation text corpus (one sentence per line, documents separated by blank lines).
 
-    Returns the paths: {"tokenizer": ..., "train_file": ..., "validation_file": ...}.
+    Returns the paths: {"tokenizer": ..., "train_file": ..., "validation_file": ...[, "bpe_tokenizer": ...]}.
     """
     documents = english_text_topics()
     n_validation = max(2, int(len(documents) * validation_fraction))
@@ -75,6 +76,9 @@ def write_quickstart_assets(output_dir: str, validation_fraction: float = 0.1) -
         "validation_file": os.path.join(output_dir, "validation.txt"),
     }
     train_wordpiece_tokenizer(train, paths["tokenizer"])
+    if bpe:
+        paths["bpe_tokenizer"] = os.path.join(output_dir, "bpe_tokenizer")
+        train_byte_level_bpe_tokenizer(train, paths["bpe_tokenizer"])
     for key, docs in (("train_file", train), ("validation_file", validation)):
         with open(paths[key], "w", encoding="utf-8") as f:
             f.write("\n\n".join(_one_sentence_per_line(d) for d in docs) + "\n")
@@ -111,6 +115,7 @@ def train_byte_level_bpe_tokenizer(
 if __name__ == "__main__":
     import sys
 
+    # python -m ipu_trainer.offline_assets [folder]: everything the README quick starts use.
     target = sys.argv[1] if len(sys.argv) > 1 else "quickstart"
-    for name, path in write_quickstart_assets(target).items():
+    for name, path in write_quickstart_assets(target, bpe=True).items():
         print(f"{name}: {path}")
