@@ -13,15 +13,14 @@ LM head tied to the token embedding, also when the IPU config computes the proje
 """
 
 import logging
-import os
 import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
 import transformers
-from transformers import AutoModelForCausalLM, HfArgumentParser, default_data_collator, set_seed
+from transformers import AutoModelForCausalLM, default_data_collator, set_seed
 
-from ipu_trainer import IPUTrainer, IPUTrainingArguments
+from ipu_trainer import IPUTrainer
 from ipu_trainer.data import load_raw_datasets, resolve_block_size, tokenize_for_causal_lm, train_and_eval_splits
 from ipu_trainer.metrics import AccuracyMetric, causal_lm_predictions, token_accuracy_metrics
 from ipu_trainer.model_loading import (
@@ -39,6 +38,8 @@ from ipu_trainer.run_utils import (
     setup_logging,
     train_evaluate_and_report,
 )
+from ipu_trainer.script_args import ModelArguments as SharedModelArguments
+from ipu_trainer.script_args import parse_script_args
 
 if not transformers.__version__.startswith("5."):
     raise ImportError(f"transformers 5.x is required, found {transformers.__version__}. To fix: pip install -r requirements.txt")
@@ -47,23 +48,7 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class ModelArguments:
-    model_name_or_path: Optional[str] = field(
-        default=None, metadata={"help": "Checkpoint to start from (hub id or folder). Leave unset to train from scratch."}
-    )
-    model_type: Optional[str] = field(
-        default=None, metadata={"help": "Model type for a model trained from scratch, e.g. gpt2."}
-    )
-    config_overrides: Optional[str] = field(
-        default=None,
-        metadata={"help": 'Override model config values, e.g. "n_embd=256,n_layer=4,n_head=4,activation_function=gelu".'},
-    )
-    config_name: Optional[str] = field(default=None, metadata={"help": "Config name or path if not the same as the model."})
-    tokenizer_name: Optional[str] = field(default=None, metadata={"help": "Tokenizer name or path if not the same as the model."})
-    cache_dir: Optional[str] = field(default=None, metadata={"help": "Where to store models and data downloaded from the hub."})
-    use_fast_tokenizer: bool = field(default=True, metadata={"help": "Use a fast (tokenizers-backed) tokenizer."})
-    model_revision: str = field(default="main", metadata={"help": "Model version: a branch name, tag or commit id."})
-    use_auth_token: bool = field(default=False, metadata={"help": "Use the token from `hf auth login` (private models)."})
+class ModelArguments(SharedModelArguments):
     torch_dtype: Optional[str] = field(
         default=None,
         metadata={
@@ -103,16 +88,9 @@ class DataTrainingArguments:
             raise ValueError("Need data: --dataset_name, or --train_file/--validation_file (csv, json or txt).")
 
 
-def parse_args():
-    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, IPUTrainingArguments))
-    if len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
-        return parser.parse_json_file(json_file=os.path.abspath(sys.argv[1]))
-    return parser.parse_args_into_dataclasses()
-
-
 def main():
     # Arguments and logging
-    model_args, data_args, training_args = parse_args()
+    model_args, data_args, training_args = parse_script_args(ModelArguments, DataTrainingArguments)
     setup_logging(training_args)
     last_checkpoint = find_checkpoint_to_resume(training_args)
     set_seed(training_args.seed)

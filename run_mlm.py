@@ -14,15 +14,14 @@ RoBERTa compute the MLM head only at those positions.
 """
 
 import logging
-import os
 import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
 import transformers
-from transformers import AutoModelForMaskedLM, HfArgumentParser, set_seed
+from transformers import AutoModelForMaskedLM, set_seed
 
-from ipu_trainer import DataCollatorForLanguageModelingWithMaxTokensMasked, IPUTrainer, IPUTrainingArguments
+from ipu_trainer import DataCollatorForLanguageModelingWithMaxTokensMasked, IPUTrainer
 from ipu_trainer.data import load_raw_datasets, resolve_max_seq_length, tokenize_for_masked_lm, train_and_eval_splits
 from ipu_trainer.data_collators import max_num_masked_tokens
 from ipu_trainer.metrics import AccuracyMetric, masked_lm_predictions, token_accuracy_metrics
@@ -34,6 +33,8 @@ from ipu_trainer.run_utils import (
     setup_logging,
     train_evaluate_and_report,
 )
+from ipu_trainer.script_args import ModelArguments as SharedModelArguments
+from ipu_trainer.script_args import parse_script_args
 
 if not transformers.__version__.startswith("5."):
     raise ImportError(f"transformers 5.x is required, found {transformers.__version__}. To fix: pip install -r requirements.txt")
@@ -42,23 +43,7 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class ModelArguments:
-    model_name_or_path: Optional[str] = field(
-        default=None, metadata={"help": "Checkpoint to start from (hub id or folder). Leave unset to train from scratch."}
-    )
-    model_type: Optional[str] = field(
-        default=None, metadata={"help": "Model type for a model trained from scratch, e.g. bert, roberta, distilbert, albert."}
-    )
-    config_overrides: Optional[str] = field(
-        default=None,
-        metadata={"help": 'Override model config values, e.g. "hidden_size=256,num_hidden_layers=4,num_attention_heads=4".'},
-    )
-    config_name: Optional[str] = field(default=None, metadata={"help": "Config name or path if not the same as the model."})
-    tokenizer_name: Optional[str] = field(default=None, metadata={"help": "Tokenizer name or path if not the same as the model."})
-    cache_dir: Optional[str] = field(default=None, metadata={"help": "Where to store models and data downloaded from the hub."})
-    use_fast_tokenizer: bool = field(default=True, metadata={"help": "Use a fast (tokenizers-backed) tokenizer."})
-    model_revision: str = field(default="main", metadata={"help": "Model version: a branch name, tag or commit id."})
-    use_auth_token: bool = field(default=False, metadata={"help": "Use the token from `hf auth login` (private models)."})
+class ModelArguments(SharedModelArguments):
     low_cpu_mem_usage: bool = field(
         default=False,
         metadata={"help": "Accepted for compatibility: transformers 5 always loads checkpoints without an extra copy in memory."},
@@ -99,16 +84,9 @@ class DataTrainingArguments:
             raise ValueError(f"--mlm_probability={self.mlm_probability} is invalid: must be between 0 and 1")
 
 
-def parse_args():
-    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, IPUTrainingArguments))
-    if len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
-        return parser.parse_json_file(json_file=os.path.abspath(sys.argv[1]))
-    return parser.parse_args_into_dataclasses()
-
-
 def main():
     # Arguments and logging
-    model_args, data_args, training_args = parse_args()
+    model_args, data_args, training_args = parse_script_args(ModelArguments, DataTrainingArguments)
     setup_logging(training_args)
     last_checkpoint = find_checkpoint_to_resume(training_args)
     set_seed(training_args.seed)

@@ -13,18 +13,16 @@ into sentence pairs here.
 """
 
 import logging
-import os
 import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
 import transformers
-from transformers import AutoModelForPreTraining, HfArgumentParser, default_data_collator, set_seed
+from transformers import AutoModelForPreTraining, default_data_collator, set_seed
 
 from ipu_trainer import (
     DataCollatorForLanguageModelingWithMaxTokensMasked,
     IPUTrainer,
-    IPUTrainingArguments,
 )
 from ipu_trainer.data import load_raw_datasets, require_columns, resolve_max_seq_length, train_and_eval_splits
 from ipu_trainer.data_collators import max_num_masked_tokens
@@ -39,6 +37,8 @@ from ipu_trainer.run_utils import (
     setup_logging,
     train_evaluate_and_report,
 )
+from ipu_trainer.script_args import ModelArguments as SharedModelArguments
+from ipu_trainer.script_args import parse_script_args
 
 if not transformers.__version__.startswith("5."):
     raise ImportError(f"transformers 5.x is required, found {transformers.__version__}. To fix: pip install -r requirements.txt")
@@ -49,23 +49,7 @@ PRETRAINING_COLUMNS = ["input_ids", "attention_mask", "token_type_ids", "next_se
 
 
 @dataclass
-class ModelArguments:
-    model_name_or_path: Optional[str] = field(
-        default=None, metadata={"help": "Checkpoint to start from (hub id or folder). Leave unset to train from scratch."}
-    )
-    model_type: Optional[str] = field(
-        default=None, metadata={"help": "Model type for a model trained from scratch, e.g. bert."}
-    )
-    config_overrides: Optional[str] = field(
-        default=None,
-        metadata={"help": 'Override model config values, e.g. "hidden_size=1024,num_attention_heads=16,num_hidden_layers=48".'},
-    )
-    config_name: Optional[str] = field(default=None, metadata={"help": "Config name or path if not the same as the model."})
-    tokenizer_name: Optional[str] = field(default=None, metadata={"help": "Tokenizer name or path if not the same as the model."})
-    cache_dir: Optional[str] = field(default=None, metadata={"help": "Where to store models and data downloaded from the hub."})
-    use_fast_tokenizer: bool = field(default=True, metadata={"help": "Use a fast (tokenizers-backed) tokenizer."})
-    model_revision: str = field(default="main", metadata={"help": "Model version: a branch name, tag or commit id."})
-    use_auth_token: bool = field(default=False, metadata={"help": "Use the token from `hf auth login` (private models)."})
+class ModelArguments(SharedModelArguments):
     groupbert_schedule: bool = field(
         default=False,
         metadata={"help": "GroupBERT learning-rate schedule: sqrt warmup over warmup_ratio of the steps, then linear decay to 1e-7."},
@@ -109,16 +93,9 @@ class DataTrainingArguments:
             raise ValueError("Need data: --dataset_name, --dataset_path, or --train_file/--validation_file (csv, json or txt).")
 
 
-def parse_args():
-    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, IPUTrainingArguments))
-    if len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
-        return parser.parse_json_file(json_file=os.path.abspath(sys.argv[1]))
-    return parser.parse_args_into_dataclasses()
-
-
 def main():
     # Arguments and logging
-    model_args, data_args, training_args = parse_args()
+    model_args, data_args, training_args = parse_script_args(ModelArguments, DataTrainingArguments)
     setup_logging(training_args)
     last_checkpoint = find_checkpoint_to_resume(training_args)
     set_seed(training_args.seed)

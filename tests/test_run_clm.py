@@ -12,6 +12,7 @@ from datasets import load_dataset
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from ipu_trainer.script_args import parse_script_args
 from ipu_trainer import IPUTrainingArguments
 from ipu_trainer.data import load_raw_datasets, tokenize_for_causal_lm
 from ipu_trainer.metrics import causal_lm_predictions, masked_accuracy
@@ -124,7 +125,7 @@ def test_checkpoint_reloads_with_auto_class_and_reproduces_eval_loss_and_accurac
 
 def test_keep_linebreaks_reaches_the_text_loader(assets, monkeypatch):
     monkeypatch.setattr(sys, "argv", clm_argv(assets, "unused", "--keep_linebreaks", "false"))
-    model_args, data_args, _ = run_clm.parse_args()
+    model_args, data_args, _ = parse_script_args(run_clm.ModelArguments, run_clm.DataTrainingArguments)
     assert data_args.keep_linebreaks is False
     for keep in (True, False):
         raw = load_raw_datasets(data_args, model_args, text_builder_kwargs={"keep_linebreaks": keep})
@@ -176,7 +177,7 @@ def test_readme_command_parses(monkeypatch):
         "--config_overrides=activation_function=gelu --dataloader_drop_last --n_ipu 16"
     )
     monkeypatch.setattr(sys, "argv", command.split())
-    model_args, data_args, training_args = run_clm.parse_args()
+    model_args, data_args, training_args = parse_script_args(run_clm.ModelArguments, run_clm.DataTrainingArguments)
     assert isinstance(training_args, IPUTrainingArguments)
     assert model_args.config_overrides == "activation_function=gelu" and data_args.dataset_name == "wikitext"
     assert training_args.n_ipu == 16 and training_args.loss_scaling == 16384

@@ -11,6 +11,7 @@ import torch
 from datasets import load_dataset
 from transformers import AutoModelForMaskedLM, AutoTokenizer
 
+from ipu_trainer.script_args import parse_script_args
 from ipu_trainer import IPUTrainingArguments
 from ipu_trainer.data import tokenize_for_masked_lm
 from ipu_trainer.data_collators import DataCollatorForLanguageModelingWithMaxTokensMasked
@@ -194,7 +195,7 @@ def test_readme_command_parses(monkeypatch):
         "--ipu_config_overrides=inference_device_iterations=5 --dataloader_drop_last"
     )
     monkeypatch.setattr(sys, "argv", command.split())
-    model_args, data_args, training_args = run_mlm.parse_args()
+    model_args, data_args, training_args = parse_script_args(run_mlm.ModelArguments, run_mlm.DataTrainingArguments)
     assert isinstance(training_args, IPUTrainingArguments)
     assert model_args.model_name_or_path == "roberta-base" and data_args.dataset_config_name == "wikitext-2-raw-v1"
     assert training_args.n_ipu == 16 and training_args.dataloader_drop_last

@@ -11,6 +11,7 @@ from datasets import Dataset, DatasetDict
 from safetensors.torch import load_file
 from transformers import AutoModelForPreTraining, HfArgumentParser
 
+from ipu_trainer import IPUTrainingArguments
 from ipu_trainer.offline_assets import write_quickstart_assets
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -194,7 +195,7 @@ SPEC_COMMANDS = [
 @pytest.mark.parametrize("command", SPEC_COMMANDS)
 def test_readme_commands_parse(command):
     parser = HfArgumentParser((run_pretraining.ModelArguments, run_pretraining.DataTrainingArguments,
-                               run_pretraining.IPUTrainingArguments))
+                               IPUTrainingArguments))
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=command.split())
     assert data_args.dataset_name.startswith("Graphcore/")
     if "--n_ipu" in command:
@@ -203,7 +204,7 @@ def test_readme_commands_parse(command):
 
 def test_readme_commands_with_quoted_overrides_parse():
     parser = HfArgumentParser((run_pretraining.ModelArguments, run_pretraining.DataTrainingArguments,
-                               run_pretraining.IPUTrainingArguments))
+                               IPUTrainingArguments))
     args = ["--config_name", "bert-base-uncased", "--dataset_name", "Graphcore/wikipedia-bert-128",
             "--config_overrides", "layer_norm_eps=0.001", "--ipu_config_overrides",
             "device_iterations=1,matmul_proportion=[0.14 0.19 0.19 0.19]", "--gradient_accumulation_steps", "512",

@@ -1,0 +1,43 @@
+"""Command-line arguments the three example scripts share, and how they are parsed."""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from transformers import HfArgumentParser
+
+from .training_args import IPUTrainingArguments
+
+
+@dataclass
+class ModelArguments:
+    """Which model, config and tokenizer to start from. Each script adds its own fields to these."""
+
+    model_name_or_path: Optional[str] = field(
+        default=None, metadata={"help": "Checkpoint to start from (hub id or folder). Leave unset to train from scratch."}
+    )
+    model_type: Optional[str] = field(
+        default=None,
+        metadata={"help": "Model type of a model trained from scratch, e.g. bert, roberta, distilbert, albert, gpt2."},
+    )
+    config_overrides: Optional[str] = field(
+        default=None,
+        metadata={"help": 'Override model config values, e.g. "hidden_size=1024,num_attention_heads=16,num_hidden_layers=48".'},
+    )
+    config_name: Optional[str] = field(default=None, metadata={"help": "Config name or path if not the same as the model."})
+    tokenizer_name: Optional[str] = field(default=None, metadata={"help": "Tokenizer name or path if not the same as the model."})
+    cache_dir: Optional[str] = field(default=None, metadata={"help": "Where to store models and data downloaded from the hub."})
+    use_fast_tokenizer: bool = field(default=True, metadata={"help": "Use a fast (tokenizers-backed) tokenizer."})
+    model_revision: str = field(default="main", metadata={"help": "Model version: a branch name, tag or commit id."})
+    use_auth_token: bool = field(default=False, metadata={"help": "Use the token from `hf auth login` (private models)."})
+
+
+def parse_script_args(model_arguments: type, data_arguments: type) -> tuple[Any, Any, IPUTrainingArguments]:
+    """(model, data, training) arguments from the command line, or from a .json file given as the only argument."""
+    parser = HfArgumentParser((model_arguments, data_arguments, IPUTrainingArguments))
+    if len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
+        return parser.parse_json_file(json_file=os.path.abspath(sys.argv[1]))
+    return parser.parse_args_into_dataclasses()
