@@ -38,6 +38,7 @@ from ipu_trainer.run_utils import (
     setup_logging,
     train_evaluate_and_report,
 )
+from ipu_trainer.script_args import DataArguments as SharedDataArguments
 from ipu_trainer.script_args import ModelArguments as SharedModelArguments
 from ipu_trainer.script_args import parse_script_args
 
@@ -64,28 +65,13 @@ class ModelArguments(SharedModelArguments):
 
 
 @dataclass
-class DataTrainingArguments:
-    dataset_name: Optional[str] = field(default=None, metadata={"help": "Dataset on the hub, e.g. wikitext."})
-    dataset_config_name: Optional[str] = field(default=None, metadata={"help": "The dataset's configuration, e.g. wikitext-2-raw-v1."})
-    train_file: Optional[str] = field(default=None, metadata={"help": "Training data: a csv, json or txt file."})
-    validation_file: Optional[str] = field(default=None, metadata={"help": "Evaluation data: a csv, json or txt file."})
-    max_train_samples: Optional[int] = field(default=None, metadata={"help": "Use at most this many training blocks."})
-    max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Use at most this many evaluation blocks."})
+class DataTrainingArguments(SharedDataArguments):
     block_size: Optional[int] = field(
         default=None,
         metadata={"help": "Tokens per training sample after concatenating the texts. Default: the tokenizer maximum capped at 1024 "
                   "(and at the model's positions); larger than the model's positions is an error."},
     )
-    overwrite_cache: bool = field(default=False, metadata={"help": "Redo preprocessing instead of using the datasets cache."})
-    validation_split_percentage: Optional[int] = field(
-        default=5, metadata={"help": "Percent of train used for evaluation when the data has no validation split."}
-    )
-    preprocessing_num_workers: Optional[int] = field(default=None, metadata={"help": "Processes for preprocessing."})
     keep_linebreaks: bool = field(default=True, metadata={"help": "Keep the line breaks of txt files in the text."})
-
-    def __post_init__(self):
-        if not any((self.dataset_name, self.train_file, self.validation_file)):
-            raise ValueError("Need data: --dataset_name, or --train_file/--validation_file (csv, json or txt).")
 
 
 def main():

@@ -33,6 +33,7 @@ from ipu_trainer.run_utils import (
     setup_logging,
     train_evaluate_and_report,
 )
+from ipu_trainer.script_args import DataArguments as SharedDataArguments
 from ipu_trainer.script_args import ModelArguments as SharedModelArguments
 from ipu_trainer.script_args import parse_script_args
 
@@ -51,20 +52,11 @@ class ModelArguments(SharedModelArguments):
 
 
 @dataclass
-class DataTrainingArguments:
-    dataset_name: Optional[str] = field(default=None, metadata={"help": "Dataset on the hub, e.g. wikitext."})
-    dataset_config_name: Optional[str] = field(default=None, metadata={"help": "The dataset's configuration, e.g. wikitext-2-raw-v1."})
-    train_file: Optional[str] = field(default=None, metadata={"help": "Training data: a csv, json or txt file."})
-    validation_file: Optional[str] = field(default=None, metadata={"help": "Evaluation data: a csv, json or txt file."})
-    overwrite_cache: bool = field(default=False, metadata={"help": "Redo preprocessing instead of using the datasets cache."})
-    validation_split_percentage: Optional[int] = field(
-        default=5, metadata={"help": "Percent of train used for evaluation when the data has no validation split."}
-    )
+class DataTrainingArguments(SharedDataArguments):
     max_seq_length: Optional[int] = field(
         default=None,
         metadata={"help": "Sequence length after tokenization. Default: the tokenizer maximum capped at 1024 (and at the model's positions)."},
     )
-    preprocessing_num_workers: Optional[int] = field(default=None, metadata={"help": "Processes for preprocessing."})
     mlm_probability: float = field(default=0.15, metadata={"help": "Fraction of tokens masked for the masked-LM loss."})
     line_by_line: bool = field(
         default=False,
@@ -74,12 +66,9 @@ class DataTrainingArguments:
         default=False,
         metadata={"help": "With --line_by_line, pad every sample to max_seq_length. Otherwise batches are padded to their longest sample."},
     )
-    max_train_samples: Optional[int] = field(default=None, metadata={"help": "Use at most this many training samples."})
-    max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Use at most this many evaluation samples."})
 
     def __post_init__(self):
-        if not any((self.dataset_name, self.train_file, self.validation_file)):
-            raise ValueError("Need data: --dataset_name, or --train_file/--validation_file (csv, json or txt).")
+        super().__post_init__()
         if not 0 < self.mlm_probability < 1:
             raise ValueError(f"--mlm_probability={self.mlm_probability} is invalid: must be between 0 and 1")
 

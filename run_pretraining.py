@@ -37,6 +37,7 @@ from ipu_trainer.run_utils import (
     setup_logging,
     train_evaluate_and_report,
 )
+from ipu_trainer.script_args import DataArguments as SharedDataArguments
 from ipu_trainer.script_args import ModelArguments as SharedModelArguments
 from ipu_trainer.script_args import parse_script_args
 
@@ -57,17 +58,9 @@ class ModelArguments(SharedModelArguments):
 
 
 @dataclass
-class DataTrainingArguments:
-    dataset_name: Optional[str] = field(default=None, metadata={"help": "Dataset on the hub, e.g. Graphcore/wikipedia-bert-128."})
-    dataset_config_name: Optional[str] = field(default=None, metadata={"help": "The dataset's configuration name."})
+class DataTrainingArguments(SharedDataArguments):
     dataset_path: Optional[str] = field(default=None, metadata={"help": "A folder written by Dataset.save_to_disk (e.g. by prepare_dataset.py)."})
-    train_file: Optional[str] = field(default=None, metadata={"help": "Training data: a csv, json or txt file."})
-    validation_file: Optional[str] = field(default=None, metadata={"help": "Evaluation data: a csv, json or txt file."})
     data_dir: Optional[str] = field(default=None, metadata={"help": "data_dir passed to datasets.load_dataset."})
-    overwrite_cache: bool = field(default=False, metadata={"help": "Redo preprocessing instead of using the datasets cache."})
-    validation_split_percentage: Optional[int] = field(
-        default=5, metadata={"help": "Percent of train used for evaluation when the data has no validation split."}
-    )
     is_already_preprocessed: bool = field(
         default=False, metadata={"help": "The data is already tokenized sentence pairs (input_ids ... next_sentence_label)."}
     )
@@ -77,7 +70,6 @@ class DataTrainingArguments:
     max_seq_length: Optional[int] = field(
         default=None, metadata={"help": "Sequence length. Default: the data's length, else the tokenizer maximum capped at 1024."}
     )
-    preprocessing_num_workers: Optional[int] = field(default=None, metadata={"help": "Processes for preprocessing."})
     mlm_probability: float = field(default=0.15, metadata={"help": "Fraction of tokens masked for the masked-LM loss."})
     line_by_line: bool = field(
         default=False, metadata={"help": "Accepted for compatibility; raw text is always turned into sentence pairs here."}
@@ -85,12 +77,11 @@ class DataTrainingArguments:
     pad_to_max_length: bool = field(
         default=False, metadata={"help": "Accepted for compatibility; sentence pairs are always padded to max_seq_length."}
     )
-    max_train_samples: Optional[int] = field(default=None, metadata={"help": "Use at most this many training samples."})
-    max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Use at most this many evaluation samples."})
 
     def __post_init__(self):
-        if not any((self.dataset_name, self.dataset_path, self.train_file, self.validation_file)):
-            raise ValueError("Need data: --dataset_name, --dataset_path, or --train_file/--validation_file (csv, json or txt).")
+        super().__post_init__()
+        if not 0 < self.mlm_probability < 1:
+            raise ValueError(f"--mlm_probability={self.mlm_probability} is invalid: must be between 0 and 1")
 
 
 def main():

@@ -41,3 +41,28 @@ def parse_script_args(model_arguments: type, data_arguments: type) -> tuple[Any,
     if len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
         return parser.parse_json_file(json_file=os.path.abspath(sys.argv[1]))
     return parser.parse_args_into_dataclasses()
+
+
+@dataclass
+class DataArguments:
+    """Where the data comes from and how much of it to use. Each script adds its own fields to these."""
+
+    dataset_name: Optional[str] = field(default=None, metadata={"help": "Dataset on the hub, e.g. wikitext."})
+    dataset_config_name: Optional[str] = field(
+        default=None, metadata={"help": "The dataset's configuration, e.g. wikitext-2-raw-v1."}
+    )
+    train_file: Optional[str] = field(default=None, metadata={"help": "Training data: a csv, json or txt file."})
+    validation_file: Optional[str] = field(default=None, metadata={"help": "Evaluation data: a csv, json or txt file."})
+    overwrite_cache: bool = field(default=False, metadata={"help": "Redo preprocessing instead of using the datasets cache."})
+    validation_split_percentage: Optional[int] = field(
+        default=5, metadata={"help": "Percent of train used for evaluation when the data has no validation split."}
+    )
+    preprocessing_num_workers: Optional[int] = field(default=None, metadata={"help": "Processes for preprocessing."})
+    max_train_samples: Optional[int] = field(default=None, metadata={"help": "Use at most this many training samples."})
+    max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Use at most this many evaluation samples."})
+
+    def __post_init__(self):
+        sources = (self.dataset_name, getattr(self, "dataset_path", None), self.train_file, self.validation_file)
+        if not any(sources):
+            folder = ", --dataset_path (a save_to_disk folder)" if hasattr(self, "dataset_path") else ""
+            raise ValueError(f"Need data: --dataset_name{folder}, or --train_file/--validation_file (csv, json or txt).")
