@@ -1,6 +1,7 @@
 """run_pretraining.py end to end on CPU: tiny BERT, text made on the machine, the original flags."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -223,3 +224,19 @@ def test_groupbert_schedule_drives_the_learning_rate(assets, tmp_path, monkeypat
     expected = [lr * (s / warmup) ** 0.5 if s < warmup else lr - (lr - lr_end) * (s - warmup) / (8 - warmup)
                 for s in range(8)]
     assert rates == pytest.approx(expected, rel=1e-6, abs=1e-12)
+
+
+@pytest.mark.parametrize("masking", ["dynamic", "static"])
+def test_prepare_dataset_output_trains_with_dataset_path(assets, tmp_path, monkeypatch, masking):
+    import prepare_dataset
+
+    data = tmp_path / "data"
+    prepare_dataset.main(["--tokenizer_name", assets["tokenizer"], "--train_file", assets["train_file"],
+                          "--max_seq_length", "64", "--validation_split_percentage", "10", "--output_dir", str(data)]
+                         + (["--static_masking"] if masking == "static" else []))
+    argv = pretraining_argv(assets, tmp_path / "out", "--do_train", "--do_eval", "--max_steps", "3",
+                            "--is_already_preprocessed", *(["--is_already_masked"] if masking == "static" else []))
+    argv[argv.index("--train_file"):argv.index("--train_file") + 4] = ["--dataset_path", str(data)]
+    run(monkeypatch, argv)
+    results = read_json(tmp_path / "out" / "all_results.json")
+    assert results["train_samples"] > 0 and math.isfinite(results["eval_loss"])
