@@ -25,12 +25,16 @@ from .layers import (
     ChunkedVocabProjection,
     count_overflowing_rows,
     gather_masked_positions,
+    pack_labelled_positions,
     trunc_normal_init_,
     vocab_projection_loss,
 )
 
 
 logger = logging.getLogger(__name__)
+
+# Forwards between two checks for rows with more labels than max_num_masked_tokens (each check syncs the host).
+OVERFLOW_CHECK_INTERVAL = 100
 
 
 @dataclass
@@ -66,6 +70,9 @@ class BertForPreTrainingMaskedPositions(BertForPreTraining):
     as long as no row has more than K labels (the masking collator guarantees this); a row with more
     is reported once with a warning. Without K the model computes full-sequence logits like upstream.
 
+    A training step on the CPU (eager) packs exactly the labelled positions of the whole batch instead,
+    [M, H] with M the number of labels, which skips the fillers and gives the same loss without a cap.
+
     In training mode the output carries only the loss, so the logits can be freed early (and, with
     the chunked projection, are never materialised at all).
     """
@@ -73,6 +80,7 @@ class BertForPreTrainingMaskedPositions(BertForPreTraining):
     def __init__(self, config: Any) -> None:
         super().__init__(config)
         self._warned_label_overflow = False
+        self._forwards_since_overflow_check = -1
 
     def _init_weights(self, module: nn.Module) -> None:
         """Truncated-normal init (±2 std, std = `initializer_range`) for Linear and Embedding weights.
@@ -134,12 +142,15 @@ class BertForPreTrainingMaskedPositions(BertForPreTraining):
         sequence_output = outputs.last_hidden_state
         masked_lm_labels = labels
 
+        only_loss = self.training and (labels is not None or next_sentence_label is not None)
         num_masked = getattr(self.config, "max_num_masked_tokens", None)
         if labels is not None and num_masked:
-            self._warn_on_label_overflow(labels, num_masked)
-            sequence_output, masked_lm_labels, _ = gather_masked_positions(sequence_output, labels, num_masked)
+            if only_loss and self._packs_masked_positions(sequence_output):
+                sequence_output, masked_lm_labels = pack_labelled_positions(sequence_output, labels)
+            else:
+                self._warn_on_label_overflow(labels, num_masked)
+                sequence_output, masked_lm_labels, _ = gather_masked_positions(sequence_output, labels, num_masked)
 
-        only_loss = self.training and (labels is not None or next_sentence_label is not None)
         predictions = self.cls.predictions
         mlm_loss, prediction_logits = vocab_projection_loss(
             predictions.transform(sequence_output),
@@ -169,10 +180,23 @@ class BertForPreTrainingMaskedPositions(BertForPreTraining):
             attentions=outputs.attentions,
         )
 
+    @staticmethod
+    def _packs_masked_positions(sequence_output: torch.Tensor) -> bool:
+        """Whether a training step packs the labelled positions (`pack_labelled_positions`) instead of
+        gathering a fixed K per row: on the CPU in eager mode, where dynamic shapes cost nothing and the
+        K - labels fillers (~40% of K at 15% masking) would go through the [H, V] projection for nothing.
+        Accelerators and compiled graphs keep the static K: there the boolean index would sync the host
+        and break the graph, for a projection that is a few percent of the step."""
+        return sequence_output.device.type == "cpu" and not torch.compiler.is_compiling()
+
     def _warn_on_label_overflow(self, labels: torch.Tensor, num_masked: int) -> None:
-        # The check costs a host sync, so it stops once the user has been told; it is also skipped while
+        # The check costs a host sync on accelerators, so it runs on the first forward and then every
+        # OVERFLOW_CHECK_INTERVAL-th one, and stops once the user has been told; it is also skipped while
         # tracing for torch.compile, where a data-dependent branch would break the graph.
         if self._warned_label_overflow or torch.compiler.is_compiling():
+            return
+        self._forwards_since_overflow_check += 1
+        if self._forwards_since_overflow_check % OVERFLOW_CHECK_INTERVAL:
             return
         overflowing = count_overflowing_rows(labels, num_masked)
         if overflowing:
