@@ -312,8 +312,11 @@ def _tokenize_sentences(tokenizer: PreTrainedTokenizerBase, sentences: list[str]
     if not sentences:
         return []
     if getattr(tokenizer, "is_fast", False):
-        # The Rust tokenizer directly: skips offsets and the BatchEncoding conversion we do not need.
+        # The Rust tokenizer directly: skips offsets and the BatchEncoding conversion we do not need. Its
+        # padding and truncation settings persist from whatever call used it last, so clear them first.
         backend = tokenizer.backend_tokenizer
+        backend.no_padding()
+        backend.no_truncation()
         encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
         return [encoding.ids for encoding in encode(sentences, add_special_tokens=False)]
     return tokenizer(sentences, add_special_tokens=False, return_attention_mask=False)["input_ids"]

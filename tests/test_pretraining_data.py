@@ -285,3 +285,11 @@ def test_unused_sentences_are_put_back(documents, tokenizer):
             covered.update(identities(ids[first_sep + 1 : length - 1], tokenizer))
     total = sum(len(IDENTITY.findall(text.lower())) for text in documents["text"])
     assert len(covered) / total > 0.98
+
+
+def test_pairs_do_not_depend_on_the_tokenizers_last_padding_or_truncation(documents, pairs, tokenizer):
+    # A fast tokenizer keeps the padding/truncation of its last call in its Rust backend.
+    tokenizer(["some text"], padding="max_length", truncation=True, max_length=8)
+    again = build_nsp_pairs(documents, tokenizer, MAX_SEQ_LENGTH, seed=42, load_from_cache_file=False)
+    assert again["input_ids"] == pairs["input_ids"]
+    assert again["next_sentence_label"] == pairs["next_sentence_label"]
