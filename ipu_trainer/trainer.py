@@ -131,6 +131,8 @@ class IPUTrainer(Trainer):
             args.dataloader_num_workers = workers
         if args.device.type == "cpu":
             args.dataloader_pin_memory = False  # pinning needs an accelerator; spare the warning
+        elif args.dataloader_pin_memory and hasattr(args.accelerator_config, "non_blocking"):
+            args.accelerator_config.non_blocking = True  # copies from pinned batches overlap the step before
         if self.ipu_config.executable_cache_dir and (args.torch_compile or args.compile_only):
             # Inductor reads its cache location from the environment each time it compiles (and fills in its
             # default there once asked), so the IPU config's executable_cache_dir is put there explicitly.
