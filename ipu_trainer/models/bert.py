@@ -9,7 +9,6 @@ swaps in activation recomputation and the chunked vocabulary projection (`depara
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,10 +21,12 @@ from transformers.utils import ModelOutput
 from transformers.utils.generic import can_return_tuple
 
 from .layers import (
-    ChunkedVocabProjection,
+    SaveAsUpstreamMixin,
     count_overflowing_rows,
     gather_masked_positions,
+    num_projection_chunks,
     pack_labelled_positions,
+    set_projection_chunks,
     trunc_normal_init_,
     vocab_projection_loss,
 )
@@ -60,7 +61,7 @@ class MaskedPositionsPreTrainingOutput(ModelOutput):
     attentions: tuple[torch.Tensor, ...] | None = None
 
 
-class BertForPreTrainingMaskedPositions(BertForPreTraining):
+class BertForPreTrainingMaskedPositions(SaveAsUpstreamMixin, BertForPreTraining):
     """`BertForPreTraining` that runs the MLM head only where there are labels.
 
     With `config.max_num_masked_tokens = K` and labels given, the K positions of each row that carry
@@ -76,6 +77,8 @@ class BertForPreTrainingMaskedPositions(BertForPreTraining):
     In training mode the output carries only the loss, so the logits can be freed early (and, with
     the chunked projection, are never materialised at all).
     """
+
+    upstream_class = BertForPreTraining
 
     def __init__(self, config: Any) -> None:
         super().__init__(config)
@@ -219,48 +222,12 @@ class BertForPreTrainingMaskedPositions(BertForPreTraining):
         """
         if getattr(ipu_config, "recompute_checkpoint_every_layer", False):
             self.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-
-        num_chunks = max(
-            getattr(ipu_config, "embedding_serialization_factor", None) or 1,
-            getattr(ipu_config, "projection_serialization_factor", None) or 1,
-        )
-        decoder = self.cls.predictions.decoder
-        if isinstance(decoder, ChunkedVocabProjection):
-            decoder = decoder.to_linear()
-        if num_chunks > 1:
-            decoder = ChunkedVocabProjection(decoder, num_chunks)
-        self.cls.predictions.decoder = decoder
+        set_projection_chunks(self.cls.predictions, "decoder", num_projection_chunks(ipu_config))
         return self
 
     def deparallelize(self) -> BertForPreTrainingMaskedPositions:
         """Undo `parallelize`: no recomputation and a plain `nn.Linear` decoder on the same weights."""
         if self.is_activation_checkpointing:
             self.activation_checkpointing_disable()
-        decoder = self.cls.predictions.decoder
-        if isinstance(decoder, ChunkedVocabProjection):
-            self.cls.predictions.decoder = decoder.to_linear()
+        set_projection_chunks(self.cls.predictions, "decoder", 1)
         return self
-
-    def save_pretrained(
-        self,
-        save_directory: str | os.PathLike,
-        is_main_process: bool = True,
-        *args: Any,
-        push_to_hub: bool = False,
-        **kwargs: Any,
-    ) -> None:
-        """Save as a plain `BertForPreTraining` checkpoint (weights are identical; only the name differs).
-
-        Upstream stamps `config.architectures` with this class's name, which would make the checkpoint
-        depend on this package. The parallelized modules keep upstream's parameter names, so the weights
-        need no conversion, whether or not the model is parallelized.
-        """
-        hub_kwargs = {key: kwargs.pop(key) for key in ("repo_id", "commit_message", "create_pr") if key in kwargs}
-        super().save_pretrained(save_directory, is_main_process, *args, **kwargs)
-        self.config.architectures = [BertForPreTraining.__name__]
-        if is_main_process:
-            self.config.save_pretrained(save_directory)
-        if push_to_hub and is_main_process:
-            # push_to_hub saves through this method into a temporary folder, so the rename above applies.
-            repo_id = hub_kwargs.pop("repo_id", os.path.basename(os.path.normpath(save_directory)))
-            self.push_to_hub(repo_id, token=kwargs.get("token"), **hub_kwargs)
