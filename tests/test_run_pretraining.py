@@ -240,3 +240,16 @@ def test_prepare_dataset_output_trains_with_dataset_path(assets, tmp_path, monke
     run(monkeypatch, argv)
     results = read_json(tmp_path / "out" / "all_results.json")
     assert results["train_samples"] > 0 and math.isfinite(results["eval_loss"])
+
+
+def test_compile_only_compiles_into_the_executable_cache_and_stops(assets, tmp_path, monkeypatch, caplog):
+    cache = tmp_path / "exe_cache"
+    argv = pretraining_argv(assets, tmp_path / "out", "--do_train", "--compile_only", "--max_train_samples", "16")
+    overrides = argv.index("--ipu_config_overrides") + 1
+    argv[overrides] += f",executable_cache_dir={cache}"
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    with caplog.at_level("INFO", logger="ipu_trainer"):
+        run(monkeypatch, argv)
+    assert any("--compile_only: model compiled" in r.getMessage() and str(cache) in r.getMessage() for r in caplog.records)
+    assert cache.is_dir() and any(cache.iterdir())  # inductor wrote its kernels there
+    assert not (tmp_path / "out" / "model.safetensors").exists()  # and nothing was trained
