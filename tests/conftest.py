@@ -1,6 +1,6 @@
 import pytest
 
-from ipu_trainer.offline_assets import english_text_documents, train_wordpiece_tokenizer
+from ipu_trainer.offline_assets import english_text_documents, train_wordpiece_tokenizer, write_quickstart_assets
 
 
 @pytest.fixture(scope="session")
@@ -21,3 +21,10 @@ def tokenizer(tokenizer_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory):
+    """The README quick starts' assets: WordPiece and byte-level BPE (1000-token) tokenizers and a
+    train/validation corpus of English documents, as `python -m ipu_trainer.offline_assets` writes them."""
+    return write_quickstart_assets(str(tmp_path_factory.mktemp("assets")), bpe=True)

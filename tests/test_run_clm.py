@@ -16,7 +16,6 @@ from ipu_trainer.script_args import parse_script_args
 from ipu_trainer import IPUTrainingArguments
 from ipu_trainer.data import load_raw_datasets, tokenize_for_causal_lm
 from ipu_trainer.metrics import causal_lm_predictions, masked_accuracy
-from ipu_trainer.offline_assets import train_byte_level_bpe_tokenizer, write_quickstart_assets
 from ipu_trainer.run_utils import run_cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,18 +31,11 @@ ONE_CPU = ("layers_per_ipu=[-1],ipus_per_replica=1,replication_factor=1,gradient
 SEED = 7
 
 
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory, english_documents):
-    paths = write_quickstart_assets(str(tmp_path_factory.mktemp("assets")))
-    paths["bpe"] = str(tmp_path_factory.mktemp("bpe"))
-    tokenizer = train_byte_level_bpe_tokenizer(english_documents, paths["bpe"], vocab_size=1000)
-    assert len(tokenizer) == 1000
-    return paths
 
 
 def clm_argv(assets, output_dir, *extra, model=("--model_type", "gpt2", "--config_overrides", TINY_GPT2)):
     return [
-        "run_clm.py", *model, "--tokenizer_name", assets["bpe"], "--train_file", assets["train_file"],
+        "run_clm.py", *model, "--tokenizer_name", assets["bpe_tokenizer"], "--train_file", assets["train_file"],
         "--validation_file", assets["validation_file"], "--block_size", str(BLOCK),
         "--ipu_config_name", REPO, "--ipu_config_overrides", ONE_CPU,
         "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "16", "--max_train_samples", "400",

@@ -15,7 +15,6 @@ from ipu_trainer.script_args import parse_script_args
 from ipu_trainer import IPUTrainingArguments
 from ipu_trainer.data import tokenize_for_masked_lm
 from ipu_trainer.data_collators import DataCollatorForLanguageModelingWithMaxTokensMasked
-from ipu_trainer.offline_assets import write_quickstart_assets
 from ipu_trainer.run_utils import run_cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,9 +30,6 @@ ONE_CPU = "layers_per_ipu=[-1],ipus_per_replica=1,replication_factor=1,gradient_
 SEED = 7
 
 
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    return write_quickstart_assets(str(tmp_path_factory.mktemp("assets")))
 
 
 def mlm_argv(assets, output_dir, *extra, model=("--model_type", "bert", "--config_overrides", TINY_BERT)):

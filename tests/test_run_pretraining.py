@@ -13,7 +13,6 @@ from safetensors.torch import load_file
 from transformers import AutoModelForPreTraining, HfArgumentParser
 
 from ipu_trainer import IPUTrainingArguments
-from ipu_trainer.offline_assets import write_quickstart_assets
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -23,9 +22,6 @@ TINY_BERT = "vocab_size=2000,hidden_size=32,num_hidden_layers=2,num_attention_he
 ONE_CPU = "layers_per_ipu=[-1],ipus_per_replica=1,replication_factor=1,gradient_accumulation_steps=2"
 
 
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    return write_quickstart_assets(str(tmp_path_factory.mktemp("assets")))
 
 
 def pretraining_argv(assets, output_dir, *extra):
