@@ -24,7 +24,8 @@ from transformers import Trainer
 from transformers.trainer_utils import TrainOutput
 
 from .data_collators import pad_on_batch_axis
-from .ipu_config import IncompatibleIPUConfigError, IPUConfig
+from .ipu_config import IPUConfig
+from .models.layers import set_recomputation
 from .optimization import Lamb
 from .placement import HostOffloadedOptimizer, Placement, ShardedOptimizer
 from .precision import Precision
@@ -122,7 +123,7 @@ class IPUTrainer(Trainer):
         if hasattr(model, "parallelize"):
             model.parallelize(self.ipu_config)
         elif self.ipu_config.recompute_checkpoint_every_layer:
-            _enable_activation_checkpointing(model)
+            set_recomputation(model, True)
 
         if kwargs.get("optimizer_cls_and_kwargs") is None and optimizers[0] is None:
             kwargs["optimizer_cls_and_kwargs"] = self._optimizer_cls_and_kwargs(args, model)
@@ -294,7 +295,7 @@ class IPUTrainer(Trainer):
     def _apply_update(self, model: nn.Module) -> None:
         """One of the device iterations inside a step, clipped and applied like the loop's own update."""
         if self.args.max_grad_norm is not None and self.args.max_grad_norm > 0:
-            self._clip_grad_norm(model)
+            self.accelerator.clip_grad_norm_(model.parameters(), self.args.max_grad_norm)
         self.optimizer.step()
         model.zero_grad()
 
@@ -345,18 +346,3 @@ class IPUTrainer(Trainer):
             "Stopping without training.", seconds, loss.item(), cache,
         )
         return TrainOutput(global_step=0, training_loss=float(loss.item()), metrics={"compile_seconds": seconds})
-
-
-def _enable_activation_checkpointing(model: nn.Module) -> None:
-    """Recompute each layer's activations in backward, for models without a `parallelize()`."""
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    elif getattr(model, "supports_gradient_checkpointing", False):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    else:
-        raise IncompatibleIPUConfigError(
-            f"recompute_checkpoint_every_layer=true but {type(model).__name__} does not support activation "
-            "checkpointing; set recompute_checkpoint_every_layer=false"
-        )
-

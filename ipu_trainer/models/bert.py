@@ -27,6 +27,7 @@ from .layers import (
     num_projection_chunks,
     pack_labelled_positions,
     set_projection_chunks,
+    set_recomputation,
     trunc_normal_init_,
     vocab_projection_loss,
 )
@@ -220,14 +221,12 @@ class BertForPreTrainingMaskedPositions(SaveAsUpstreamMixin, BertForPreTraining)
           n > 1 the MLM decoder becomes a `ChunkedVocabProjection` computing the loss in n chunks. It keeps
           the decoder's Parameters and names, so tying and the state dict are unchanged.
         """
-        if getattr(ipu_config, "recompute_checkpoint_every_layer", False):
-            self.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        set_recomputation(self, bool(getattr(ipu_config, "recompute_checkpoint_every_layer", False)))
         set_projection_chunks(self.cls.predictions, "decoder", num_projection_chunks(ipu_config))
         return self
 
     def deparallelize(self) -> BertForPreTrainingMaskedPositions:
         """Undo `parallelize`: no recomputation and a plain `nn.Linear` decoder on the same weights."""
-        if self.is_activation_checkpointing:
-            self.activation_checkpointing_disable()
+        set_recomputation(self, False)
         set_projection_chunks(self.cls.predictions, "decoder", 1)
         return self

@@ -15,7 +15,13 @@ import torch
 from transformers import GPT2LMHeadModel
 from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
 
-from .layers import ChunkedVocabProjection, SaveAsUpstreamMixin, num_projection_chunks, set_projection_chunks
+from .layers import (
+    ChunkedVocabProjection,
+    SaveAsUpstreamMixin,
+    num_projection_chunks,
+    set_projection_chunks,
+    set_recomputation,
+)
 
 
 class GPT2LMHeadModelChunked(SaveAsUpstreamMixin, GPT2LMHeadModel):
@@ -53,14 +59,12 @@ class GPT2LMHeadModelChunked(SaveAsUpstreamMixin, GPT2LMHeadModel):
     def parallelize(self, ipu_config: Any) -> GPT2LMHeadModelChunked:
         """Activation checkpointing per block when `recompute_checkpoint_every_layer`; a chunked LM head
         when the larger of the embedding/projection serialisation factors is > 1."""
-        if getattr(ipu_config, "recompute_checkpoint_every_layer", False):
-            self.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        set_recomputation(self, bool(getattr(ipu_config, "recompute_checkpoint_every_layer", False)))
         set_projection_chunks(self, "lm_head", num_projection_chunks(ipu_config))
         return self
 
     def deparallelize(self) -> GPT2LMHeadModelChunked:
         """Undo `parallelize`: no recomputation and a plain `nn.Linear` LM head on the same (tied) weight."""
-        if self.is_activation_checkpointing:
-            self.activation_checkpointing_disable()
+        set_recomputation(self, False)
         set_projection_chunks(self, "lm_head", 1)
         return self

@@ -14,6 +14,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import initialization as init
 
+from ..ipu_config import IncompatibleIPUConfigError
+
 
 IGNORE_INDEX = -100
 
@@ -194,3 +196,28 @@ class SaveAsUpstreamMixin:
             # push_to_hub saves through this method into a temporary folder, so the rename above applies.
             repo_id = hub_kwargs.pop("repo_id", os.path.basename(os.path.normpath(str(save_directory))))
             self.push_to_hub(repo_id, token=kwargs.get("token"), **hub_kwargs)
+
+
+def set_recomputation(model: nn.Module, enabled: bool) -> None:
+    """Turn activation checkpointing of every layer on or off (`recompute_checkpoint_every_layer`).
+
+    transformers 5.24 calls it activation checkpointing, earlier 5.x releases gradient checkpointing;
+    both are accepted so the package runs with either. Non-reentrant checkpointing works with frozen
+    inputs and `torch.compile`.
+    """
+    if enabled:
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise IncompatibleIPUConfigError(
+                f"recompute_checkpoint_every_layer=true but {type(model).__name__} does not support activation "
+                "checkpointing; set recompute_checkpoint_every_layer=false"
+            )
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    elif getattr(model, "is_activation_checkpointing", getattr(model, "is_gradient_checkpointing", False)):
+        if hasattr(model, "activation_checkpointing_disable"):
+            model.activation_checkpointing_disable()
+        else:
+            model.gradient_checkpointing_disable()

@@ -33,6 +33,7 @@ from .layers import (
     gather_masked_positions,
     num_projection_chunks,
     set_projection_chunks,
+    set_recomputation,
     vocab_projection_loss,
 )
 
@@ -141,15 +142,13 @@ class MaskedPositionsMaskedLMMixin(SaveAsUpstreamMixin):
           decoder becomes a `ChunkedVocabProjection` computing the training loss in n chunks, on the same
           Parameters (tying and state-dict keys unchanged).
         """
-        if getattr(ipu_config, "recompute_checkpoint_every_layer", False):
-            self.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        set_recomputation(self, bool(getattr(ipu_config, "recompute_checkpoint_every_layer", False)))
         set_projection_chunks(self._decoder_owner(), "decoder", num_projection_chunks(ipu_config))
         return self
 
     def deparallelize(self):
         """Undo `parallelize`: no recomputation and a plain `nn.Linear` decoder on the same weights."""
-        if self.is_activation_checkpointing:
-            self.activation_checkpointing_disable()
+        set_recomputation(self, False)
         set_projection_chunks(self._decoder_owner(), "decoder", 1)
         return self
 
