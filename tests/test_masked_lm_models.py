@@ -128,11 +128,11 @@ def test_parallelize_chunks_the_tied_decoder_and_deparallelize_restores_it(ours_
     decoder = ours.get_output_embeddings()
     assert isinstance(decoder, ChunkedVocabProjection) and decoder.num_chunks == 3
     assert decoder.weight is embeddings  # still tied
-    assert ours.is_activation_checkpointing
+    assert ours.is_gradient_checkpointing
     torch.testing.assert_close(ours(**mlm_batch).loss, reference(**mlm_batch).loss)
     ours.deparallelize()
     assert type(ours.get_output_embeddings()) is nn.Linear and ours.get_output_embeddings().weight is embeddings
-    assert not ours.is_activation_checkpointing
+    assert not ours.is_gradient_checkpointing
 
 
 @pytest.mark.parametrize("ours_class, upstream_class, make_config", MLM_CASES)

@@ -202,11 +202,11 @@ def test_projection_serialization_factor_also_chunks():
 def test_recompute_per_layer_toggles_and_keeps_results(batch):
     ours, reference = paired_models()
     ours.parallelize(SimpleNamespace(recompute_checkpoint_every_layer=True))
-    assert ours.is_activation_checkpointing
+    assert ours.is_gradient_checkpointing
     assert all(layer.gradient_checkpointing for layer in ours.bert.encoder.layer)
     assert_same_loss_and_grads(ours, reference, batch)
     ours.deparallelize()
-    assert not ours.is_activation_checkpointing
+    assert not ours.is_gradient_checkpointing
 
 
 def test_saved_checkpoint_is_plain_bert_for_pretraining(batch, tmp_path):
