@@ -24,7 +24,13 @@ from ipu_trainer import (
     DataCollatorForLanguageModelingWithMaxTokensMasked,
     IPUTrainer,
 )
-from ipu_trainer.data import load_raw_datasets, require_columns, resolve_max_seq_length, train_and_eval_splits
+from ipu_trainer.data import (
+    load_raw_datasets,
+    require_columns,
+    resolve_max_seq_length,
+    text_column_of,
+    train_and_eval_splits,
+)
 from ipu_trainer.data_collators import max_num_masked_tokens
 from ipu_trainer.metrics import pretraining_metrics, pretraining_predictions
 from ipu_trainer.model_loading import load_ipu_config, load_model, load_model_config, load_tokenizer, max_positions_of
@@ -118,7 +124,8 @@ def main():
         max_seq_length = resolve_max_seq_length(data_args.max_seq_length, tokenizer, max_positions_of(config))
         with training_args.main_process_first(desc="building sentence pairs"):
             tokenized_datasets = {
-                name: build_nsp_pairs(split, tokenizer, max_seq_length, seed=training_args.seed,
+                name: build_nsp_pairs(split, tokenizer, max_seq_length, text_column=text_column_of(split),
+                                      seed=training_args.seed,
                                       num_proc=data_args.preprocessing_num_workers,
                                       load_from_cache_file=not data_args.overwrite_cache)
                 for name, split in raw_datasets.items()

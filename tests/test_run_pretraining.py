@@ -249,3 +249,13 @@ def test_compile_only_compiles_into_the_executable_cache_and_stops(assets, tmp_p
     assert any("--compile_only: model compiled" in r.getMessage() and str(cache) in r.getMessage() for r in caplog.records)
     assert cache.is_dir() and any(cache.iterdir())  # inductor wrote its kernels there
     assert not (tmp_path / "out" / "model.safetensors").exists()  # and nothing was trained
+
+
+def test_a_text_dataset_without_pairs_is_turned_into_pairs(assets, tmp_path, monkeypatch):
+    documents = open(assets["train_file"], encoding="utf-8").read().split("\n\n")
+    DatasetDict({"train": Dataset.from_dict({"content": documents})}).save_to_disk(str(tmp_path / "text"))
+    argv = pretraining_argv(assets, tmp_path / "out", "--do_train", "--do_eval", "--max_steps", "2")
+    argv[argv.index("--train_file"):argv.index("--train_file") + 4] = ["--dataset_path", str(tmp_path / "text")]
+    run(monkeypatch, argv)
+    results = read_json(tmp_path / "out" / "all_results.json")
+    assert results["train_samples"] > 0 and "eval_nsp_accuracy" in results
