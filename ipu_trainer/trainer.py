@@ -90,6 +90,23 @@ def split_batch(batch: dict[str, Any], micro_batch_size: int) -> list[dict[str, 
     ]
 
 
+class _StepBatchLogFilter(logging.Filter):
+    """Upstream explains a step batch larger than the micro batch as DataParallel; here it is the IPU
+    config's batch per step, so the line says that instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = str(record.msg)
+        if "Training with DataParallel so batch size has been adjusted to" in message:
+            record.msg = message.replace(
+                "Training with DataParallel so batch size has been adjusted to",
+                "Samples per step and process (micro batch x replicas x accumulation x device iterations)",
+            )
+        return True
+
+
+_STEP_BATCH_LOG_FILTER = _StepBatchLogFilter()
+
+
 class IPUTrainer(Trainer):
     """Trainer for IPU-config driven runs. Takes the same arguments as `transformers.Trainer` plus:
 
@@ -158,6 +175,7 @@ class IPUTrainer(Trainer):
         self.train_placement = Placement.for_training(self.ipu_config, args.per_device_train_batch_size, args.world_size)
         self.eval_placement = Placement.for_inference(self.ipu_config, args.per_device_eval_batch_size, args.world_size)
         self._train_batch_size = self.train_placement.process_batch_size
+        logging.getLogger("transformers.trainer").addFilter(_STEP_BATCH_LOG_FILTER)  # adding it twice is a no-op
         self.precision = Precision.for_run(
             args.device, args.fp32, args.half_precision_request, args.loss_scaling, self.ipu_config.auto_loss_scaling
         )

@@ -209,3 +209,13 @@ def test_async_dataloader_mode_builds_batches_in_worker_processes(tmp_path):
     assert trainer.get_train_dataloader().num_workers >= 1
     result = trainer.train()
     assert trainer.state.global_step == 2 and math.isfinite(result.training_loss)
+
+
+def test_the_step_batch_is_not_reported_as_data_parallel(tmp_path, caplog):
+    trainer = IPUTrainer(model=tiny_bert(), ipu_config=ipu_config(gradient_accumulation_steps=2),
+                         args=make_args(tmp_path), data_collator=default_data_collator, train_dataset=masked_pairs(8))
+    with caplog.at_level("INFO", logger="transformers.trainer"):
+        trainer.train()
+    messages = [r.getMessage() for r in caplog.records]
+    assert not any("DataParallel" in m for m in messages)
+    assert any("Samples per step and process" in m and m.endswith(": 4") for m in messages)
