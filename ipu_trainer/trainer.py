@@ -53,7 +53,7 @@ def num_hidden_layers_of(config: Any) -> Optional[int]:
 def ipu_config_for_run(ipu_config: IPUConfig, args: IPUTrainingArguments) -> IPUConfig:
     """A copy of `ipu_config` with the command line applied: the override string (forwarded flags and
     --ipu_config_overrides) once, then --n_ipu, then validated as a whole."""
-    given = copy.deepcopy(ipu_config)
+    given = ipu_config.to_dict()
     ipu_config = copy.deepcopy(ipu_config)
     overrides = args.ipu_config_overrides_for_run()
     if overrides:
@@ -61,7 +61,7 @@ def ipu_config_for_run(ipu_config: IPUConfig, args: IPUTrainingArguments) -> IPU
     if args.n_ipu is not None:
         ipu_config.apply_n_ipu(args.n_ipu)
     ipu_config.validate()
-    if ipu_config != given:  # applying the same command line twice changes nothing and says nothing
+    if ipu_config.to_dict() != given:  # applying the same command line twice changes nothing and says nothing
         logger.info("IPU config overridden from the command line: %s%s", overrides,
                     f" and --n_ipu {args.n_ipu}" if args.n_ipu is not None else "")
     return ipu_config
