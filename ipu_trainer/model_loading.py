@@ -9,8 +9,6 @@ import torch
 from transformers import CONFIG_MAPPING, AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
 from .ipu_config import IPUConfig
-from .placement import Placement
-from .trainer import ipu_config_for_run
 from .training_args import IPUTrainingArguments
 
 logger = logging.getLogger(__name__)
@@ -69,18 +67,15 @@ def load_tokenizer(model_args: Any) -> PreTrainedTokenizerBase:
 
 
 def load_ipu_config(training_args: IPUTrainingArguments, model_name_or_path: Optional[str]) -> IPUConfig:
-    """The run's IPU config: the file from --ipu_config_name (or the model's folder) with the command-line
-    overrides and --n_ipu applied, checked against the processes at hand so a bad combination fails
-    before any model or data is loaded."""
+    """The IPU config file of the run: --ipu_config_name, else the one stored with --model_name_or_path.
+    The command line is applied to it once, by `resolve_run`."""
     name = training_args.ipu_config_name or model_name_or_path
     if not name:
         raise ValueError(
             "You must provide an IPUConfig: pass --ipu_config_name (a folder with ipu_config.json, a .json file, "
             "or a hub id such as Graphcore/bert-base-ipu), e.g. --ipu_config_name . for the one next to the scripts."
         )
-    ipu_config = ipu_config_for_run(IPUConfig.from_pretrained(name), training_args)
-    Placement.for_training(ipu_config, training_args.per_device_train_batch_size, training_args.world_size)
-    return ipu_config
+    return IPUConfig.from_pretrained(name)
 
 
 # Model types whose position ids start after the padding index (RoBERTa's "padding_idx + 1" offset).
@@ -109,8 +104,14 @@ def load_model(
     """The run's model: `--model_name_or_path` loaded as `model_class` (default `auto_class`), else a fresh
     one from `config`. Weights the checkpoint lacks are reported plainly, and the embeddings grow when the
     tokenizer is larger than the vocabulary.
+
+    The weights are float32 whatever dtype the checkpoint was saved in (transformers 5 would otherwise keep a
+    bfloat16 checkpoint in bfloat16 and train it without float32 master weights); mixed precision is applied
+    by autocast during training. `dtype` (--torch_dtype) asks for another dtype explicitly; "auto" keeps
+    the checkpoint's.
     """
     model_class = model_class or auto_class
+    dtype = torch.float32 if dtype is None else dtype
     if getattr(model_args, "low_cpu_mem_usage", False):
         logger.info("--low_cpu_mem_usage: transformers 5 always loads checkpoints without a throwaway copy; nothing to change.")
     if model_args.model_name_or_path:
