@@ -32,6 +32,7 @@ from ipu_trainer.model_loading import (
     torch_dtype_of,
 )
 from ipu_trainer.models import causal_lm_model_for
+from ipu_trainer.resolved_run import resolve_run
 from ipu_trainer.run_utils import (
     find_checkpoint_to_resume,
     run_cli,
@@ -81,9 +82,9 @@ def main():
     last_checkpoint = find_checkpoint_to_resume(training_args)
     set_seed(training_args.seed)
 
-    # IPU config, model config and tokenizer
-    ipu_config = load_ipu_config(training_args, model_args.model_name_or_path)
+    # Model config and IPU config, resolved into the run before any weights or data are loaded
     config = load_model_config(model_args)
+    run = resolve_run(load_ipu_config(training_args, model_args.model_name_or_path), training_args, config)
     tokenizer = load_tokenizer(model_args)
     dtype = torch_dtype_of(model_args.torch_dtype)
 
@@ -104,8 +105,8 @@ def main():
     # Trainer
     trainer = IPUTrainer(
         model=model,
-        ipu_config=ipu_config,
         args=training_args,
+        run=run,
         data_collator=default_data_collator,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,

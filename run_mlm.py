@@ -27,6 +27,7 @@ from ipu_trainer.data_collators import max_num_masked_tokens
 from ipu_trainer.metrics import AccuracyMetric, masked_lm_predictions, token_accuracy_metrics
 from ipu_trainer.model_loading import load_ipu_config, load_model, load_model_config, load_tokenizer, max_positions_of
 from ipu_trainer.models import masked_lm_model_for
+from ipu_trainer.resolved_run import resolve_run
 from ipu_trainer.run_utils import (
     find_checkpoint_to_resume,
     run_cli,
@@ -80,9 +81,9 @@ def main():
     last_checkpoint = find_checkpoint_to_resume(training_args)
     set_seed(training_args.seed)
 
-    # IPU config, model config and tokenizer
-    ipu_config = load_ipu_config(training_args, model_args.model_name_or_path)
+    # Model config and IPU config, resolved into the run before any weights or data are loaded
     config = load_model_config(model_args)
+    run = resolve_run(load_ipu_config(training_args, model_args.model_name_or_path), training_args, config)
     tokenizer = load_tokenizer(model_args)
     if tokenizer.mask_token is None:
         raise ValueError(f"the tokenizer ({type(tokenizer).__name__}) has no mask token, so it cannot be used for masked-LM training")
@@ -114,8 +115,8 @@ def main():
     # Trainer
     trainer = IPUTrainer(
         model=model,
-        ipu_config=ipu_config,
         args=training_args,
+        run=run,
         data_collator=data_collator,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,

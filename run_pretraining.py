@@ -35,8 +35,9 @@ from ipu_trainer.data_collators import max_num_masked_tokens
 from ipu_trainer.metrics import pretraining_metrics, pretraining_predictions
 from ipu_trainer.model_loading import load_ipu_config, load_model, load_model_config, load_tokenizer, max_positions_of
 from ipu_trainer.models import masked_positions_model_for
-from ipu_trainer.optimization import get_groupbert_schedule, warmup_steps_for
+from ipu_trainer.optimization import get_groupbert_schedule
 from ipu_trainer.pretraining_data import build_nsp_pairs, load_text_documents
+from ipu_trainer.resolved_run import resolve_run
 from ipu_trainer.run_utils import (
     find_checkpoint_to_resume,
     run_cli,
@@ -97,9 +98,9 @@ def main():
     last_checkpoint = find_checkpoint_to_resume(training_args)
     set_seed(training_args.seed)
 
-    # IPU config, model config and tokenizer
-    ipu_config = load_ipu_config(training_args, model_args.model_name_or_path)
+    # Model config and IPU config, resolved into the run before any weights or data are loaded
     config = load_model_config(model_args)
+    run = resolve_run(load_ipu_config(training_args, model_args.model_name_or_path), training_args, config)
     tokenizer = load_tokenizer(model_args)
 
     # Data: pre-built sentence pairs are used as they are; raw text becomes sentence pairs.
@@ -146,24 +147,19 @@ def main():
             seed=training_args.seed,
         )
 
-    # Learning-rate schedule: --lr_scheduler_type, or the GroupBERT schedule
-    def groupbert_schedule(optimizer, num_training_steps):
-        explicit_steps = int(training_args.warmup_steps) if training_args.warmup_steps >= 1 else 0
-        warmup = warmup_steps_for(num_training_steps, training_args.warmup_ratio or 0.0, explicit_steps)
-        return get_groupbert_schedule(optimizer, warmup, num_training_steps)
-
     # Trainer
     trainer = IPUTrainer(
         model=model,
-        ipu_config=ipu_config,
         args=training_args,
+        run=run,
         data_collator=data_collator,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
         compute_metrics=pretraining_metrics if training_args.do_eval else None,
         preprocess_logits_for_metrics=pretraining_predictions if training_args.do_eval else None,
-        scheduler_factory=groupbert_schedule if model_args.groupbert_schedule else None,
+        # Learning-rate schedule: --lr_scheduler_type, or the GroupBERT schedule (same warmup steps)
+        scheduler_factory=get_groupbert_schedule if model_args.groupbert_schedule else None,
     )
 
     # Train, evaluate, write results (or only compile, with --compile_only)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from itertools import chain
@@ -134,21 +133,6 @@ def _trust_ratios(weight_norms: list[torch.Tensor], update_norms: list[torch.Ten
         for i, r in zip(indices, ratio.unbind()):
             ratios[i] = r
     return ratios
-
-
-def warmup_steps_for(max_steps: int, warmup_ratio: float, warmup_steps: int = 0) -> int:
-    """Warmup length: an explicit `warmup_steps` wins, else ceil(max_steps * warmup_ratio).
-
-    The product is rounded to 9 decimals first so that float noise does not add a step
-    (10500 * 0.28 is 2940.0000000000005 in binary floating point, and should give 2940).
-    """
-    if warmup_steps < 0:
-        raise ValueError(f"warmup_steps={warmup_steps!r} is invalid: must be >= 0")
-    if warmup_steps > 0:
-        return warmup_steps
-    if not 0.0 <= warmup_ratio <= 1.0:
-        raise ValueError(f"warmup_ratio={warmup_ratio!r} is invalid: must be in [0, 1]")
-    return math.ceil(round(max_steps * warmup_ratio, 9))
 
 
 def get_groupbert_schedule(

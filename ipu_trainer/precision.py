@@ -1,161 +1,157 @@
-"""Numeric precision of a run: which autocast dtype, and float16 loss scaling.
+"""Numeric precision of a run: which mixed precision accelerate applies, and the float16 loss scale.
 
-The IPU examples train in half precision unless `--fp32`. Off the IPU we keep that intent as autocast
-mixed precision (weights and optimizer state stay float32): bfloat16 where the device runs it fast,
-float16 with loss scaling where it has no bfloat16. A CPU without native bfloat16 instructions
-emulates it about a hundred times slower than float32, so there the run stays in float32 and says so.
+The IPU examples train in half precision unless `--fp32`. Off the IPU that intent becomes autocast mixed
+precision (weights and optimizer state stay float32), applied by accelerate, the same path
+`transformers.Trainer` uses for `--bf16` / `--fp16`: exactly one autocast and, in float16, one
+`GradScaler`, which skips an update whose gradients overflow (the learning-rate schedule then does not
+advance, as upstream).
+
+- CUDA: bfloat16 where the GPU runs it natively, float16 with loss scaling where it does not
+  (`--loss_scaling` is the scaler's starting value; static unless `--auto_loss_scaling`).
+- CPU: bfloat16 where the CPU has native bfloat16 instructions, else float32: emulated bfloat16 was
+  measured about a hundred times slower than float32 on such a CPU. float16 autocast on a CPU is refused.
+
+`--fp16` / `--bf16`, or an `ACCELERATE_MIXED_PRECISION` of fp16 / bf16 set by `accelerate launch`, ask for
+one half-precision type explicitly; `--fp32` overrides both.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
+import os
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Optional
 
 import torch
 
 logger = logging.getLogger(__name__)
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# The dynamic scaler's default starting scale and growth interval (torch's own defaults).
+DEFAULT_LOSS_SCALE = 2.0**16
+DYNAMIC_GROWTH_INTERVAL = 2000
+# A static loss scale is a scaler that never grows within a run. torch's GradScaler insists on a growth
+# factor > 1 and a backoff factor < 1, so "never grows" is an interval no run reaches; an overflowing
+# update is still skipped and halves the scale, rather than overflowing again on every step.
+STATIC_GROWTH_INTERVAL = 2**30
+
+_MIXED_PRECISION_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_ENVIRONMENT_REQUEST = "ACCELERATE_MIXED_PRECISION"
+
+
+# ---- Private upstream touchpoints ------------------------------------------------------------------
+# torch has no public query for native bfloat16 on the CPU. These two report the AVX512-BF16 and AMX
+# instructions; tests/test_precision.py fails by name if either disappears.
 
 
 def cpu_has_fast_bfloat16() -> bool:
-    """True when oneDNN reports native bfloat16 support (AVX512-BF16 or AMX)."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
+    """True when the CPU executes bfloat16 natively (AVX512-BF16 or AMX), not by emulation."""
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
-def choose_compute_dtype(device: torch.device, fp32: bool, requested: Optional[str]) -> tuple[torch.dtype, str]:
-    """Pick the autocast dtype for `device` and a short reason for the start-up log.
-
-    `requested` is "fp16"/"bf16" when the user passed `--fp16`/`--bf16`, which always wins.
-    """
-    if fp32:
-        return torch.float32, "--fp32"
-    if requested == "fp16":
-        return torch.float16, "--fp16"
-    if requested == "bf16":
-        return torch.bfloat16, "--bf16"
-    if device.type == "cuda":
-        if torch.cuda.is_bf16_supported():
-            return torch.bfloat16, "half precision (bfloat16 on this GPU)"
-        return torch.float16, "half precision (float16: this GPU has no bfloat16)"
-    if device.type == "cpu" and cpu_has_fast_bfloat16():
-        return torch.bfloat16, "half precision (bfloat16, native on this CPU)"
-    return torch.float32, f"float32: this {device.type.upper()} has no fast half precision (pass --bf16 to force it)"
+# -----------------------------------------------------------------------------------------------------
 
 
-class LossScaler:
-    """Loss scaling for float16 training, static or dynamic.
-
-    The loss is multiplied by `scale` before backward so small gradients survive float16; gradients are
-    divided by it again before clipping and the optimizer step. If any gradient is not finite, the update
-    is skipped by dropping every gradient (optimizers leave parameters without `.grad` untouched), and a
-    dynamic scaler halves its scale; after `growth_interval` clean updates it doubles it again.
-    """
-
-    def __init__(self, scale: float, dynamic: bool, growth_interval: int = 2000, min_scale: float = 1.0):
-        self.scale = float(scale)
-        self.dynamic = dynamic
-        self.growth_interval = growth_interval
-        self.min_scale = min_scale
-        self.clean_updates = 0
-        self.skipped_updates = 0
-
-    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
-        return loss * self.scale
-
-    def unscale_or_skip(self, parameters: Iterable[torch.nn.Parameter]) -> bool:
-        """Unscale gradients in place; on overflow drop them so the coming update is skipped. Returns skipped."""
-        params = [p for p in parameters if p.grad is not None]
-        if not params:
-            return False
-        found_inf = torch.zeros(1, device=params[0].grad.device)
-        inv_scale = torch.full((1,), 1.0 / self.scale, device=found_inf.device)
-        by_device: dict[torch.device, list[torch.Tensor]] = {}
-        for p in params:
-            by_device.setdefault(p.grad.device, []).append(p.grad)
-        for device, grads in by_device.items():
-            device_inf = torch.zeros(1, device=device)
-            torch._amp_foreach_non_finite_check_and_unscale_(grads, device_inf, inv_scale.to(device))
-            found_inf += device_inf.to(found_inf.device)
-        overflow = bool(found_inf.item())  # the one host sync per update that loss scaling needs
-        if overflow:
-            for p in params:
-                p.grad = None
-        self._update(overflow)
-        return overflow
-
-    def _update(self, overflow: bool) -> None:
-        if overflow:
-            self.skipped_updates += 1
-            self.clean_updates = 0
-            if self.dynamic:
-                self.scale = max(self.scale / 2.0, self.min_scale)
-            logger.warning(
-                "float16 gradients overflowed: weight update skipped (loss scale %s%s)",
-                self.scale,
-                ", halved" if self.dynamic else "; consider a smaller --loss_scaling or --auto_loss_scaling",
-            )
-            return
-        self.clean_updates += 1
-        if self.dynamic and self.clean_updates % self.growth_interval == 0:
-            self.scale *= 2.0
-
-    def state_dict(self) -> dict:
-        return {"scale": self.scale, "clean_updates": self.clean_updates, "skipped_updates": self.skipped_updates}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.scale = state["scale"]
-        self.clean_updates = state["clean_updates"]
-        self.skipped_updates = state["skipped_updates"]
+def cuda_has_native_bfloat16() -> bool:
+    """True when the current GPU has bfloat16 tensor cores (Ampere or newer); emulation does not count."""
+    return torch.cuda.is_bf16_supported(including_emulation=False)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Precision:
-    """What precision a run uses; `autocast()` is a no-op context in float32."""
+    """The run's precision.
 
-    device_type: str
-    compute_dtype: torch.dtype
+    mixed_precision: what accelerate applies, "no", "bf16" or "fp16" (accelerate's names).
+    reason: why, for the start-up log.
+    loss_scale / dynamic_loss_scale: the float16 `GradScaler`'s starting scale and whether it grows.
+    """
+
+    mixed_precision: str
     reason: str
-    loss_scaler: Optional[LossScaler] = None
+    loss_scale: Optional[float] = None
+    dynamic_loss_scale: bool = False
 
-    @classmethod
-    def for_run(
-        cls,
-        device: torch.device,
-        fp32: bool,
-        requested: Optional[str],
-        loss_scaling: Optional[float],
-        auto_loss_scaling: bool,
-    ) -> "Precision":
-        dtype, reason = choose_compute_dtype(device, fp32, requested)
-        scaler = None
-        if dtype == torch.float16:
-            if loss_scaling is None:
-                # Without a given scale float16 gradients underflow; start high and let it adapt.
-                scaler = LossScaler(2.0**16, dynamic=True)
-            else:
-                scaler = LossScaler(loss_scaling, dynamic=auto_loss_scaling)
-        elif loss_scaling is not None or auto_loss_scaling:
-            logger.info("Loss scaling is only needed in float16; ignored in %s.", str(dtype).replace("torch.", ""))
-        return cls(device.type, dtype, reason, scaler)
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return _MIXED_PRECISION_DTYPES[self.mixed_precision]
 
     @property
     def name(self) -> str:
         return str(self.compute_dtype).replace("torch.", "")
 
-    def autocast(self) -> contextlib.AbstractContextManager:
-        if self.compute_dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device_type, dtype=self.compute_dtype)
+    def grad_scaler(self, device_type: str) -> Optional[torch.amp.GradScaler]:
+        """The float16 loss scaler for `device_type` (None unless float16)."""
+        if self.mixed_precision != "fp16":
+            return None
+        interval = DYNAMIC_GROWTH_INTERVAL if self.dynamic_loss_scale else STATIC_GROWTH_INTERVAL
+        return torch.amp.GradScaler(device_type, init_scale=self.loss_scale, growth_interval=interval)
 
     def describe(self) -> str:
         text = f"{self.name} ({self.reason})"
-        if self.loss_scaler is not None:
-            kind = "dynamic" if self.loss_scaler.dynamic else "static"
-            text += f", {kind} loss scale {self.loss_scaler.scale:g}"
+        if self.mixed_precision != "no":
+            text += ", autocast by accelerate, weights in float32"
+        if self.loss_scale is not None:
+            kind = "dynamic" if self.dynamic_loss_scale else "static"
+            text += f", {kind} loss scale {self.loss_scale:g}"
         return text
+
+
+def requested_half_precision(fp16: bool, bf16: bool) -> tuple[Optional[str], str]:
+    """("fp16" | "bf16" | None, where it came from): the flags first, then accelerate's environment."""
+    if fp16:
+        return "fp16", "--fp16"
+    if bf16:
+        return "bf16", "--bf16"
+    from_environment = os.environ.get(_ENVIRONMENT_REQUEST, "").lower()
+    if from_environment in ("fp16", "bf16"):
+        return from_environment, f"{_ENVIRONMENT_REQUEST}={from_environment}"
+    return None, ""
+
+
+def resolve_precision(
+    device: torch.device,
+    fp32: bool,
+    fp16: bool,
+    bf16: bool,
+    loss_scaling: Optional[float],
+    auto_loss_scaling: bool,
+) -> Precision:
+    """The precision of a run on `device` from the user's flags; see the module docstring for the rules."""
+    requested, source = requested_half_precision(fp16, bf16)
+    if fp32:
+        if requested and source.startswith(_ENVIRONMENT_REQUEST):
+            logger.info("--fp32 given: %s is not applied.", source)
+        precision = Precision("no", "--fp32")
+    elif requested == "fp16":
+        if device.type == "cpu":
+            raise ValueError(
+                f"{source} asks for float16 autocast, which needs a GPU: on this CPU drop it (half precision then "
+                "means bfloat16 where the CPU has it, else float32) or pass --bf16"
+            )
+        precision = Precision("fp16", source)
+    elif requested == "bf16":
+        if device.type == "cuda" and not cuda_has_native_bfloat16():
+            raise ValueError(
+                f"{source} asks for bfloat16, but this GPU ({torch.cuda.get_device_name(device)}) has no native "
+                "bfloat16: drop it (half precision then means float16 with loss scaling here) or pass --fp16"
+            )
+        if device.type == "cpu" and not cpu_has_fast_bfloat16():
+            logger.warning("%s on a CPU without native bfloat16: it is emulated and much slower than float32.", source)
+        precision = Precision("bf16", source)
+    elif device.type == "cuda":
+        if cuda_has_native_bfloat16():
+            precision = Precision("bf16", "half precision: bfloat16 on this GPU")
+        else:
+            precision = Precision("fp16", "half precision: float16, this GPU has no native bfloat16")
+    elif device.type == "cpu" and cpu_has_fast_bfloat16():
+        precision = Precision("bf16", "half precision: bfloat16, native on this CPU")
+    else:
+        precision = Precision("no", f"this {device.type.upper()} has no fast half precision (--bf16 forces it)")
+
+    if precision.mixed_precision == "fp16":
+        dynamic = auto_loss_scaling or loss_scaling is None
+        # Without a given scale float16 gradients underflow; start high and let the scale adapt.
+        scale = DEFAULT_LOSS_SCALE if loss_scaling is None else float(loss_scaling)
+        return Precision("fp16", precision.reason, loss_scale=scale, dynamic_loss_scale=dynamic)
+    if loss_scaling is not None or auto_loss_scaling:
+        logger.info("Loss scaling is only needed in float16; not used in %s.", precision.name)
+    return precision

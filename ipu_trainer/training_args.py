@@ -1,23 +1,24 @@
 """`IPUTrainingArguments`: `transformers.TrainingArguments` plus the flags of the IPU examples.
 
-The IPU config owns the batch arithmetic (accumulation, replicas, device iterations), recomputation
-and loss scaling. Command-line flags that touch those settings are turned into one override string
-(`ipu_config_overrides_for_run`) that is applied to the IPU config once, by the same mechanism as
-`--ipu_config_overrides` (STYLE 3). The upstream training loop then sees one dataloader batch per step
-and no accumulation of its own.
+The arguments keep what the user gave. The IPU config owns the batch arithmetic (accumulation, replicas,
+device iterations), recomputation and loss scaling; the flags that touch those settings
+(`--gradient_accumulation_steps`, `--gradient_checkpointing`, `--auto_loss_scaling`) are forwarded into
+it, and what the upstream training loop sees is derived from both, once, by `resolved_run.resolve_run`.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 from transformers import TrainingArguments
 
+from .resolved_run import warmup_steps_for
+
 VALID_N_IPU = (1, 2, 4, 8, 16, 32, 64)
 DATALOADER_MODES = ("sync", "async", "async_rebatched")
-HALF_PRECISION_FLAGS = {"fp16": "float16", "bf16": "bfloat16"}
 
 
 def _has_accelerator() -> bool:
@@ -25,6 +26,10 @@ def _has_accelerator() -> bool:
         return True
     mps = getattr(torch.backends, "mps", None)
     return bool(mps is not None and mps.is_available())
+
+
+def _environment_flag(name: str) -> bool:
+    return os.environ.get(name, "").lower() in ("1", "true", "yes")
 
 
 @dataclass
@@ -100,10 +105,36 @@ class IPUTrainingArguments(TrainingArguments):
     gradient_accumulation_steps: Optional[int] = field(
         default=None,
         metadata={"help": "Micro-batches accumulated per replica before each weight update. Forwarded to the IPU "
-                  "config (gradient_accumulation_steps=N), which owns accumulation."},
+                  "config (gradient_accumulation_steps=N), which owns accumulation; wins over an "
+                  "--ipu_config_overrides of the same field."},
+    )
+    # The original's defaults: one sample per micro-batch unless the recipe says otherwise.
+    per_device_train_batch_size: int = field(
+        default=1, metadata={"help": "Micro batch size: samples per replica per micro-batch in training."}
+    )
+    per_device_eval_batch_size: int = field(
+        default=1, metadata={"help": "Micro batch size in evaluation: samples per inference replica per device iteration."}
     )
 
     def __post_init__(self):
+        # Refused before upstream's set-up, which would otherwise start building the DeepSpeed/FSDP plugins.
+        if self.deepspeed or _environment_flag("ACCELERATE_USE_DEEPSPEED"):
+            raise ValueError(
+                "--deepspeed is not supported: DeepSpeed makes every micro-batch a weight update, while the IPU config "
+                "accumulates replicas x accumulation micro-batches per update. Use torchrun with "
+                "replicated_tensor_sharding (ZeRO stage 1) and optimizer_state_offchip in the IPU config instead"
+            )
+        if self.fsdp or _environment_flag("ACCELERATE_USE_FSDP"):
+            raise ValueError(
+                "--fsdp is not supported yet: use torchrun with replicated_tensor_sharding (ZeRO stage 1) and "
+                "optimizer_state_offchip in the IPU config to save device memory"
+            )
+        if self.auto_find_batch_size:
+            raise ValueError(
+                "--auto_find_batch_size is not supported: it would shrink the micro batch and with it the samples per "
+                "weight update that the IPU config fixes; set --per_device_train_batch_size (and raise "
+                "--gradient_accumulation_steps to keep the update size)"
+            )
         if self.n_ipu is not None and self.n_ipu not in VALID_N_IPU:
             raise ValueError(
                 f"--n_ipu={self.n_ipu} is invalid: must be one of {', '.join(map(str, VALID_N_IPU))}"
@@ -119,45 +150,26 @@ class IPUTrainingArguments(TrainingArguments):
                 raise ValueError(f"--warmup_ratio={self.warmup_ratio} is invalid: must be in [0, 1)")
             if self.warmup_steps:
                 raise ValueError("--warmup_ratio and --warmup_steps both set the warmup: give one of them")
-            self.warmup_steps = self.warmup_ratio
-        if self.lamb_no_bias_correction:
-            self.lamb = True
         if self.gradient_accumulation_steps is not None and self.gradient_accumulation_steps < 1:
             raise ValueError(
                 f"--gradient_accumulation_steps={self.gradient_accumulation_steps} is invalid: must be >= 1"
             )
-
-        forwarded = []
-        if self.gradient_accumulation_steps is not None:
-            forwarded.append(f"gradient_accumulation_steps={self.gradient_accumulation_steps}")
-        if self.gradient_checkpointing or getattr(self, "activation_checkpointing", None):
-            forwarded.append("recompute_checkpoint_every_layer=true")
-        if self.auto_loss_scaling:
-            forwarded.append("auto_loss_scaling=true")
-        self._forwarded_ipu_overrides = forwarded
-
-        # Half precision is chosen by the IPU trainer (see precision.py); remember what the user asked for
-        # and keep accelerate's own mixed precision out of the way so it is applied once.
-        self.half_precision_request = next((name for name in HALF_PRECISION_FLAGS if getattr(self, name)), None)
-        if self.fp32 and self.half_precision_request:
-            raise ValueError(f"--fp32 and --{self.half_precision_request} contradict each other: pick one")
-        self.fp16 = self.bf16 = False
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name}={getattr(self, name)} is invalid: must be >= 1")
+        if self.fp32 and (self.fp16 or self.bf16):
+            raise ValueError(f"--fp32 and --{'fp16' if self.fp16 else 'bf16'} contradict each other: pick one")
 
         if not self.use_cpu and not _has_accelerator():
             # Lets accelerate set up gloo data parallelism when torchrun starts several CPU processes.
             self.use_cpu = True
-
-        # The upstream loop runs one batch per step; the IPU config's accumulation happens inside the step.
-        self.gradient_accumulation_steps = 1
-        if hasattr(self, "activation_checkpointing"):
-            self.activation_checkpointing = None
-        self.gradient_checkpointing = None
         super().__post_init__()
 
-    def ipu_config_overrides_for_run(self) -> str:
-        """The single override string for the IPU config: forwarded flags first, then --ipu_config_overrides,
-        so an explicit override of the same key wins."""
-        parts = list(self._forwarded_ipu_overrides)
-        if self.ipu_config_overrides:
-            parts.append(self.ipu_config_overrides.strip().strip(","))
-        return ",".join(part for part in parts if part)
+    @property
+    def uses_lamb(self) -> bool:
+        """--lamb or --lamb_no_bias_correction (either flag selects LAMB)."""
+        return self.lamb or self.lamb_no_bias_correction
+
+    def get_warmup_steps(self, num_training_steps: int) -> int:
+        """Warmup steps of `num_training_steps`, from --warmup_steps or --warmup_ratio (see `warmup_steps_for`)."""
+        return warmup_steps_for(num_training_steps, self.warmup_ratio, self.warmup_steps)

@@ -40,7 +40,7 @@ from ipu_trainer.models import (
     causal_lm_model_for,
     masked_lm_model_for,
 )
-from ipu_trainer.trainer import check_model_fits
+from ipu_trainer.resolved_run import check_layers_fit
 
 SEQ = 32
 BATCH = 6
@@ -224,9 +224,9 @@ def test_gpt2_head_stays_tied_through_parallelize_training_and_saving(tmp_path):
 
 def test_layers_per_ipu_is_checked_against_gpt2_layers():
     model = GPT2LMHeadModel(gpt2_config())  # n_layer=2
-    check_model_fits(IPUConfig(layers_per_ipu=[1, 1], ipus_per_replica=2), model)
+    check_layers_fit(IPUConfig(layers_per_ipu=[1, 1], ipus_per_replica=2), model.config)
     with pytest.raises(IncompatibleIPUConfigError, match="3.*2|2.*3"):
-        check_model_fits(IPUConfig(layers_per_ipu=[1, 2], ipus_per_replica=2), model)
+        check_layers_fit(IPUConfig(layers_per_ipu=[1, 2], ipus_per_replica=2), model.config)
 
 
 # ---- metrics ---------------------------------------------------------------------------------------------

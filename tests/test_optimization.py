@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from ipu_trainer.optimization import Lamb, get_groupbert_schedule, warmup_steps_for
+from ipu_trainer.optimization import Lamb, get_groupbert_schedule
+from ipu_trainer.resolved_run import warmup_steps_for
 
 BETAS = (0.9, 0.999)
 EPS = 1e-6

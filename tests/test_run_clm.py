@@ -13,7 +13,8 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ipu_trainer.script_args import parse_script_args
-from ipu_trainer import IPUTrainingArguments
+from ipu_trainer import IPUConfig, IPUTrainingArguments
+from ipu_trainer.resolved_run import effective_ipu_config
 from ipu_trainer.data import load_raw_datasets, tokenize_for_causal_lm
 from ipu_trainer.metrics import causal_lm_predictions, masked_accuracy
 from ipu_trainer.run_utils import run_cli
@@ -173,7 +174,9 @@ def test_readme_command_parses(monkeypatch):
     assert isinstance(training_args, IPUTrainingArguments)
     assert model_args.config_overrides == "activation_function=gelu" and data_args.dataset_name == "wikitext"
     assert training_args.n_ipu == 16 and training_args.loss_scaling == 16384
-    assert training_args.ipu_config_overrides_for_run() == "gradient_accumulation_steps=128"
+    # A 4-IPU pipeline like Graphcore/gpt2-small-ipu: --n_ipu 16 makes 4 replicas, the flag sets the accumulation.
+    effective = effective_ipu_config(IPUConfig(layers_per_ipu=[-1, -1, -1, -1]), training_args)
+    assert (effective.replication_factor, effective.gradient_accumulation_steps) == (4, 128)
 
 
 # ---- bad input: one clear line, exit code 2 ---------------------------------------------------------------

@@ -12,7 +12,8 @@ from datasets import load_dataset
 from transformers import AutoModelForMaskedLM, AutoTokenizer
 
 from ipu_trainer.script_args import parse_script_args
-from ipu_trainer import IPUTrainingArguments
+from ipu_trainer import IPUConfig, IPUTrainingArguments
+from ipu_trainer.resolved_run import effective_ipu_config
 from ipu_trainer.data import tokenize_for_masked_lm
 from ipu_trainer.data_collators import DataCollatorForLanguageModelingWithMaxTokensMasked
 from ipu_trainer.run_utils import run_cli
@@ -195,7 +196,9 @@ def test_readme_command_parses(monkeypatch):
     assert isinstance(training_args, IPUTrainingArguments)
     assert model_args.model_name_or_path == "roberta-base" and data_args.dataset_config_name == "wikitext-2-raw-v1"
     assert training_args.n_ipu == 16 and training_args.dataloader_drop_last
-    assert training_args.ipu_config_overrides_for_run() == "gradient_accumulation_steps=16,inference_device_iterations=5"
+    effective = effective_ipu_config(IPUConfig(layers_per_ipu=[-1, -1, -1, -1]), training_args)
+    assert (effective.replication_factor, effective.gradient_accumulation_steps) == (4, 16)
+    assert effective.inference_device_iterations == 5
 
 
 # ---- bad input: one clear line, exit code 2 ---------------------------------------------------------------

@@ -12,7 +12,8 @@ from datasets import Dataset, DatasetDict
 from safetensors.torch import load_file
 from transformers import AutoModelForPreTraining, HfArgumentParser
 
-from ipu_trainer import IPUTrainingArguments
+from ipu_trainer import IPUConfig, IPUTrainingArguments
+from ipu_trainer.resolved_run import effective_ipu_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -207,8 +208,9 @@ def test_readme_commands_with_quoted_overrides_parse():
             "device_iterations=1,matmul_proportion=[0.14 0.19 0.19 0.19]", "--gradient_accumulation_steps", "512",
             "--output_dir", "/tmp/x"]
     _, _, training_args = parser.parse_args_into_dataclasses(args=args)
-    overrides = training_args.ipu_config_overrides_for_run()
-    assert overrides == "gradient_accumulation_steps=512,device_iterations=1,matmul_proportion=[0.14 0.19 0.19 0.19]"
+    effective = effective_ipu_config(IPUConfig(layers_per_ipu=[0, 4, 4, 4], device_iterations=4), training_args)
+    assert effective.gradient_accumulation_steps == 512 and effective.device_iterations == 1
+    assert effective.matmul_proportion == [0.14, 0.19, 0.19, 0.19]
 
 
 def test_groupbert_schedule_drives_the_learning_rate(assets, tmp_path, monkeypatch):

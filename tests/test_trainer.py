@@ -1,6 +1,7 @@
 """IPUTrainer keeps the IPU config's batch math: steps, updates, precision, optimizer, placement."""
 
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -9,6 +10,8 @@ from transformers import default_data_collator
 
 from ipu_trainer import IncompatibleIPUConfigError, IPUConfig, IPUTrainer, IPUTrainingArguments
 from ipu_trainer.optimization import Lamb
+from ipu_trainer.precision import DYNAMIC_GROWTH_INTERVAL, STATIC_GROWTH_INTERVAL, Precision
+from ipu_trainer.resolved_run import resolve_run
 from tiny import masked_pairs, tiny_bert
 
 
@@ -93,39 +96,65 @@ def test_eval_batches_use_the_inference_values(tmp_path):
     assert math.isfinite(metrics["eval_loss"])
 
 
-def test_float16_overflow_skips_the_update_and_keeps_weights_finite(tmp_path):
+def float16_trainer(tmp_path, loss_scale, dynamic=False, device_iterations=1, **arg_overrides):
+    """An IPUTrainer whose run is float16 with loss scaling, as resolved on a GPU without bfloat16, simulated on the
+    CPU: accelerate runs float16 autocast and the GradScaler only on GPUs, so the test switches its native AMP on
+    the way it does on CUDA (float16 autocast on CPU tensors, scale, unscale before clipping, skip on overflow)."""
+    args = make_args(tmp_path, **arg_overrides)
+    run = resolve_run(ipu_config(device_iterations=device_iterations), args)
+    fp16 = Precision("fp16", "test: a GPU without bfloat16", loss_scale=loss_scale, dynamic_loss_scale=dynamic)
+    run = dataclasses.replace(run, precision=fp16)
     model = tiny_bert()
+    trainer = IPUTrainer(model=model, args=args, run=run, data_collator=default_data_collator,
+                         train_dataset=masked_pairs(16))
+    trainer.accelerator.native_amp = True  # what accelerate sets for fp16 on CUDA
+    return trainer, model
+
+
+def test_float16_overflow_skips_the_update_and_the_schedule_step(tmp_path):
+    trainer, model = float16_trainer(tmp_path, loss_scale=1e30, lr_scheduler_type="linear", max_steps=2)
+    assert trainer.args.mixed_precision == "fp16" and trainer.accelerator.mixed_precision == "fp16"
+    scaler = trainer.accelerator.scaler
+    assert scaler.get_scale() == 1e30 and scaler.get_growth_interval() == STATIC_GROWTH_INTERVAL
     before = copy.deepcopy(model.state_dict())
-    args = make_args(tmp_path, fp32=False, fp16=True, loss_scaling=1e30)
-    trainer = IPUTrainer(model=model, ipu_config=ipu_config(), args=args, data_collator=default_data_collator,
-                         train_dataset=masked_pairs(8))
-    assert trainer.precision.compute_dtype == torch.float16 and not trainer.precision.loss_scaler.dynamic
     trainer.train()
-    assert trainer.precision.loss_scaler.skipped_updates == 1
+    # Every update overflowed in float16: no weight moved, and the learning-rate schedule never advanced.
     for name, value in model.state_dict().items():
         assert torch.isfinite(value).all(), name
         torch.testing.assert_close(value, before[name], rtol=0, atol=0, msg=name)
+    assert trainer.lr_scheduler.last_epoch == 0
+    assert scaler.get_scale() < 1e30  # an overflowing update still halves even a static scale
 
 
-def test_float16_with_a_sane_scale_trains(tmp_path):
-    model = tiny_bert()
+def test_float16_with_a_sane_scale_trains_through_intermediate_updates(tmp_path):
+    trainer, model = float16_trainer(tmp_path, loss_scale=1024.0, device_iterations=2, lr_scheduler_type="linear",
+                                     max_steps=2)
     before = copy.deepcopy(model.state_dict())
-    args = make_args(tmp_path, fp32=False, fp16=True, loss_scaling=1024.0)
-    trainer = IPUTrainer(model=model, ipu_config=ipu_config(), args=args, data_collator=default_data_collator,
-                         train_dataset=masked_pairs(8))
     trainer.train()
-    assert trainer.precision.loss_scaler.skipped_updates == 0
     changed = [n for n, v in model.state_dict().items() if not torch.equal(v, before[n])]
     assert changed and all(torch.isfinite(v).all() for v in model.state_dict().values())
+    assert trainer.accelerator.scaler.get_scale() == 1024.0  # static: never grows, and nothing overflowed
+    assert trainer.lr_scheduler.last_epoch == 2
+    inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+    assert {int(s["step"]) for s in inner.state.values()} == {4}  # 2 steps x 2 device iterations
 
 
-def test_dynamic_loss_scale_halves_after_an_overflow(tmp_path):
-    args = make_args(tmp_path, fp32=False, fp16=True, loss_scaling=1e30, auto_loss_scaling=True, max_steps=2)
-    trainer = IPUTrainer(model=tiny_bert(), ipu_config=ipu_config(), args=args, data_collator=default_data_collator,
-                         train_dataset=masked_pairs(8))
+def test_dynamic_loss_scale_starts_at_the_given_scale_and_halves_after_an_overflow(tmp_path):
+    trainer, _ = float16_trainer(tmp_path, loss_scale=1e30, dynamic=True, max_steps=2)
+    scaler = trainer.accelerator.scaler
+    assert scaler.get_growth_interval() == DYNAMIC_GROWTH_INTERVAL
     trainer.train()
-    scaler = trainer.precision.loss_scaler
-    assert scaler.dynamic and scaler.scale <= 0.5e30 and scaler.skipped_updates >= 1
+    assert scaler.get_scale() <= 0.5e30
+
+
+def test_the_float16_scaler_is_saved_with_checkpoints_and_restored(tmp_path):
+    trainer, _ = float16_trainer(tmp_path, loss_scale=1e30, dynamic=True, max_steps=2, save_strategy="steps",
+                                 save_steps=2)
+    trainer.train()
+    saved = trainer.accelerator.scaler.get_scale()
+    resumed, _ = float16_trainer(tmp_path, loss_scale=1e30, dynamic=True, max_steps=3)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
+    assert saved < 1e30 and resumed.accelerator.scaler.get_scale() <= saved
 
 
 def test_lamb_flags_pick_lamb_with_the_right_bias_correction(tmp_path):
@@ -149,13 +178,15 @@ def test_default_optimizer_stays_adamw(tmp_path):
 
 def test_command_line_accumulation_is_forwarded_to_the_ipu_config(tmp_path):
     args = make_args(tmp_path, gradient_accumulation_steps=3, gradient_checkpointing=True, auto_loss_scaling=True)
-    assert args.gradient_accumulation_steps == 1  # the upstream loop never accumulates
     config = ipu_config(gradient_accumulation_steps=512)
     trainer = IPUTrainer(model=tiny_bert(), ipu_config=config, args=args, data_collator=default_data_collator)
     config = trainer.ipu_config
     assert config.gradient_accumulation_steps == 3
     assert config.recompute_checkpoint_every_layer is True
     assert config.auto_loss_scaling is True
+    # The user's arguments keep their values; only the loop's copy runs one batch per step without accumulation.
+    assert args.gradient_accumulation_steps == 3 and trainer.args.gradient_accumulation_steps == 1
+    assert trainer.args is not args and trainer.run.args is args
 
 
 def test_n_ipu_sets_the_replication_factor(tmp_path):
@@ -218,4 +249,5 @@ def test_the_step_batch_is_not_reported_as_data_parallel(tmp_path, caplog):
         trainer.train()
     messages = [r.getMessage() for r in caplog.records]
     assert not any("DataParallel" in m for m in messages)
-    assert any("Samples per step and process" in m and m.endswith(": 4") for m in messages)
+    # Upstream's per-device batch is the step batch of micro 2 x accumulation 2.
+    assert any("Instantaneous batch size per device = 4" in m for m in messages)

@@ -1,0 +1,264 @@
+"""The run, resolved once from the IPU config and the arguments.
+
+Everything a run's numbers depend on is decided here, in one place, before any weights or data are
+loaded: the effective IPU config, its check against the model's layer count, the training and
+evaluation placements, the precision, the dataloader workers and the warmup. The scripts call
+`resolve_run` once and hand the result to `IPUTrainer`; an `IPUTrainer` built directly from an
+`IPUConfig` (as code written for optimum-graphcore does) resolves it itself.
+
+The user's `IPUTrainingArguments` are never changed. The upstream training loop sees different numbers
+(one dataloader batch per step, no accumulation of its own, the precision chosen here): those live in
+a copy, `ResolvedRun.loop_arguments()`, which only the trainer hands to `transformers.Trainer`.
+
+The effective IPU config is built in the original's order: the file, then `--n_ipu` (replication
+factors = n_ipu // ipus_per_replica), then `--ipu_config_overrides` followed by the flags forwarded into
+the IPU config (`--gradient_accumulation_steps`, `--gradient_checkpointing`, `--auto_loss_scaling`), so an
+explicit `replication_factor=` override wins over `--n_ipu` and a forwarded flag wins over an override of
+the same field; last, `seed = --seed`.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+import sys
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Optional
+
+from .ipu_config import IPUConfig
+from .placement import Placement
+from .precision import Precision, resolve_precision
+
+if TYPE_CHECKING:
+    from .training_args import IPUTrainingArguments
+
+logger = logging.getLogger(__name__)
+
+# Workers started for --dataloader_mode async / async_rebatched when --dataloader_num_workers is not given.
+ASYNC_DATALOADER_WORKERS = 4
+
+
+def num_hidden_layers_of(config: Any) -> Optional[int]:
+    """The number of transformer layers of a model config, whatever the architecture calls it."""
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    for name in ("num_hidden_layers", "n_layer", "num_layers", "n_layers"):
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def check_layers_fit(ipu_config: IPUConfig, model_config: Any) -> None:
+    """The original's check that layers_per_ipu (and its inference twin) places exactly the model's layers."""
+    num_layers = num_hidden_layers_of(model_config)
+    if num_layers is None:
+        logger.warning("Could not find the model's layer count; layers_per_ipu is not checked against it.")
+        return
+    ipu_config.resolved_layers_per_ipu(num_layers, for_inference=False)
+    ipu_config.resolved_layers_per_ipu(num_layers, for_inference=True)
+
+
+def forwarded_ipu_overrides(args: IPUTrainingArguments) -> list[str]:
+    """The command-line flags that are IPU config settings, as overrides."""
+    forwarded = []
+    if args.gradient_accumulation_steps is not None:
+        forwarded.append(f"gradient_accumulation_steps={args.gradient_accumulation_steps}")
+    if getattr(args, "activation_checkpointing", None) or args.gradient_checkpointing:
+        forwarded.append("recompute_checkpoint_every_layer=true")
+    if args.auto_loss_scaling:
+        forwarded.append("auto_loss_scaling=true")
+    return forwarded
+
+
+def effective_ipu_config(ipu_config: IPUConfig, args: IPUTrainingArguments) -> IPUConfig:
+    """A copy of the file's `ipu_config` with the command line applied in the original's order (module docstring)."""
+    effective = copy.deepcopy(ipu_config)
+    if args.n_ipu is not None:
+        effective.apply_n_ipu(args.n_ipu)
+    given = (args.ipu_config_overrides or "").strip().strip(",")
+    overrides = ",".join(part for part in [given, *forwarded_ipu_overrides(args)] if part)
+    if overrides:
+        effective.update_from_string(overrides)
+    effective.seed = args.seed
+    effective.validate()
+    applied = [f"--n_ipu {args.n_ipu}"] if args.n_ipu is not None else []
+    applied += [overrides] if overrides else []
+    if applied:
+        logger.info("IPU config from the command line: %s", ", ".join(applied))
+    return effective
+
+
+def refuse_data_parallel(args: IPUTrainingArguments) -> None:
+    """One process driving several GPUs would make transformers wrap the model in `nn.DataParallel`, whose loss
+    is a vector per GPU and whose batch split ignores the IPU config's placement: refused, with the command
+    that starts one process per GPU instead."""
+    if args.n_gpu > 1:
+        script = os.path.basename(sys.argv[0]) or "run_pretraining.py"
+        raise ValueError(
+            f"this machine shows {args.n_gpu} GPUs to one process, which would train with torch.nn.DataParallel "
+            f"(not supported): start one process per GPU with torchrun --nproc_per_node {args.n_gpu} {script} "
+            f"<same flags>, or pick one GPU with CUDA_VISIBLE_DEVICES=0"
+        )
+
+
+def cpus_available() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def dataloader_workers(requested: int, mode: str) -> tuple[int, Optional[str]]:
+    """Worker processes per training process, and a note for the log when the request was capped.
+
+    `--dataloader_num_workers` counts per process, and the recipes ask for 64 or 128, written for one host
+    process per IPU-POD: under `torchrun --nproc_per_node 8` that would start 512 workers. Each worker
+    collates whole step batches (the upstream loop takes one batch per step) and keeps `prefetch_factor`
+    of them in flight, so workers beyond the CPUs each process can use add only memory: the count is
+    capped at the CPUs per local process.
+    """
+    local_processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    per_process = max(1, cpus_available() // local_processes)
+    workers = requested
+    if mode != "sync" and requested == 0:
+        workers = max(1, min(ASYNC_DATALOADER_WORKERS, per_process - 1))
+    if workers <= per_process:
+        return workers, None
+    note = (f"--dataloader_num_workers {requested} is per process: {local_processes} process(es) share "
+            f"{cpus_available()} CPUs here, so each starts {per_process} worker(s)")
+    return per_process, note
+
+
+@dataclass(frozen=True)
+class ResolvedRun:
+    """A run's resolved settings; `args` are the user's arguments, unchanged."""
+
+    args: IPUTrainingArguments
+    ipu_config: IPUConfig
+    train_placement: Placement
+    eval_placement: Placement
+    precision: Precision
+    dataloader_num_workers: int
+    dataloader_workers_note: Optional[str] = None
+
+    @property
+    def shards_optimizer_state(self) -> bool:
+        """replicated_tensor_sharding with several processes: ZeRO stage 1 over the processes."""
+        return bool(self.ipu_config.replicated_tensor_sharding) and self.args.world_size > 1
+
+    @property
+    def offloads_optimizer_state(self) -> bool:
+        """optimizer_state_offchip on a GPU: optimizer state and update in host memory."""
+        return bool(self.ipu_config.optimizer_state_offchip) and self.args.device.type == "cuda"
+
+    def warmup_steps(self, num_training_steps: int) -> int:
+        return self.args.get_warmup_steps(num_training_steps)
+
+    def loop_arguments(self, find_unused_parameters: Optional[bool] = None) -> IPUTrainingArguments:
+        """A copy of the user's arguments as the upstream training loop must see them.
+
+        One dataloader batch per step (the process's share of micro x replicas x accumulation x device
+        iterations) and no accumulation of its own: the IPU config's accumulation and device iterations
+        happen inside `IPUTrainer.training_step`. Recomputation is applied to the model from the IPU config,
+        and the precision is the one resolved here (which also keeps an `ACCELERATE_MIXED_PRECISION` from
+        the environment from adding a second autocast). `find_unused_parameters` fills in
+        `--ddp_find_unused_parameters` when the user left it unset.
+        """
+        loop = copy.copy(self.args)
+        loop.accelerator_config = copy.copy(self.args.accelerator_config)
+        loop.gradient_accumulation_steps = 1
+        loop.per_device_train_batch_size = self.train_placement.process_batch_size
+        loop.per_device_eval_batch_size = self.eval_placement.process_batch_size
+        loop.gradient_checkpointing = False
+        if hasattr(loop, "activation_checkpointing"):
+            loop.activation_checkpointing = False
+        loop.fp16 = self.precision.mixed_precision == "fp16"
+        loop.bf16 = self.precision.mixed_precision == "bf16"
+        loop.mixed_precision = self.precision.mixed_precision
+        loop.dataloader_num_workers = self.dataloader_num_workers
+        if loop.device.type == "cpu":
+            loop.dataloader_pin_memory = False  # pinning needs an accelerator; spare the warning
+        elif loop.dataloader_pin_memory and hasattr(loop.accelerator_config, "non_blocking"):
+            loop.accelerator_config.non_blocking = True  # copies from pinned batches overlap the step before
+        if loop.ddp_find_unused_parameters is None and find_unused_parameters is not None:
+            loop.ddp_find_unused_parameters = find_unused_parameters
+        return loop
+
+    def describe(self) -> list[str]:
+        """The start-up block's lines about batches, precision, optimizer state and data loading."""
+        eval_placement = self.eval_placement
+        lines = list(self.train_placement.describe())
+        lines.append(
+            f"evaluation batch: {eval_placement.samples_per_step} samples (micro {eval_placement.micro_batch_size} "
+            f"x inference replicas {self.ipu_config.inference_replication_factor} x inference device iterations "
+            f"{eval_placement.device_iterations})"
+        )
+        lines.append(f"precision: {self.precision.describe()}")
+        sharded = f"sharded over {self.args.world_size} processes (ZeRO stage 1)"
+        state = sharded if self.shards_optimizer_state else "one full copy per process"
+        memory = "host" if self.offloads_optimizer_state else self.args.device.type.upper()
+        lines.append(f"optimizer state: {state}, in {memory} memory")
+        if self.dataloader_num_workers:
+            lines.append(f"dataloader: {self.args.dataloader_mode}, {self.dataloader_num_workers} worker process(es) "
+                         "per training process")
+        if self.dataloader_workers_note:
+            lines.append(self.dataloader_workers_note)
+        if self.args.pad_on_batch_axis:
+            lines.append("batches padded on the batch axis to the full step size")
+        return lines
+
+    def ipu_only_settings(self) -> dict[str, Any]:
+        """The IPU config's settings that have no effect on this machine (the ones used here left out)."""
+        settings = self.ipu_config.ipu_only_settings()
+        if self.shards_optimizer_state:
+            settings.pop("replicated_tensor_sharding", None)
+        if self.offloads_optimizer_state:
+            settings.pop("optimizer_state_offchip", None)
+        return settings
+
+
+def resolve_run(ipu_config: IPUConfig, args: IPUTrainingArguments, model_config: Any = None) -> ResolvedRun:
+    """Resolve the run from the file's `ipu_config`, the user's `args` and (when known) the model's config.
+
+    Raises ValueError / IncompatibleIPUConfigError (one line each) for a layer placement that does not fit
+    the model, processes that cannot share an update, several GPUs in one process, or a precision the
+    device cannot run; none of it needs weights or data.
+    """
+    refuse_data_parallel(args)
+    effective = effective_ipu_config(ipu_config, args)
+    if model_config is not None:
+        check_layers_fit(effective, model_config)
+    train_placement = Placement.for_training(effective, args.per_device_train_batch_size, args.world_size)
+    eval_placement = Placement.for_inference(effective, args.per_device_eval_batch_size, args.world_size)
+    precision = resolve_precision(
+        args.device, args.fp32, args.fp16, args.bf16, args.loss_scaling, effective.auto_loss_scaling
+    )
+    workers, note = dataloader_workers(args.dataloader_num_workers, args.dataloader_mode)
+    return ResolvedRun(
+        args=args,
+        ipu_config=effective,
+        train_placement=train_placement,
+        eval_placement=eval_placement,
+        precision=precision,
+        dataloader_num_workers=workers,
+        dataloader_workers_note=note,
+    )
+
+
+def warmup_steps_for(num_training_steps: int, warmup_ratio: Optional[float] = None, warmup_steps: float = 0) -> int:
+    """Warmup length: `warmup_steps` >= 1 is a step count, 0 < `warmup_steps` < 1 a ratio (transformers 5's
+    form), else `warmup_ratio` (the IPU recipes' flag); a ratio r gives ceil(num_training_steps * r).
+
+    The product is rounded to 9 decimals first so that float noise does not add a step (10500 * 0.28 is
+    2940.0000000000005 in binary floating point, and should give 2940).
+    """
+    if warmup_steps < 0:
+        raise ValueError(f"warmup_steps={warmup_steps!r} is invalid: must be >= 0")
+    if warmup_steps >= 1:
+        return int(warmup_steps)
+    ratio = warmup_steps if warmup_steps > 0 else (warmup_ratio or 0.0)
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"warmup_ratio={ratio!r} is invalid: must be in [0, 1]")
+    return math.ceil(round(num_training_steps * ratio, 9))
