@@ -234,8 +234,7 @@ def run_side(args: argparse.Namespace) -> dict:
     if args.side == "a":
         config.max_num_masked_tokens = num_masked
         model = BertForPreTrainingMaskedPositions(config)
-        if args.static_k:
-            model._packs_masked_positions = lambda sequence_output: False
+        model.static_masked_positions = args.static_k
         ipu_config = IPUConfig(gradient_accumulation_steps=args.grad_accum)
         training_args = IPUTrainingArguments(**common, fp32=args.fp32 or not cuda, lamb=args.lamb)
         collator = DataCollatorForLanguageModelingWithMaxTokensMasked(

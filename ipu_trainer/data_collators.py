@@ -28,8 +28,11 @@ def max_num_masked_tokens(sequence_length: int, mlm_probability: float) -> int:
 class DataCollatorForLanguageModelingWithMaxTokensMasked(DataCollatorForLanguageModeling):
     """MLM collator that never masks more than `max_num_masked_tokens` tokens in a sequence.
 
-    `max_seq_length` is the L used for the cap; when None the batch's padded length is used. Set it to
-    the model's sequence length so the cap matches `config.max_num_masked_tokens` for every batch.
+    `max_num_masked_tokens` is the per-sequence cap. Give the value that the model's
+    `config.max_num_masked_tokens` also gets, so collator and model share one number. When None it is
+    computed once, here, from `max_seq_length` and `mlm_probability` (the module function
+    `max_num_masked_tokens(L, p)`) and stored on the attribute; with `max_seq_length` None as well, each
+    batch's padded length is used as L and the attribute stays None.
 
     With `seed` set, each batch is masked by a generator seeded from the seed and the batch's token ids,
     never from the global RNG. The trainer's data loader collates one batch ahead of the step it runs,
@@ -39,6 +42,19 @@ class DataCollatorForLanguageModelingWithMaxTokensMasked(DataCollatorForLanguage
     """
 
     max_seq_length: int | None = None
+    max_num_masked_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        cap = self.max_num_masked_tokens
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
+            raise ValueError(
+                f"max_num_masked_tokens={cap!r} must be a whole number >= 1; pass None to derive it from "
+                "max_seq_length and mlm_probability"
+            )
+        if cap is None and self.mlm and self.max_seq_length:
+            # Inside a method the name resolves to the module-level function, not to this field.
+            self.max_num_masked_tokens = max_num_masked_tokens(self.max_seq_length, self.mlm_probability)
 
     def torch_call(self, examples: list[Any]) -> dict[str, Any]:
         # Dynamic masking replaces any labels stored with the data, and ragged stored labels would make
@@ -54,9 +70,10 @@ class DataCollatorForLanguageModelingWithMaxTokensMasked(DataCollatorForLanguage
 
         1. Candidates: every token that is not special (incl. padding) is chosen independently with
            probability p = `mlm_probability` (Bernoulli), so a row of n candidates gets Binomial(n, p).
-        2. Cap: with C = `max_num_masked_tokens(L, p)`, rows with more than C chosen tokens keep a uniformly
-           random subset of C of them: each chosen token draws a U(0, 1) score, unchosen ones score -1, and
-           the top-C scores of the row survive. Vectorised over the batch; the cap binds on ~2% of rows.
+        2. Cap: with C = `self.max_num_masked_tokens` (when None, `max_num_masked_tokens(S, p)` of the batch's
+           length S), rows with more than C chosen tokens keep a uniformly random subset of C of them: each
+           chosen token draws a U(0, 1) score, unchosen ones score -1, and the top-C scores of the row survive.
+           Vectorised over the batch; the cap binds on ~2% of rows.
         3. Corruption of the survivors: one U(0, 1) draw u per token; u < `mask_replace_prob` (0.8) ->
            [MASK], next `random_replace_prob` (0.1) -> a random vocabulary id, the rest (0.1) unchanged.
         4. labels = original id at the survivors, -100 everywhere else.
@@ -73,8 +90,9 @@ class DataCollatorForLanguageModelingWithMaxTokensMasked(DataCollatorForLanguage
         probability = torch.full(inputs.shape, self.mlm_probability).masked_fill_(not_maskable, 0.0)
         chosen = torch.bernoulli(probability, generator=generator).bool()
 
-        sequence_length = self.max_seq_length or inputs.shape[1]
-        cap = max_num_masked_tokens(sequence_length, self.mlm_probability)
+        cap = self.max_num_masked_tokens
+        if cap is None:
+            cap = max_num_masked_tokens(inputs.shape[1], self.mlm_probability)
         if cap < inputs.shape[1]:
             scores = torch.rand(inputs.shape, generator=generator).masked_fill_(~chosen, -1.0)
             kept = torch.zeros_like(chosen).scatter_(1, scores.topk(cap, dim=1).indices, True)

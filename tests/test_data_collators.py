@@ -1,5 +1,7 @@
 import pickle
 
+import ipu_trainer.data_collators as data_collators_module
+
 import pytest
 import torch
 
@@ -43,6 +45,43 @@ def collate(tokenizer, examples, **kwargs):
 )
 def test_max_num_masked_tokens_formula(length, probability, expected):
     assert max_num_masked_tokens(length, probability) == expected
+
+
+def test_collator_owns_max_num_masked_tokens(tokenizer):
+    def make(**kwargs):
+        return DataCollatorForLanguageModelingWithMaxTokensMasked(tokenizer, **kwargs)
+
+    assert make(max_seq_length=128, mlm_probability=0.15).max_num_masked_tokens == 32
+    assert make(max_seq_length=128, mlm_probability=0.15, max_num_masked_tokens=20).max_num_masked_tokens == 20
+    assert make(max_num_masked_tokens=7).max_num_masked_tokens == 7
+    assert make(mlm_probability=0.15).max_num_masked_tokens is None  # each batch's length decides
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match=f"max_num_masked_tokens={bad!r} must be a whole number >= 1"):
+            make(max_num_masked_tokens=bad)
+
+
+def test_cap_is_computed_once_at_construction(tokenizer, rows128, monkeypatch):
+    calls = []
+    original = data_collators_module.max_num_masked_tokens
+
+    def counting(*args):
+        calls.append(args)
+        return original(*args)
+
+    monkeypatch.setattr(data_collators_module, "max_num_masked_tokens", counting)
+    collator = DataCollatorForLanguageModelingWithMaxTokensMasked(
+        tokenizer, mlm_probability=0.15, max_seq_length=128, seed=0
+    )
+    for start in (0, 8, 16):
+        collator(rows128[start : start + 8])
+    assert calls == [(128, 0.15)]
+
+
+def test_explicit_cap_is_the_one_the_masking_uses(tokenizer, rows128):
+    # With p=0.5, L=128 would give a cap of 96; the explicit 10 binds on every row.
+    batch, _ = collate(tokenizer, rows128, mlm_probability=0.5, max_seq_length=128, max_num_masked_tokens=10)
+    counts = (batch["labels"] != -100).sum(dim=1)
+    assert counts.max() == 10 and (counts == 10).float().mean() > 0.95
 
 
 def test_cap_binds_and_keeps_a_random_subset(tokenizer, rows128):

@@ -1,6 +1,8 @@
 """Masked-LM and causal-LM building blocks of run_mlm.py / run_clm.py: the masked-position MLM heads, the
 chunked GPT-2 head, eval metrics, text preprocessing and sequence-length rules."""
 
+import logging
+import warnings
 from types import SimpleNamespace
 
 import numpy as np
@@ -34,12 +36,16 @@ from ipu_trainer.metrics import (
 from ipu_trainer.model_loading import max_positions_of
 from ipu_trainer.models import (
     BertForMaskedLMMaskedPositions,
+    BertForPreTrainingMaskedPositions,
     ChunkedVocabProjection,
     GPT2LMHeadModelChunked,
     RobertaForMaskedLMMaskedPositions,
     causal_lm_model_for,
     masked_lm_model_for,
 )
+from ipu_trainer.models import masked_positions
+from ipu_trainer.models.layers import set_recomputation
+from ipu_trainer.models.masked_positions import OVERFLOW_CHECK_INTERVAL, LabelOverflowCheck
 from ipu_trainer.resolved_run import check_layers_fit
 
 SEQ = 32
@@ -86,9 +92,12 @@ def paired(ours_class, upstream_class, make_config):
 # ---- masked-position MLM heads ---------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("static", [False, True], ids=["packed", "static-k"])
 @pytest.mark.parametrize("ours_class, upstream_class, make_config", MLM_CASES)
-def test_masked_position_head_gives_the_upstream_loss_and_gradients(ours_class, upstream_class, make_config, mlm_batch):
+def test_masked_position_head_gives_the_upstream_loss_and_gradients(ours_class, upstream_class, make_config, mlm_batch, static):
+    # CPU training packs the labelled positions; static_masked_positions gathers K per row as accelerators do.
     ours, reference = paired(ours_class, upstream_class, make_config)
+    ours.static_masked_positions = static
     assert set(ours.state_dict()) == set(reference.state_dict())
     ours.train(), reference.train()
     out = ours(**mlm_batch)
@@ -153,6 +162,161 @@ def test_masked_lm_classes_are_picked_by_model_type():
     assert masked_lm_model_for(SimpleNamespace(model_type="distilbert")) is None
     assert causal_lm_model_for(GPT2Config()) is GPT2LMHeadModelChunked
     assert causal_lm_model_for(SimpleNamespace(model_type="llama")) is None
+
+
+# ---- shared by every model: one head, one overflow check, one parallelize ----------------------------------
+
+
+MASKED_POSITION_CASES = [
+    pytest.param(BertForPreTrainingMaskedPositions, bert_config, id="bert-pretraining"),
+    pytest.param(BertForMaskedLMMaskedPositions, bert_config, id="bert-mlm"),
+    pytest.param(RobertaForMaskedLMMaskedPositions, roberta_config, id="roberta-mlm"),
+]
+
+
+def masked_position_model(model_class, make_config):
+    """The smallest model of the family: these tests run hundreds of forwards and look only at the control flow."""
+    config = make_config(max_num_masked_tokens=4)
+    config.update(dict(vocab_size=100, hidden_size=16, num_hidden_layers=1, intermediate_size=16))
+    torch.manual_seed(0)
+    return model_class(config)
+
+
+@pytest.fixture(scope="module")
+def small_batch():
+    g = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(5, 100, (2, 8), generator=g)
+    labels = torch.full_like(input_ids, -100)
+    labels[:, [2, 5]] = input_ids[:, [2, 5]]
+    return {"input_ids": input_ids, "labels": labels}
+
+
+def count_calls(monkeypatch, name, result=None):
+    """Replace `masked_positions.<name>` by a wrapper that records each call; returns the list of calls."""
+    calls = []
+    original = getattr(masked_positions, name)
+
+    def recording(*args):
+        calls.append(args)
+        return original(*args) if result is None else result
+
+    monkeypatch.setattr(masked_positions, name, recording)
+    return calls
+
+
+@pytest.mark.parametrize("mode", ["eval", "train-static-k"])
+@pytest.mark.parametrize("model_class, make_config", MASKED_POSITION_CASES)
+def test_overflow_check_has_one_cadence_for_every_model(model_class, make_config, mode, small_batch, monkeypatch):
+    # The label count syncs the host on accelerators: first forward, then every OVERFLOW_CHECK_INTERVAL-th.
+    model = masked_position_model(model_class, make_config)
+    model.train(mode != "eval")
+    model.static_masked_positions = True
+    calls = count_calls(monkeypatch, "count_overflowing_rows", result=0)
+    checked_at = []
+    with torch.no_grad():
+        for forward in range(250):
+            before = len(calls)
+            model(**small_batch)
+            checked_at += [forward] * (len(calls) - before)
+    assert OVERFLOW_CHECK_INTERVAL == 100
+    assert checked_at == [0, 100, 200]
+
+
+@pytest.mark.parametrize("model_class, make_config", MASKED_POSITION_CASES)
+def test_overflow_is_warned_once_and_then_never_counted_again(model_class, make_config, small_batch, monkeypatch, caplog):
+    model = masked_position_model(model_class, make_config).eval()
+    calls = count_calls(monkeypatch, "count_overflowing_rows", result=2)
+    with caplog.at_level(logging.WARNING, logger=masked_positions.__name__), torch.no_grad():
+        for _ in range(120):
+            model(**small_batch)
+    assert len(calls) == 1
+    assert len([r for r in caplog.records if "2 row(s) carry more than max_num_masked_tokens" in r.getMessage()]) == 1
+
+
+def test_overflow_check_is_skipped_while_compiling(monkeypatch):
+    calls = count_calls(monkeypatch, "count_overflowing_rows", result=0)
+    check = LabelOverflowCheck()
+    labels = torch.zeros(2, 8, dtype=torch.long)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    check(labels, 4)
+    assert calls == [] and check.calls == 0
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
+    check(labels, 4)
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize("model_class, make_config", MASKED_POSITION_CASES)
+def test_every_model_packs_on_cpu_training_and_gathers_otherwise(model_class, make_config, small_batch, monkeypatch):
+    model = masked_position_model(model_class, make_config)
+    packed = count_calls(monkeypatch, "pack_labelled_positions")
+    gathered = count_calls(monkeypatch, "gather_masked_positions")
+    with torch.no_grad():
+        model.train()(**small_batch)
+        assert (len(packed), len(gathered)) == (1, 0)
+        model.eval()(**small_batch)  # eval returns [B, K] logits aligned with the gathered labels
+        assert (len(packed), len(gathered)) == (1, 1)
+        model.static_masked_positions = True
+        model.train()(**small_batch)
+        assert (len(packed), len(gathered)) == (1, 2)
+
+
+PARALLELIZE_CASES = [
+    *MASKED_POSITION_CASES,
+    pytest.param(GPT2LMHeadModelChunked, lambda: gpt2_config(), id="gpt2"),
+]
+
+
+def recomputing(model):
+    # Read from the layers, not through the model property, whose name differs between transformers 5.17 and 5.24.
+    return any(getattr(module, "gradient_checkpointing", False) for module in model.modules())
+
+
+@pytest.mark.parametrize("model_class, make_config", PARALLELIZE_CASES)
+def test_parallelize_and_deparallelize_emit_no_deprecation_warnings(model_class, make_config):
+    # pyproject ignores FutureWarning for the whole suite, so the warnings are recorded here explicitly.
+    model = model_class(make_config())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert model.parallelize(SimpleNamespace()) is model and not recomputing(model)
+        assert model.parallelize(CHUNKED) is model and recomputing(model)
+        assert isinstance(model.vocab_projection, ChunkedVocabProjection)
+        assert model.parallelize(SimpleNamespace(recompute_checkpoint_every_layer=False)) is model
+        assert not recomputing(model) and type(model.vocab_projection) is nn.Linear
+        model.parallelize(CHUNKED)
+        assert model.deparallelize() is model and not recomputing(model)
+    deprecations = [w for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))]
+    assert not deprecations, [str(w.message) for w in deprecations]
+
+
+class GradientCheckpointingOnlyModel(nn.Module):
+    """The checkpointing API of transformers 5.17, which has no activation_checkpointing_* names."""
+
+    supports_gradient_checkpointing = True
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+        self.enabled = False
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+        self.calls.append(("enable", gradient_checkpointing_kwargs))
+        self.enabled = True
+
+    def gradient_checkpointing_disable(self):
+        self.calls.append(("disable",))
+        self.enabled = False
+
+    @property
+    def is_gradient_checkpointing(self):
+        return self.enabled
+
+
+def test_recomputation_uses_the_gradient_checkpointing_names_where_they_are_the_only_ones():
+    model = GradientCheckpointingOnlyModel()
+    set_recomputation(model, False)
+    set_recomputation(model, True)
+    set_recomputation(model, False)
+    assert model.calls == [("enable", {"use_reentrant": False}), ("disable",)]
 
 
 # ---- GPT-2 -----------------------------------------------------------------------------------------------

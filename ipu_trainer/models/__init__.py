@@ -8,6 +8,8 @@ from .bert import BertForPreTrainingMaskedPositions, MaskedPositionsPreTrainingO
 from .causal_lm import GPT2LMHeadModelChunked
 from .layers import ChunkedVocabProjection, gather_masked_positions, trunc_normal_init_, vocab_projection_loss
 from .masked_lm import BertForMaskedLMMaskedPositions, MaskedPositionsMaskedLMOutput, RobertaForMaskedLMMaskedPositions
+from .masked_positions import MaskedPositionsHeadMixin
+from .parallelize import ParallelizeMixin
 
 
 # model_type -> class computing the MLM head only at the masked positions; other families join here.
@@ -49,8 +51,10 @@ __all__ = [
     "BertForPreTrainingMaskedPositions",
     "ChunkedVocabProjection",
     "GPT2LMHeadModelChunked",
+    "MaskedPositionsHeadMixin",
     "MaskedPositionsMaskedLMOutput",
     "MaskedPositionsPreTrainingOutput",
+    "ParallelizeMixin",
     "RobertaForMaskedLMMaskedPositions",
     "causal_lm_model_for",
     "gather_masked_positions",

@@ -8,7 +8,6 @@ swaps in activation recomputation and the chunked vocabulary projection (`depara
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,23 +19,8 @@ from transformers import initialization as init
 from transformers.utils import ModelOutput
 from transformers.utils.generic import can_return_tuple
 
-from .layers import (
-    SaveAsUpstreamMixin,
-    count_overflowing_rows,
-    gather_masked_positions,
-    num_projection_chunks,
-    pack_labelled_positions,
-    set_projection_chunks,
-    set_recomputation,
-    trunc_normal_init_,
-    vocab_projection_loss,
-)
-
-
-logger = logging.getLogger(__name__)
-
-# Forwards between two checks for rows with more labels than max_num_masked_tokens (each check syncs the host).
-OVERFLOW_CHECK_INTERVAL = 100
+from .layers import trunc_normal_init_
+from .masked_positions import MaskedPositionsHeadMixin
 
 
 @dataclass
@@ -62,29 +46,20 @@ class MaskedPositionsPreTrainingOutput(ModelOutput):
     attentions: tuple[torch.Tensor, ...] | None = None
 
 
-class BertForPreTrainingMaskedPositions(SaveAsUpstreamMixin, BertForPreTraining):
+class BertForPreTrainingMaskedPositions(MaskedPositionsHeadMixin, BertForPreTraining):
     """`BertForPreTraining` that runs the MLM head only where there are labels.
 
-    With `config.max_num_masked_tokens = K` and labels given, the K positions of each row that carry
-    labels (top-k of `labels != -100`) are gathered from the encoder output and only those [B, K, H]
-    states go through the prediction-head transform and the [H, V] decoder, instead of all S positions.
-    The MLM loss is the mean cross-entropy over the gathered labels, which equals the full-sequence loss
-    as long as no row has more than K labels (the masking collator guarantees this); a row with more
-    is reported once with a warning. Without K the model computes full-sequence logits like upstream.
-
-    A training step on the CPU (eager) packs exactly the labelled positions of the whole batch instead,
-    [M, H] with M the number of labels, which skips the fillers and gives the same loss without a cap.
+    With `config.max_num_masked_tokens = K` and labels given, the MLM head (prediction-head transform and
+    [H, V] decoder) sees only the labelled positions: K gathered per row, or on CPU training exactly the
+    labelled ones packed (see `ipu_trainer.models.masked_positions`). The MLM loss equals the
+    full-sequence loss as long as no row has more than K labels (the masking collator guarantees this).
+    Without K the model computes full-sequence logits like upstream.
 
     In training mode the output carries only the loss, so the logits can be freed early (and, with
     the chunked projection, are never materialised at all).
     """
 
     upstream_class = BertForPreTraining
-
-    def __init__(self, config: Any) -> None:
-        super().__init__(config)
-        self._warned_label_overflow = False
-        self._forwards_since_overflow_check = -1
 
     def _init_weights(self, module: nn.Module) -> None:
         """Truncated-normal init (±2 std, std = `initializer_range`) for Linear and Embedding weights.
@@ -143,24 +118,9 @@ class BertForPreTrainingMaskedPositions(SaveAsUpstreamMixin, BertForPreTraining)
             return_dict=True,
             **kwargs,
         )
-        sequence_output = outputs.last_hidden_state
-        masked_lm_labels = labels
-
         only_loss = self.training and (labels is not None or next_sentence_label is not None)
-        num_masked = getattr(self.config, "max_num_masked_tokens", None)
-        if labels is not None and num_masked:
-            if only_loss and self._packs_masked_positions(sequence_output):
-                sequence_output, masked_lm_labels = pack_labelled_positions(sequence_output, labels)
-            else:
-                self._warn_on_label_overflow(labels, num_masked)
-                sequence_output, masked_lm_labels, _ = gather_masked_positions(sequence_output, labels, num_masked)
-
-        predictions = self.cls.predictions
-        mlm_loss, prediction_logits = vocab_projection_loss(
-            predictions.transform(sequence_output),
-            masked_lm_labels,
-            predictions.decoder,
-            return_logits=not (only_loss and labels is not None),
+        mlm_loss, prediction_logits, masked_lm_labels = self._masked_lm_head(
+            outputs.last_hidden_state, labels, return_logits=not (only_loss and labels is not None)
         )
 
         seq_relationship_logits = self.cls.seq_relationship(outputs.pooler_output)
@@ -184,49 +144,8 @@ class BertForPreTrainingMaskedPositions(SaveAsUpstreamMixin, BertForPreTraining)
             attentions=outputs.attentions,
         )
 
-    @staticmethod
-    def _packs_masked_positions(sequence_output: torch.Tensor) -> bool:
-        """Whether a training step packs the labelled positions (`pack_labelled_positions`) instead of
-        gathering a fixed K per row: on the CPU in eager mode, where dynamic shapes cost nothing and the
-        K - labels fillers (~40% of K at 15% masking) would go through the [H, V] projection for nothing.
-        Accelerators and compiled graphs keep the static K: there the boolean index would sync the host
-        and break the graph, for a projection that is a few percent of the step."""
-        return sequence_output.device.type == "cpu" and not torch.compiler.is_compiling()
+    def _head_transform(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.cls.predictions.transform(hidden_states)
 
-    def _warn_on_label_overflow(self, labels: torch.Tensor, num_masked: int) -> None:
-        # The check costs a host sync on accelerators, so it runs on the first forward and then every
-        # OVERFLOW_CHECK_INTERVAL-th one, and stops once the user has been told; it is also skipped while
-        # tracing for torch.compile, where a data-dependent branch would break the graph.
-        if self._warned_label_overflow or torch.compiler.is_compiling():
-            return
-        self._forwards_since_overflow_check += 1
-        if self._forwards_since_overflow_check % OVERFLOW_CHECK_INTERVAL:
-            return
-        overflowing = count_overflowing_rows(labels, num_masked)
-        if overflowing:
-            self._warned_label_overflow = True
-            logger.warning(
-                "%d row(s) carry more than max_num_masked_tokens=%d labels; the extra labels are left out of "
-                "the MLM loss, which therefore differs from the full-sequence loss. Mask with "
-                "DataCollatorForLanguageModelingWithMaxTokensMasked or raise config.max_num_masked_tokens.",
-                overflowing,
-                num_masked,
-            )
-
-    def parallelize(self, ipu_config: Any) -> BertForPreTrainingMaskedPositions:
-        """Apply the training-speed settings of `ipu_config` as explicit module changes.
-
-        - `recompute_checkpoint_every_layer`: activation checkpointing around every encoder layer.
-        - `embedding_serialization_factor` / `projection_serialization_factor` (the larger one, n): when
-          n > 1 the MLM decoder becomes a `ChunkedVocabProjection` computing the loss in n chunks. It keeps
-          the decoder's Parameters and names, so tying and the state dict are unchanged.
-        """
-        set_recomputation(self, bool(getattr(ipu_config, "recompute_checkpoint_every_layer", False)))
-        set_projection_chunks(self.cls.predictions, "decoder", num_projection_chunks(ipu_config))
-        return self
-
-    def deparallelize(self) -> BertForPreTrainingMaskedPositions:
-        """Undo `parallelize`: no recomputation and a plain `nn.Linear` decoder on the same weights."""
-        set_recomputation(self, False)
-        set_projection_chunks(self.cls.predictions, "decoder", 1)
-        return self
+    def vocab_projection_site(self) -> tuple[nn.Module, str]:
+        return self.cls.predictions, "decoder"

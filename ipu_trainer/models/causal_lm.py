@@ -12,19 +12,15 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import nn
 from transformers import GPT2LMHeadModel
 from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
 
-from .layers import (
-    ChunkedVocabProjection,
-    SaveAsUpstreamMixin,
-    num_projection_chunks,
-    set_projection_chunks,
-    set_recomputation,
-)
+from .layers import ChunkedVocabProjection
+from .parallelize import ParallelizeMixin
 
 
-class GPT2LMHeadModelChunked(SaveAsUpstreamMixin, GPT2LMHeadModel):
+class GPT2LMHeadModelChunked(ParallelizeMixin, GPT2LMHeadModel):
     """`GPT2LMHeadModel` whose training loss can run through a chunked, tied vocabulary projection.
 
     Only training with labels and a chunked head takes the chunked path, which returns the loss alone:
@@ -56,15 +52,5 @@ class GPT2LMHeadModelChunked(SaveAsUpstreamMixin, GPT2LMHeadModel):
         loss = self.lm_head.loss(hidden_states[:, :-1], labels[:, 1:].to(hidden_states.device))
         return CausalLMOutputWithCrossAttentions(loss=loss)
 
-    def parallelize(self, ipu_config: Any) -> GPT2LMHeadModelChunked:
-        """Activation checkpointing per block when `recompute_checkpoint_every_layer`; a chunked LM head
-        when the larger of the embedding/projection serialisation factors is > 1."""
-        set_recomputation(self, bool(getattr(ipu_config, "recompute_checkpoint_every_layer", False)))
-        set_projection_chunks(self, "lm_head", num_projection_chunks(ipu_config))
-        return self
-
-    def deparallelize(self) -> GPT2LMHeadModelChunked:
-        """Undo `parallelize`: no recomputation and a plain `nn.Linear` LM head on the same (tied) weight."""
-        set_recomputation(self, False)
-        set_projection_chunks(self, "lm_head", 1)
-        return self
+    def vocab_projection_site(self) -> tuple[nn.Module, str]:
+        return self, "lm_head"

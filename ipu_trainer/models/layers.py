@@ -6,8 +6,6 @@ pretraining heads, `BertForMaskedLM`, `RobertaForMaskedLM`) can reuse them.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -177,47 +175,26 @@ def set_projection_chunks(owner: nn.Module, name: str, num_chunks: int) -> None:
     setattr(owner, name, ChunkedVocabProjection(projection, num_chunks) if num_chunks > 1 else projection)
 
 
-class SaveAsUpstreamMixin:
-    """`save_pretrained` that names `upstream_class` in `config.architectures` instead of the subclass.
-
-    The training-speed subclasses keep upstream's parameter names, so their weights need no conversion;
-    only the class name upstream stamps into the config would tie the checkpoint to this package.
-    """
-
-    upstream_class: type
-
-    def save_pretrained(self, save_directory, is_main_process: bool = True, *args, push_to_hub: bool = False, **kwargs):
-        hub_kwargs = {key: kwargs.pop(key) for key in ("repo_id", "commit_message", "create_pr") if key in kwargs}
-        super().save_pretrained(save_directory, is_main_process, *args, **kwargs)
-        self.config.architectures = [self.upstream_class.__name__]
-        if is_main_process:
-            self.config.save_pretrained(save_directory)
-        if push_to_hub and is_main_process:
-            # push_to_hub saves through this method into a temporary folder, so the rename above applies.
-            repo_id = hub_kwargs.pop("repo_id", os.path.basename(os.path.normpath(str(save_directory))))
-            self.push_to_hub(repo_id, token=kwargs.get("token"), **hub_kwargs)
-
-
 def set_recomputation(model: nn.Module, enabled: bool) -> None:
     """Turn activation checkpointing of every layer on or off (`recompute_checkpoint_every_layer`).
 
-    transformers 5.24 calls it activation checkpointing, earlier 5.x releases gradient checkpointing;
-    both are accepted so the package runs with either. Non-reentrant checkpointing works with frozen
-    inputs and `torch.compile`.
+    transformers 5.24 calls it activation checkpointing and warns (FutureWarning) on every use of the
+    gradient_checkpointing_* names; earlier 5.x releases only have those. The activation_checkpointing_*
+    API is used wherever the class has it, so neither version warns. Non-reentrant checkpointing works with
+    frozen inputs and `torch.compile`.
     """
-    if enabled:
-        if not getattr(model, "supports_gradient_checkpointing", False):
-            raise IncompatibleIPUConfigError(
-                f"recompute_checkpoint_every_layer=true but {type(model).__name__} does not support activation "
-                "checkpointing; set recompute_checkpoint_every_layer=false"
-            )
-        kwargs = {"use_reentrant": False}
-        if hasattr(model, "activation_checkpointing_enable"):
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    elif getattr(model, "is_activation_checkpointing", getattr(model, "is_gradient_checkpointing", False)):
-        if hasattr(model, "activation_checkpointing_disable"):
+    if enabled and not getattr(model, "supports_gradient_checkpointing", False):
+        raise IncompatibleIPUConfigError(
+            f"recompute_checkpoint_every_layer=true but {type(model).__name__} does not support activation "
+            "checkpointing; set recompute_checkpoint_every_layer=false"
+        )
+    # Looked up on the class: reading a deprecated property on the instance is what warns.
+    if hasattr(type(model), "activation_checkpointing_enable"):
+        if enabled:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        elif model.is_activation_checkpointing:
             model.activation_checkpointing_disable()
-        else:
-            model.gradient_checkpointing_disable()
+    elif enabled:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif model.is_gradient_checkpointing:
+        model.gradient_checkpointing_disable()

@@ -6,17 +6,15 @@ dict, and their checkpoints are plain upstream checkpoints (`config.architecture
 class), so `AutoModelForMaskedLM.from_pretrained` loads them without this package.
 
 What differs is opt-in:
-- `config.max_num_masked_tokens = K` with labels given: the K labelled positions of each row are gathered
-  from the encoder output (`gather_masked_positions`) and only those go through the head transform and the
-  [H, V] decoder. The loss equals the full-sequence loss as long as no row has more than K labels, which
-  the max-tokens masking collator guarantees.
+- `config.max_num_masked_tokens = K` with labels given: only the labelled positions go through the head
+  transform and the [H, V] decoder (`ipu_trainer.models.masked_positions`, the head they share with
+  BERT pretraining).
 - `parallelize(ipu_config)`: activation recomputation per layer and a `ChunkedVocabProjection` decoder when
   the IPU config asks for embedding/projection serialisation; `deparallelize()` undoes both.
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,18 +25,7 @@ from transformers.modeling_outputs import MaskedLMOutput
 from transformers.models.roberta.modeling_roberta import gelu as roberta_gelu
 from transformers.utils.generic import can_return_tuple
 
-from .layers import (
-    SaveAsUpstreamMixin,
-    count_overflowing_rows,
-    gather_masked_positions,
-    num_projection_chunks,
-    set_projection_chunks,
-    set_recomputation,
-    vocab_projection_loss,
-)
-
-
-logger = logging.getLogger(__name__)
+from .masked_positions import MaskedPositionsHeadMixin
 
 
 @dataclass
@@ -54,22 +41,11 @@ class MaskedPositionsMaskedLMOutput(MaskedLMOutput):
     masked_lm_labels: torch.Tensor | None = None
 
 
-class MaskedPositionsMaskedLMMixin(SaveAsUpstreamMixin):
-    """The masked-position forward and `parallelize`, shared by the MLM classes; saves as `upstream_class`.
-
-    A subclass names its upstream class and says where its head transform and decoder live; the encoder is
-    the upstream `base_model_prefix` attribute.
-    """
+class MaskedPositionsMaskedLMMixin(MaskedPositionsHeadMixin):
+    """The masked-LM forward around the shared masked-position head; the encoder is the upstream
+    `base_model_prefix` attribute. A subclass names its upstream class, head transform and decoder site."""
 
     base_model_prefix: str
-
-    def _head_transform(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """The head's layers before the vocabulary projection."""
-        raise NotImplementedError
-
-    def _decoder_owner(self) -> nn.Module:
-        """The module holding the vocabulary projection as its `decoder` attribute."""
-        raise NotImplementedError
 
     @can_return_tuple
     def forward(
@@ -97,19 +73,9 @@ class MaskedPositionsMaskedLMMixin(SaveAsUpstreamMixin):
             return_dict=True,
             **kwargs,
         )
-        sequence_output = outputs.last_hidden_state
-        masked_lm_labels = labels
-        num_masked = getattr(self.config, "max_num_masked_tokens", None)
-        if labels is not None and num_masked:
-            self._warn_on_label_overflow(labels, num_masked)
-            sequence_output, masked_lm_labels, _ = gather_masked_positions(sequence_output, labels, num_masked)
-
         only_loss = self.training and labels is not None
-        loss, logits = vocab_projection_loss(
-            self._head_transform(sequence_output),
-            masked_lm_labels,
-            self._decoder_owner().decoder,
-            return_logits=not only_loss,
+        loss, logits, masked_lm_labels = self._masked_lm_head(
+            outputs.last_hidden_state, labels, return_logits=not only_loss
         )
         if only_loss:
             return MaskedPositionsMaskedLMOutput(loss=loss)
@@ -121,37 +87,6 @@ class MaskedPositionsMaskedLMMixin(SaveAsUpstreamMixin):
             attentions=outputs.attentions,
         )
 
-    def _warn_on_label_overflow(self, labels: torch.Tensor, num_masked: int) -> None:
-        # One host sync per batch until the user has been told; skipped while torch.compile traces.
-        if getattr(self, "_warned_label_overflow", False) or torch.compiler.is_compiling():
-            return
-        overflowing = count_overflowing_rows(labels, num_masked)
-        if overflowing:
-            self._warned_label_overflow = True
-            logger.warning(
-                "%d row(s) carry more than max_num_masked_tokens=%d labels; the extra labels are left out of the "
-                "MLM loss. Mask with DataCollatorForLanguageModelingWithMaxTokensMasked or raise "
-                "config.max_num_masked_tokens.", overflowing, num_masked,
-            )
-
-    def parallelize(self, ipu_config: Any):
-        """Apply the training-speed settings of `ipu_config` as explicit module changes.
-
-        - `recompute_checkpoint_every_layer`: activation checkpointing around every encoder layer.
-        - the larger of `embedding_serialization_factor` / `projection_serialization_factor`, n > 1: the
-          decoder becomes a `ChunkedVocabProjection` computing the training loss in n chunks, on the same
-          Parameters (tying and state-dict keys unchanged).
-        """
-        set_recomputation(self, bool(getattr(ipu_config, "recompute_checkpoint_every_layer", False)))
-        set_projection_chunks(self._decoder_owner(), "decoder", num_projection_chunks(ipu_config))
-        return self
-
-    def deparallelize(self):
-        """Undo `parallelize`: no recomputation and a plain `nn.Linear` decoder on the same weights."""
-        set_recomputation(self, False)
-        set_projection_chunks(self._decoder_owner(), "decoder", 1)
-        return self
-
 
 class BertForMaskedLMMaskedPositions(MaskedPositionsMaskedLMMixin, BertForMaskedLM):
     """`BertForMaskedLM` with the MLM head run only at the labelled positions (see the module docstring)."""
@@ -161,8 +96,8 @@ class BertForMaskedLMMaskedPositions(MaskedPositionsMaskedLMMixin, BertForMasked
     def _head_transform(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.cls.predictions.transform(hidden_states)
 
-    def _decoder_owner(self) -> nn.Module:
-        return self.cls.predictions
+    def vocab_projection_site(self) -> tuple[nn.Module, str]:
+        return self.cls.predictions, "decoder"
 
 
 class RobertaForMaskedLMMaskedPositions(MaskedPositionsMaskedLMMixin, RobertaForMaskedLM):
@@ -174,5 +109,5 @@ class RobertaForMaskedLMMaskedPositions(MaskedPositionsMaskedLMMixin, RobertaFor
         head = self.lm_head
         return head.layer_norm(roberta_gelu(head.dense(hidden_states)))
 
-    def _decoder_owner(self) -> nn.Module:
-        return self.lm_head
+    def vocab_projection_site(self) -> tuple[nn.Module, str]:
+        return self.lm_head, "decoder"
