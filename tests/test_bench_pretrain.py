@@ -43,7 +43,7 @@ def test_packed_head_matches_gathered_head_and_bert_for_pretraining(tokenizer_di
     torch.manual_seed(0)
     packed = BertForPreTrainingMaskedPositions(config)
     gathered = BertForPreTrainingMaskedPositions(config)
-    gathered._packs_masked_positions = lambda sequence_output: False
+    gathered.static_masked_positions = True
     reference = BertForPreTraining(config)
     gathered.load_state_dict(packed.state_dict())
     reference.load_state_dict(packed.state_dict())
