@@ -99,8 +99,10 @@ def main():
     too_short = "the text is empty or shorter than one max_seq_length block (try --line_by_line or a smaller --max_seq_length)"
     train_dataset, eval_dataset = train_and_eval_splits(tokenized_datasets, training_args, data_args, too_short)
 
-    # Model: BERT and RoBERTa compute the MLM head only at the (at most max_num_masked_tokens) masked positions
-    config.max_num_masked_tokens = max_num_masked_tokens(max_seq_length, data_args.mlm_probability)
+    # Model: BERT and RoBERTa compute the MLM head only at the (at most max_num_masked_tokens) masked positions (one
+    # cap, for the model here and the masking collator below)
+    masked_tokens_cap = max_num_masked_tokens(max_seq_length, data_args.mlm_probability)
+    config.max_num_masked_tokens = masked_tokens_cap
     model_class = masked_lm_model_for(config)
     if model_class is None:
         logger.info("No masked-position head for model type %r: the MLM head runs on every position.", config.model_type)
@@ -109,6 +111,7 @@ def main():
     # Dynamic masking, capped at max_num_masked_tokens per sequence; seeded so runs (and evaluations) repeat
     data_collator = DataCollatorForLanguageModelingWithMaxTokensMasked(
         tokenizer=tokenizer, mlm_probability=data_args.mlm_probability, max_seq_length=max_seq_length,
+        max_num_masked_tokens=masked_tokens_cap,
         seed=training_args.data_seed if training_args.data_seed is not None else training_args.seed,
     )
 

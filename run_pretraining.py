@@ -134,8 +134,10 @@ def main():
 
     train_dataset, eval_dataset = train_and_eval_splits(tokenized_datasets, training_args, data_args, "the data is empty")
 
-    # Model: MLM logits only at the masked positions, at most max_num_masked_tokens per sequence.
-    config.max_num_masked_tokens = max_num_masked_tokens(max_seq_length, data_args.mlm_probability)
+    # Model: MLM logits only at the masked positions, at most max_num_masked_tokens per sequence (one cap, for the
+    # model here and the masking collator below)
+    masked_tokens_cap = max_num_masked_tokens(max_seq_length, data_args.mlm_probability)
+    config.max_num_masked_tokens = masked_tokens_cap
     model = load_model(AutoModelForPreTraining, model_args, config, tokenizer, model_class=masked_positions_model_for(config))
 
     # Masking: dynamic (every batch masked afresh) unless the data's own masking is kept.
@@ -144,7 +146,7 @@ def main():
     else:
         data_collator = DataCollatorForLanguageModelingWithMaxTokensMasked(
             tokenizer=tokenizer, mlm_probability=data_args.mlm_probability, max_seq_length=max_seq_length,
-            seed=training_args.seed,
+            max_num_masked_tokens=masked_tokens_cap, seed=training_args.seed,
         )
 
     # Trainer
