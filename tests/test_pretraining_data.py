@@ -15,6 +15,7 @@ from ipu_trainer.pretraining_data import (
     _truncated_lengths,
     add_mlm_labels,
     build_nsp_pairs,
+    dataset_fingerprint,
     load_text_documents,
     split_sentences,
 )
@@ -293,3 +294,10 @@ def test_pairs_do_not_depend_on_the_tokenizers_last_padding_or_truncation(docume
     again = build_nsp_pairs(documents, tokenizer, MAX_SEQ_LENGTH, seed=42, load_from_cache_file=False)
     assert again["input_ids"] == pairs["input_ids"]
     assert again["next_sentence_label"] == pairs["next_sentence_label"]
+
+
+def test_dataset_fingerprint_touchpoint_follows_the_content():
+    """pretraining_data.dataset_fingerprint reads datasets' private Dataset._fingerprint."""
+    first, same, other = (datasets.Dataset.from_dict({"text": texts}) for texts in (["a b"], ["a b"], ["a c"]))
+    assert isinstance(dataset_fingerprint(first), str)
+    assert dataset_fingerprint(first) == dataset_fingerprint(same) != dataset_fingerprint(other)

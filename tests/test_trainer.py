@@ -251,3 +251,25 @@ def test_the_step_batch_is_not_reported_as_data_parallel(tmp_path, caplog):
     assert not any("DataParallel" in m for m in messages)
     # Upstream's per-device batch is the step batch of micro 2 x accumulation 2.
     assert any("Instantaneous batch size per device = 4" in m for m in messages)
+
+
+# ---- Private upstream touchpoints ---------------------------------------------------------------------------
+
+
+def test_upstream_still_saves_the_optimizer_through_the_overridden_method(tmp_path, monkeypatch):
+    """IPUTrainer._save_optimizer_and_scheduler overrides transformers' private method of that name to gather ZeRO
+    shards first; if upstream renames or stops calling it, this fails."""
+    import inspect
+
+    from transformers import Trainer
+
+    assert list(inspect.signature(Trainer._save_optimizer_and_scheduler).parameters) == ["self", "output_dir"]
+    called = []
+    original = IPUTrainer._save_optimizer_and_scheduler
+    monkeypatch.setattr(IPUTrainer, "_save_optimizer_and_scheduler",
+                        lambda self, output_dir: (called.append(output_dir), original(self, output_dir)))
+    args = make_args(tmp_path, max_steps=1, save_strategy="steps", save_steps=1)
+    trainer = IPUTrainer(model=tiny_bert(), ipu_config=ipu_config(), args=args, data_collator=default_data_collator,
+                         train_dataset=masked_pairs(4))
+    trainer.train()
+    assert called and (tmp_path / "out" / "checkpoint-1" / "optimizer.pt").is_file()

@@ -94,6 +94,9 @@ class BertForPreTrainingMaskedPositions(MaskedPositionsHeadMixin, BertForPreTrai
         """
         for module in self.modules():
             self._init_weights(module)
+            # Private upstream touchpoint: transformers' per-module "initialised" flag (no public setter).
+            # test_models.py's test_truncated_normal_init / test_from_pretrained_keeps_loaded_weights fail if
+            # its meaning changes.
             module._is_hf_initialized = True
 
     @can_return_tuple
