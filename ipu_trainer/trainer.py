@@ -27,7 +27,7 @@ from .data_collators import pad_on_batch_axis
 from .ipu_config import IPUConfig
 from .models.layers import set_recomputation
 from .optimization import Lamb
-from .placement import HostOffloadedOptimizer, Placement, ShardedOptimizer
+from .placement import HostOffloadedOptimizer, Placement, ShardedOptimizer, prepare_optimizer_for_checkpoint
 from .precision import Precision
 from .training_args import IPUTrainingArguments
 
@@ -325,9 +325,7 @@ class IPUTrainer(Trainer):
             self.ipu_config.save_pretrained(output_dir if output_dir is not None else self.args.output_dir)
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
-        sharded = getattr(self.optimizer, "optimizer", self.optimizer)
-        if isinstance(sharded, ShardedOptimizer):
-            sharded.consolidate_state_dict(to=0)  # every process sends its shard; process 0 writes the whole
+        prepare_optimizer_for_checkpoint(self.optimizer, self.args.device)  # a sharded state is gathered on process 0
         super()._save_optimizer_and_scheduler(output_dir)
         if self.precision.loss_scaler is not None and self.args.should_save:
             torch.save(self.precision.loss_scaler.state_dict(), os.path.join(output_dir, LOSS_SCALER_NAME))
