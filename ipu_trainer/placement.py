@@ -117,9 +117,9 @@ class Placement:
 def wait_for_device_to_host_copies(device: torch.device) -> None:
     """Block until the copies from `device` into host memory started with `non_blocking=True` have landed.
 
-    Such a copy into pinned memory is only queued on the device's stream: the call returns at once and the
-    host tensor holds its old bytes until the device gets there, so a host reader (`torch.save`, an update on
-    the CPU) must wait for the device first. Copies from a CPU tensor are done when the call returns.
+    A copy from a GPU into pinned host memory is only queued on the device's stream: the call returns at once
+    and the host tensor holds its old bytes until the device gets there, so a host reader (`torch.save`, an
+    update on the CPU) must wait for the device first. Copies from a CPU tensor are done when the call returns.
     """
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -292,9 +292,10 @@ def prepare_optimizer_for_checkpoint(optimizer: torch.optim.Optimizer, device: t
     if not isinstance(sharded, ShardedOptimizer):
         return
     sharded.consolidate_state_dict(to=0)
-    # ZeroRedundancyOptimizer.consolidate_state_dict copies every shard to the CPU with non_blocking=True: from a
-    # GPU those copies are still in flight when it returns, and torch.save would write whatever bytes the host
-    # buffers held. Process 0 waits for its device before anything reads them.
+    # ZeroRedundancyOptimizer.consolidate_state_dict copies the shards it receives (and its own) to the CPU with
+    # non_blocking=True: from a GPU those copies may still be in flight when it returns, and torch.save would write
+    # whatever bytes the host buffers held then. Only process 0 receives copies; waiting everywhere costs the
+    # others one synchronization per checkpoint.
     wait_for_device_to_host_copies(device)
 
 
@@ -306,7 +307,7 @@ def prepare_optimizer_for_checkpoint(optimizer: torch.optim.Optimizer, device: t
 def release_consolidated_copies(optimizer: ZeroRedundancyOptimizer) -> None:
     """Free the copies of every shard that `consolidate_state_dict` left on the process they were sent to.
 
-    ZeroRedundancyOptimizer keeps them until the next consolidation: a stale second copy of the whole optimizer
-    state in host memory between checkpoints, which no public method frees.
+    ZeroRedundancyOptimizer keeps them until the next consolidation: a stale copy of the other processes' state in
+    host memory between checkpoints, which no public method frees.
     """
     optimizer._all_state_dicts = []
