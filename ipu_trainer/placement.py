@@ -113,27 +113,16 @@ class Placement:
         ]
 
 
-class ShardedOptimizer(ZeroRedundancyOptimizer):
-    """ZeRO stage 1: each process keeps the optimizer state of its share of the parameters.
 
-    `state_dict()` is the whole, consolidated state on the process it was consolidated to (the trainer
-    consolidates to process 0 before writing a checkpoint, and loading such a file re-shards it). Before
-    any consolidation, e.g. when accelerate moves the fresh optimizer's state to the device, it is this
-    process's own shard, which `load_state_dict` takes back as it is.
+def wait_for_device_to_host_copies(device: torch.device) -> None:
+    """Block until the copies from `device` into host memory started with `non_blocking=True` have landed.
+
+    A copy from a GPU into pinned host memory is only queued on the device's stream: the call returns at once
+    and the host tensor holds its old bytes until the device gets there, so a host reader (`torch.save`, an
+    update on the CPU) must wait for the device first. Copies from a CPU tensor are done when the call returns.
     """
-
-    def state_dict(self) -> dict:
-        if self._all_state_dicts:
-            state = super().state_dict()
-            self._all_state_dicts = []  # consolidated copies go stale after the next update
-            return state
-        return {"local_shard": self.optim.state_dict()}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        if "local_shard" in state_dict:
-            self.optim.load_state_dict(state_dict["local_shard"])
-        else:
-            super().load_state_dict(state_dict)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 class HostOffloadedOptimizer(torch.optim.Optimizer):
@@ -144,6 +133,15 @@ class HostOffloadedOptimizer(torch.optim.Optimizer):
     moments are twice the model's size) at the price of three parameter-sized transfers per update,
     small beside an update of thousands of sequences. The host copies are refreshed from the device
     every update, so weights loaded into the model after this optimizer was built are never lost.
+
+    The transfers are asynchronous; why no host tensor is read or handed out while one is in flight:
+    - the copies into the host buffers (parameters, gradients) are waited for before the host update
+      reads them;
+    - the copies back to the device, queued at the end of `step()`, only read the host parameters. The
+      only later writes to those buffers are the next `step()`'s copies from the device, queued on the
+      same stream and therefore run after them; the host update writes them only after the wait;
+    - the state (`state_dict()`) is written by the host update alone, never by a copy, so it is
+      complete whenever `step()` has returned.
     """
 
     def __init__(self, params: Any, optimizer_class: type, **optimizer_kwargs: Any) -> None:
@@ -169,6 +167,10 @@ class HostOffloadedOptimizer(torch.optim.Optimizer):
         self.param_groups = self.optimizer.param_groups
         self.state = self.optimizer.state
 
+    def device_parameters(self) -> list[torch.Tensor]:
+        """The model's parameters, in the order of the host parameters (the numbering of `state_dict()`)."""
+        return list(self._device_params)
+
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
         if closure is not None:
@@ -181,8 +183,8 @@ class HostOffloadedOptimizer(torch.optim.Optimizer):
             if host_param.grad is None:
                 host_param.grad = torch.empty_like(host_param, pin_memory=host_param.is_pinned())
             host_param.grad.copy_(device_param.grad, non_blocking=True)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()  # the copies into host memory must land before the host reads them
+        for device in {param.device for param in self._device_params}:
+            wait_for_device_to_host_copies(device)
         self.optimizer.step()
         for device_param, host_param in zip(self._device_params, self._host_params):
             device_param.copy_(host_param, non_blocking=True)
@@ -204,3 +206,108 @@ class HostOffloadedOptimizer(torch.optim.Optimizer):
         # Loading replaces the wrapped optimizer's group list and state; keep sharing them.
         self.param_groups = self.optimizer.param_groups
         self.state = self.optimizer.state
+
+
+def model_parameters(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """The model parameters `optimizer` updates, in the order its `state_dict()` numbers them."""
+    if isinstance(optimizer, HostOffloadedOptimizer):
+        return optimizer.device_parameters()
+    return [param for group in optimizer.param_groups for param in group["params"]]
+
+
+class ShardedOptimizer(ZeroRedundancyOptimizer):
+    """ZeRO stage 1: each process keeps the optimizer state of its share of the parameters.
+
+    `state_dict()` is the whole state on the process it was consolidated to (`prepare_optimizer_for_checkpoint`
+    does that for checkpoints), numbered like an unsharded optimizer's state, so a checkpoint resumes on any
+    number of processes, sharded or not. Before any consolidation, e.g. when accelerate moves the fresh
+    optimizer's state to the device, it is this process's own shard, which `load_state_dict` takes back as it is.
+    """
+
+    _holds_consolidated_state = False  # whether the last consolidation was to this process and is not handed out yet
+
+    def consolidate_state_dict(self, to: int = 0) -> None:
+        super().consolidate_state_dict(to)
+        self._holds_consolidated_state = self.rank == to
+
+    def state_dict(self) -> dict:
+        if not self._holds_consolidated_state:
+            return {"local_shard": self.optim.state_dict()}
+        state = super().state_dict()
+        self._holds_consolidated_state = False  # consolidated copies go stale after the next update
+        release_consolidated_copies(self)
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if "local_shard" in state_dict:
+            self.optim.load_state_dict(state_dict["local_shard"])
+            return
+        # The whole state, from a checkpoint of any number of processes. The base class checks that its groups
+        # match these parameters and takes their hyper-parameters (learning rates...), holding no state itself;
+        # this process's optimizer takes the state of its share through its own `load_state_dict`, which puts
+        # each tensor where that optimizer keeps it: e.g. float moments cast to the parameter's dtype and device,
+        # Adam's `step` left as saved, or on the parameter's device for fused or capturable Adam, host memory
+        # for a HostOffloadedOptimizer. (ZeroRedundancyOptimizer's own loading assigns the shard's state
+        # directly, keyed by the model's parameters and with every 0-dim tensor moved to the CPU: wrong for
+        # fused or capturable Adam on a GPU, which needs `step` on the parameter's device, and for a
+        # HostOffloadedOptimizer, which keys its state by its host parameters.) The CPU tests compare what
+        # the shard loads with what the same optimizer loads unsharded; on a GPU the same calls run with
+        # the parameters on the GPU.
+        torch.optim.Optimizer.load_state_dict(self, {**state_dict, "state": {}})
+        self.optim.load_state_dict(self._local_state_dict(state_dict))
+
+    def _local_state_dict(self, state_dict: dict) -> dict:
+        """The part of a whole optimizer state that this process's optimizer holds, in that optimizer's numbering."""
+        # The whole state lists its parameter ids group by group in the order of this optimizer's parameters
+        # (the base class's `load_state_dict` checked the group sizes).
+        saved_ids = [index for group in state_dict["param_groups"] for index in group["params"]]
+        params = [param for group in self.param_groups for param in group["params"]]
+        saved_id_of = {id(param): index for param, index in zip(params, saved_ids, strict=True)}
+        local_params = iter(model_parameters(self.optim))
+        groups, state = [], {}
+        # One local group per group of the whole (possibly empty), as ZeroRedundancyOptimizer partitions them.
+        local_groups = self.optim.state_dict()["param_groups"]
+        for saved_group, local_group in zip(state_dict["param_groups"], local_groups, strict=True):
+            group = {key: value for key, value in saved_group.items() if key not in ("params", "param_names")}
+            group["params"] = local_group["params"]
+            if "param_names" in local_group:
+                group["param_names"] = local_group["param_names"]
+            groups.append(group)
+            for local_id in local_group["params"]:
+                saved_id = saved_id_of[id(next(local_params))]
+                if saved_id in state_dict["state"]:
+                    state[local_id] = state_dict["state"][saved_id]
+        return {"state": state, "param_groups": groups}
+
+
+def prepare_optimizer_for_checkpoint(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+    """Get the run's optimizer ready for `optimizer.state_dict()` to be written to a checkpoint by process 0.
+
+    Call it on every process (a sharded optimizer's shards are sent to process 0); `device` is the device the
+    model is on. Optimizers that are not sharded need nothing.
+    """
+    sharded = optimizer
+    while not isinstance(sharded, ShardedOptimizer) and hasattr(sharded, "optimizer"):
+        sharded = sharded.optimizer  # e.g. accelerate's wrapper
+    if not isinstance(sharded, ShardedOptimizer):
+        return
+    sharded.consolidate_state_dict(to=0)
+    # ZeroRedundancyOptimizer.consolidate_state_dict copies the shards it receives (and its own) to the CPU with
+    # non_blocking=True: from a GPU those copies may still be in flight when it returns, and torch.save would write
+    # whatever bytes the host buffers held then. Only process 0 receives copies; waiting everywhere costs the
+    # others one synchronization per checkpoint.
+    wait_for_device_to_host_copies(device)
+
+
+# ---- Private upstream touchpoints ------------------------------------------------------------------------
+# The only uses of private torch names; each has a test in tests/test_placement.py that fails when torch
+# changes it.
+
+
+def release_consolidated_copies(optimizer: ZeroRedundancyOptimizer) -> None:
+    """Free the copies of every shard that `consolidate_state_dict` left on the process they were sent to.
+
+    ZeroRedundancyOptimizer keeps them until the next consolidation: a stale copy of the other processes' state in
+    host memory between checkpoints, which no public method frees.
+    """
+    optimizer._all_state_dicts = []

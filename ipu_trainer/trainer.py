@@ -31,7 +31,7 @@ from .data_collators import pad_on_batch_axis
 from .ipu_config import IPUConfig
 from .models.layers import num_projection_chunks, set_recomputation
 from .optimization import Lamb
-from .placement import HostOffloadedOptimizer, Placement, ShardedOptimizer
+from .placement import HostOffloadedOptimizer, Placement, ShardedOptimizer, prepare_optimizer_for_checkpoint
 from .precision import Precision
 from .resolved_run import ResolvedRun, resolve_run
 from .training_args import IPUTrainingArguments
@@ -313,9 +313,7 @@ class IPUTrainer(Trainer):
     # name if upstream renames this method.
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
-        sharded = getattr(self.optimizer, "optimizer", self.optimizer)
-        if isinstance(sharded, ShardedOptimizer):
-            sharded.consolidate_state_dict(to=0)  # every process sends its shard; process 0 writes the whole
+        prepare_optimizer_for_checkpoint(self.optimizer, self.args.device)  # a sharded state is gathered on process 0
         super()._save_optimizer_and_scheduler(output_dir)
 
     # ---- compile only -------------------------------------------------------------------------------

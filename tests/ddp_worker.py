@@ -2,6 +2,11 @@
 
 Trains the tiny BERT with IPUTrainer and writes, per process, the rows it trained on in each step and
 the bytes of optimizer state it holds; process 0 also saves the model.
+
+With --resume_matrix it checks resuming instead: for every optimizer-state layout and optimizer, a run
+of 4 steps that checkpoints every 2, then, in the same processes, a fresh run resumed from its
+checkpoint-2 (each in `<layout>-<optimizer>/straight` and `.../resumed`). With --checkpoints_from it
+resumes the sharded runs of an earlier matrix (started with another number of processes) instead.
 """
 
 import argparse
@@ -17,13 +22,20 @@ from tiny import masked_pairs, tiny_bert  # noqa: E402
 
 from ipu_trainer import IPUConfig, IPUTrainer, IPUTrainingArguments  # noqa: E402
 
+LAYOUTS = {"sharding": (True, False), "offload": (False, True), "sharding+offload": (True, True)}  # (sharding, offload)
+OPTIMIZERS = ("adamw", "lamb")
+
 
 class RecordingTrainer(IPUTrainer):
-    crash_at_step = None
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, *args, crash_at_step=None, force_offload=False, **kwargs):
+        self.crash_at_step = crash_at_step
+        self.force_offload = force_offload
         self.rows_per_step = []
+        super().__init__(*args, **kwargs)
+
+    def _offloads_optimizer_state(self, args):
+        # Host offload is only chosen on a GPU; forced here so that its checkpoints and resumes run on the CPU.
+        return self.force_offload or super()._offloads_optimizer_state(args)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         if self.state.global_step == self.crash_at_step:
@@ -48,6 +60,32 @@ def training_args(output_dir: str, steps: int, save_steps: int, **extra) -> IPUT
     )
 
 
+def train(output_dir, options, sharding, offload, lamb, resume=None, crash_at_step=None) -> RecordingTrainer:
+    ipu_config = IPUConfig(layers_per_ipu=[-1], replication_factor=options.replicas,
+                           gradient_accumulation_steps=options.accumulation,
+                           replicated_tensor_sharding=sharding, optimizer_state_offchip=offload)
+    args = training_args(output_dir, options.steps, options.save_steps, lamb=lamb)
+    trainer = RecordingTrainer(model=tiny_bert(), ipu_config=ipu_config, args=args, crash_at_step=crash_at_step,
+                               force_offload=offload, data_collator=default_data_collator,
+                               train_dataset=masked_pairs(64))
+    trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model()
+    return trainer
+
+
+def resume_matrix(options) -> None:
+    for layout, (sharding, offload) in LAYOUTS.items():
+        for optimizer in OPTIMIZERS:
+            run = os.path.join(options.output_dir, f"{layout}-{optimizer}")
+            straight = os.path.join(options.checkpoints_from or options.output_dir, f"{layout}-{optimizer}", "straight")
+            if options.checkpoints_from is None:
+                train(straight, options, sharding, offload, optimizer == "lamb")
+            elif not sharding:
+                continue
+            checkpoint = os.path.join(straight, "checkpoint-2")
+            train(os.path.join(run, "resumed"), options, sharding, offload, optimizer == "lamb", resume=checkpoint)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("output_dir")
@@ -56,23 +94,23 @@ def main():
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--save_steps", type=int, default=0)
     parser.add_argument("--sharding", action="store_true")
+    parser.add_argument("--offload", action="store_true", help="optimizer state in host memory, as on a GPU")
     parser.add_argument("--lamb", action="store_true")
     parser.add_argument("--crash_at_step", type=int)
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--resume_matrix", action="store_true", help="4 steps, checkpoints every 2, then a resume")
+    parser.add_argument("--checkpoints_from", help="with --resume_matrix: resume this matrix's sharded runs")
     options = parser.parse_args()
 
-    ipu_config = IPUConfig(layers_per_ipu=[-1], replication_factor=options.replicas,
-                           gradient_accumulation_steps=options.accumulation,
-                           replicated_tensor_sharding=options.sharding)
-    args = training_args(options.output_dir, options.steps, options.save_steps, lamb=options.lamb)
-    RecordingTrainer.crash_at_step = options.crash_at_step
-    trainer = RecordingTrainer(model=tiny_bert(), ipu_config=ipu_config, args=args,
-                               data_collator=default_data_collator, train_dataset=masked_pairs(64))
-    trainer.train(resume_from_checkpoint=True if options.resume else None)
-    trainer.save_model()
+    if options.resume_matrix:
+        options.steps, options.save_steps = 4, 2
+        resume_matrix(options)
+        return
+    trainer = train(options.output_dir, options, options.sharding, options.offload, options.lamb,
+                    resume=True if options.resume else None, crash_at_step=options.crash_at_step)
     report = {"rows_per_step": trainer.rows_per_step, "optimizer_state_bytes": optimizer_state_bytes(trainer.optimizer),
-              "world_size": args.world_size}
-    with open(os.path.join(options.output_dir, f"rank{args.process_index}.json"), "w") as f:
+              "world_size": trainer.args.world_size}
+    with open(os.path.join(options.output_dir, f"rank{trainer.args.process_index}.json"), "w") as f:
         json.dump(report, f)
 
 

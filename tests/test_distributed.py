@@ -84,13 +84,69 @@ def test_sharded_optimizer_state_halves_per_process_and_keeps_the_weights(one_pr
 
 def test_resuming_with_two_processes_after_a_crash_matches_an_uninterrupted_run(tmp_path):
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
-    args = ("--steps", "4", "--save_steps", "2", "--sharding", "--lamb")
+    args = ("--steps", "4", "--save_steps", "2", "--sharding", "--offload", "--lamb")  # the seed ipu_config.json's
     launch(straight, *args)
     result = launch(crashed, *args, "--crash_at_step", "3", processes=2, check=False)
     assert result.returncode != 0
     assert (crashed / "checkpoint-2").is_dir() and not (crashed / "model.safetensors").exists()
     launch(crashed, *args, "--resume", processes=2)
     assert_same_weights(straight, crashed)
+
+
+def assert_same_optimizer_state(path_a, path_b):
+    a, b = (torch.load(os.path.join(path, "optimizer.pt"), weights_only=True) for path in (path_a, path_b))
+    assert a["param_groups"] == b["param_groups"]
+    assert a["state"].keys() == b["state"].keys()
+    # Summation order differs between process counts: tolerate rounding, relative to the scale of each kind of
+    # state (a parameter whose gradients are all rounding noise has moments of pure noise).
+    scale = {}
+    for state in a["state"].values():
+        for name, value in state.items():
+            if torch.is_tensor(value) and value.is_floating_point():
+                scale[name] = max(scale.get(name, 0.0), value.abs().max().item())
+    for index in a["state"]:
+        assert a["state"][index].keys() == b["state"][index].keys()
+        for name, value in a["state"][index].items():
+            if not torch.is_tensor(value):
+                assert b["state"][index][name] == value, (index, name)
+                continue
+            torch.testing.assert_close(b["state"][index][name], value, rtol=1e-5, atol=1e-5 * scale.get(name, 0.0),
+                                       msg=lambda details: f"state {index}, {name}: {details}")
+
+
+LAYOUTS = ["sharding", "offload", "sharding+offload"]  # as ddp_worker.LAYOUTS
+MATRIX_ARGS = ("--resume_matrix", "--accumulation", "1")
+
+
+@pytest.fixture(scope="module")
+def resume_matrix(tmp_path_factory):
+    """In 2 processes, for each layout x {AdamW, LAMB}: 4 steps checkpointed every 2, then a fresh run resumed from
+    checkpoint-2 (offload forced on, as a GPU would choose it)."""
+    out = tmp_path_factory.mktemp("resume_matrix")
+    launch(out, *MATRIX_ARGS, processes=2)
+    return out
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "lamb"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_resume_continues_with_exactly_the_saved_optimizer_state(resume_matrix, layout, optimizer):
+    run = resume_matrix / f"{layout}-{optimizer}"
+    checkpoint = torch.load(run / "straight" / "checkpoint-2" / "optimizer.pt", weights_only=True)
+    parameters = [index for group in checkpoint["param_groups"] for index in group["params"]]
+    assert sorted(checkpoint["state"]) == parameters  # the whole state, whatever process holds it
+    assert_same_weights(run / "straight", run / "resumed")
+    # The checkpoint written after the resume is the uninterrupted run's: no moment restarted from zero.
+    assert_same_optimizer_state(run / "straight" / "checkpoint-4", run / "resumed" / "checkpoint-4")
+
+
+def test_a_sharded_checkpoint_resumes_in_one_process(resume_matrix, tmp_path):
+    launch(tmp_path, *MATRIX_ARGS, "--checkpoints_from", str(resume_matrix))
+    resumed = sorted(path.name for path in tmp_path.iterdir() if path.is_dir())
+    assert resumed == ["sharding+offload-adamw", "sharding+offload-lamb", "sharding-adamw", "sharding-lamb"]
+    for name in resumed:
+        assert_same_weights(resume_matrix / name / "straight", tmp_path / name / "resumed")
+        assert_same_optimizer_state(resume_matrix / name / "straight" / "checkpoint-4",
+                                    tmp_path / name / "resumed" / "checkpoint-4")
 
 
 def test_a_placement_that_cannot_be_shared_is_refused_before_training(tmp_path):
