@@ -27,6 +27,7 @@ from ipu_trainer.data_collators import max_num_masked_tokens
 from ipu_trainer.metrics import AccuracyMetric, masked_lm_predictions, token_accuracy_metrics
 from ipu_trainer.model_loading import load_ipu_config, load_model, load_model_config, load_tokenizer, max_positions_of
 from ipu_trainer.models import masked_lm_model_for
+from ipu_trainer.packing import pack_for_training
 from ipu_trainer.resolved_run import resolve_run
 from ipu_trainer.run_utils import (
     find_checkpoint_to_resume,
@@ -36,7 +37,7 @@ from ipu_trainer.run_utils import (
 )
 from ipu_trainer.script_args import DataArguments as SharedDataArguments
 from ipu_trainer.script_args import ModelArguments as SharedModelArguments
-from ipu_trainer.script_args import parse_script_args
+from ipu_trainer.script_args import PackingArguments, parse_script_args
 
 if not transformers.__version__.startswith("5."):
     raise ImportError(f"transformers 5.x is required, found {transformers.__version__}. To fix: pip install -r requirements.txt")
@@ -53,7 +54,7 @@ class ModelArguments(SharedModelArguments):
 
 
 @dataclass
-class DataTrainingArguments(SharedDataArguments):
+class DataTrainingArguments(PackingArguments, SharedDataArguments):
     max_seq_length: Optional[int] = field(
         default=None,
         metadata={"help": "Sequence length after tokenization. Default: the tokenizer maximum capped at 1024 (and at the model's positions)."},
@@ -72,6 +73,8 @@ class DataTrainingArguments(SharedDataArguments):
         super().__post_init__()
         if not 0 < self.mlm_probability < 1:
             raise ValueError(f"--mlm_probability={self.mlm_probability} is invalid: must be between 0 and 1")
+        if self.packing and not self.line_by_line:
+            raise ValueError("--packing needs --line_by_line: concatenated text is already cut into full rows, with no padding to remove")
 
 
 def main():
@@ -114,6 +117,17 @@ def main():
         max_num_masked_tokens=masked_tokens_cap,
         seed=training_args.data_seed if training_args.data_seed is not None else training_args.seed,
     )
+
+    # Packing (--packing, with --line_by_line): several lines per row of max_seq_length, each masked on its own;
+    # a micro-batch is a number of packed rows, and max_num_masked_tokens caps the labels of a row
+    if data_args.packing:
+        if model_class is None:
+            raise ValueError(f"--packing supports BERT and RoBERTa models, not model type {config.model_type!r}")
+        train_dataset, eval_dataset, data_collator = pack_for_training(
+            train_dataset, eval_dataset, max_seq_length, tokenizer.pad_token_id, masking=data_collator,
+            max_num_masked_tokens=masked_tokens_cap, max_sequences_per_row=data_args.max_sequences_per_row,
+            seed=data_collator.seed, placement=run.train_placement,
+        )
 
     # Trainer
     trainer = IPUTrainer(

@@ -36,6 +36,7 @@ from ipu_trainer.metrics import pretraining_metrics, pretraining_predictions
 from ipu_trainer.model_loading import load_ipu_config, load_model, load_model_config, load_tokenizer, max_positions_of
 from ipu_trainer.models import masked_positions_model_for
 from ipu_trainer.optimization import get_groupbert_schedule
+from ipu_trainer.packing import pack_for_training
 from ipu_trainer.pretraining_data import build_nsp_pairs, load_text_documents
 from ipu_trainer.resolved_run import resolve_run
 from ipu_trainer.run_utils import (
@@ -46,7 +47,7 @@ from ipu_trainer.run_utils import (
 )
 from ipu_trainer.script_args import DataArguments as SharedDataArguments
 from ipu_trainer.script_args import ModelArguments as SharedModelArguments
-from ipu_trainer.script_args import parse_script_args
+from ipu_trainer.script_args import PackingArguments, parse_script_args
 
 if not transformers.__version__.startswith("5."):
     raise ImportError(f"transformers 5.x is required, found {transformers.__version__}. To fix: pip install -r requirements.txt")
@@ -65,7 +66,7 @@ class ModelArguments(SharedModelArguments):
 
 
 @dataclass
-class DataTrainingArguments(SharedDataArguments):
+class DataTrainingArguments(PackingArguments, SharedDataArguments):
     dataset_path: Optional[str] = field(default=None, metadata={"help": "A folder written by Dataset.save_to_disk (e.g. by prepare_dataset.py)."})
     data_dir: Optional[str] = field(default=None, metadata={"help": "data_dir passed to datasets.load_dataset."})
     is_already_preprocessed: bool = field(
@@ -147,6 +148,18 @@ def main():
         data_collator = DataCollatorForLanguageModelingWithMaxTokensMasked(
             tokenizer=tokenizer, mlm_probability=data_args.mlm_probability, max_seq_length=max_seq_length,
             max_num_masked_tokens=masked_tokens_cap, seed=training_args.seed,
+        )
+
+    # Packing (--packing): several sentence pairs per row of max_seq_length, each masked on its own; a micro-batch
+    # is a number of packed rows, and max_num_masked_tokens caps the labels of a row (the model's static K)
+    if data_args.packing:
+        if masked_positions_model_for(config) is None:
+            raise ValueError(f"--packing supports BERT models, not model type {config.model_type!r}")
+        train_dataset, eval_dataset, data_collator = pack_for_training(
+            train_dataset, eval_dataset, max_seq_length, tokenizer.pad_token_id,
+            masking=None if data_args.is_already_masked else data_collator, max_num_masked_tokens=masked_tokens_cap,
+            max_sequences_per_row=data_args.max_sequences_per_row, seed=training_args.seed,
+            placement=run.train_placement,
         )
 
     # Trainer

@@ -21,11 +21,13 @@ def pretraining_predictions(logits: Any, labels: Any) -> tuple[torch.Tensor, ...
 
     The outputs are recognised by shape rather than position, so both the masked-positions model
     (logits [B, K, V] plus the gathered `masked_lm_labels` [B, K]) and a plain `BertForPreTraining`
-    (logits [B, L, V], labels from the batch) work.
+    (logits [B, L, V], labels from the batch) work, and packed rows too (NSP logits and labels per sequence
+    slot, [B, M, 2] and [B, M]).
     """
     outputs = [t for t in _as_tuple(logits) if isinstance(t, torch.Tensor)]
-    mlm_logits = next(t for t in outputs if t.dim() == 3)
-    nsp_logits = next((t for t in outputs if t.dim() == 2 and t.is_floating_point() and t.shape[-1] == 2), None)
+    # NSP logits end in 2 classes: [B, 2], or [B, M, 2] (one per sequence) for packed rows.
+    nsp_logits = next((t for t in outputs if t.dim() in (2, 3) and t.is_floating_point() and t.shape[-1] == 2), None)
+    mlm_logits = next(t for t in outputs if t.dim() == 3 and t is not nsp_logits)
     gathered = next((t for t in outputs if t.dim() == 2 and not t.is_floating_point()), None)
     batch_labels = _as_tuple(labels)
     mlm_labels = gathered if gathered is not None else batch_labels[0]

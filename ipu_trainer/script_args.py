@@ -66,3 +66,27 @@ class DataArguments:
         if not any(sources):
             folder = ", --dataset_path (a save_to_disk folder)" if hasattr(self, "dataset_path") else ""
             raise ValueError(f"Need data: --dataset_name{folder}, or --train_file/--validation_file (csv, json or txt).")
+
+
+@dataclass
+class PackingArguments:
+    """`--packing` for the masked-LM scripts (run_pretraining.py, run_mlm.py --line_by_line)."""
+
+    packing: bool = field(
+        default=False,
+        metadata={
+            "help": "Pack several sequences into each row of max_seq_length so no compute is spent on padding "
+            "(attention stays inside each sequence, positions restart, NSP runs at each [CLS]). A micro-batch "
+            "is then a number of packed rows: each weight update sees more sequences (the log states how many)."
+        },
+    )
+    max_sequences_per_row: Optional[int] = field(
+        default=None, metadata={"help": "With --packing: at most this many sequences in one row. Default: no limit."}
+    )
+
+    def __post_init__(self):
+        if self.max_sequences_per_row is not None and self.max_sequences_per_row < 1:
+            raise ValueError(f"--max_sequences_per_row={self.max_sequences_per_row} is invalid: must be >= 1")
+        parent = getattr(super(), "__post_init__", None)
+        if parent is not None:
+            parent()

@@ -21,6 +21,7 @@ from transformers.utils.generic import can_return_tuple
 
 from .layers import trunc_normal_init_
 from .masked_positions import MaskedPositionsHeadMixin
+from .packed import packed_attention_mask, pool_sequence_starts
 
 
 @dataclass
@@ -30,7 +31,7 @@ class MaskedPositionsPreTrainingOutput(ModelOutput):
     loss: mlm_loss + nsp_loss (whichever were computed); the only field set in training mode.
     prediction_logits: [B, K, V] at the gathered positions when `config.max_num_masked_tokens` is set,
         else [B, S, V] like upstream.
-    seq_relationship_logits: [B, 2].
+    seq_relationship_logits: [B, 2], or [B, M, 2] for packed rows (one per sequence slot of `cls_positions`).
     masked_lm_labels: labels aligned with `prediction_logits` ([B, K] gathered, -100 on fillers), so
         metrics can score MLM accuracy without the full-sequence labels.
     mlm_loss, nsp_loss: the two parts of `loss`.
@@ -57,6 +58,12 @@ class BertForPreTrainingMaskedPositions(MaskedPositionsHeadMixin, BertForPreTrai
 
     In training mode the output carries only the loss, so the logits can be freed early (and, with
     the chunked projection, are never materialised at all).
+
+    Packed rows (`ipu_trainer.packing`): with `sequence_ids` [B, L] (and `position_ids` restarting at 0 in
+    every sequence) attention stays inside each sequence (`ipu_trainer.models.packed`), and with
+    `cls_positions` [B, M] the pooler and NSP head run at each sequence's [CLS], scored against
+    `next_sentence_label` [B, M] (-100 on unused slots). The losses are those of the same sequences unpacked:
+    MLM the mean over labelled tokens, NSP the mean over sequences.
     """
 
     upstream_class = BertForPreTraining
@@ -109,9 +116,16 @@ class BertForPreTrainingMaskedPositions(MaskedPositionsHeadMixin, BertForPreTrai
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         next_sentence_label: torch.Tensor | None = None,
+        sequence_ids: torch.Tensor | None = None,
+        cls_positions: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> MaskedPositionsPreTrainingOutput:
-        """Same inputs as `BertForPreTraining.forward`; see the class docstring for what differs."""
+        """Same inputs as `BertForPreTraining.forward` plus, for packed rows, `sequence_ids` and `cls_positions`;
+        see the class docstring for what differs."""
+        if sequence_ids is not None:
+            if next_sentence_label is not None and cls_positions is None:
+                raise ValueError("packed rows (sequence_ids) need cls_positions for the next-sentence head")
+            attention_mask = packed_attention_mask(self.config, sequence_ids, position_ids, self.dtype)
         outputs = self.bert(
             input_ids,
             attention_mask=attention_mask,
@@ -126,7 +140,11 @@ class BertForPreTrainingMaskedPositions(MaskedPositionsHeadMixin, BertForPreTrai
             outputs.last_hidden_state, labels, return_logits=not (only_loss and labels is not None)
         )
 
-        seq_relationship_logits = self.cls.seq_relationship(outputs.pooler_output)
+        if cls_positions is None:
+            seq_relationship_logits = self.cls.seq_relationship(outputs.pooler_output)
+        else:
+            pooled = pool_sequence_starts(self.bert.pooler, outputs.last_hidden_state, cls_positions)
+            seq_relationship_logits = self.cls.seq_relationship(pooled).view(*cls_positions.shape, 2)
         nsp_loss = None
         if next_sentence_label is not None:
             nsp_loss = F.cross_entropy(seq_relationship_logits.view(-1, 2).float(), next_sentence_label.view(-1))

@@ -11,6 +11,9 @@ What differs is opt-in:
   BERT pretraining).
 - `parallelize(ipu_config)`: activation recomputation per layer and a `ChunkedVocabProjection` decoder when
   the IPU config asks for embedding/projection serialisation; `deparallelize()` undoes both.
+- packed rows (`ipu_trainer.packing`): `sequence_ids` [B, L] keep attention inside each sequence
+  (`ipu_trainer.models.packed`) and `position_ids` count from 0 in every sequence; the MLM loss is the mean
+  over the labelled tokens, as for the same sequences unpacked.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from transformers.models.roberta.modeling_roberta import gelu as roberta_gelu
 from transformers.utils.generic import can_return_tuple
 
 from .masked_positions import MaskedPositionsHeadMixin
+from .packed import packed_attention_mask
 
 
 @dataclass
@@ -47,6 +51,10 @@ class MaskedPositionsMaskedLMMixin(MaskedPositionsHeadMixin):
 
     base_model_prefix: str
 
+    def _packed_position_ids(self, position_ids: torch.Tensor) -> torch.Tensor:
+        """Packed rows count positions from 0 in every sequence; the embedding's own indices for them."""
+        return position_ids
+
     @can_return_tuple
     def forward(
         self,
@@ -58,9 +66,14 @@ class MaskedPositionsMaskedLMMixin(MaskedPositionsHeadMixin):
         encoder_hidden_states: torch.Tensor | None = None,
         encoder_attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        sequence_ids: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> MaskedPositionsMaskedLMOutput:
-        """Same inputs as the upstream masked-LM forward; see the module docstring for what differs."""
+        """Same inputs as the upstream masked-LM forward plus `sequence_ids` for packed rows; see the module
+        docstring for what differs."""
+        if sequence_ids is not None:
+            attention_mask = packed_attention_mask(self.config, sequence_ids, position_ids, self.dtype)
+            position_ids = self._packed_position_ids(position_ids)
         encoder = getattr(self, self.base_model_prefix)
         outputs = encoder(
             input_ids,
@@ -104,6 +117,10 @@ class RobertaForMaskedLMMaskedPositions(MaskedPositionsMaskedLMMixin, RobertaFor
     """`RobertaForMaskedLM` with the MLM head run only at the labelled positions (see the module docstring)."""
 
     upstream_class = RobertaForMaskedLM
+
+    def _packed_position_ids(self, position_ids: torch.Tensor) -> torch.Tensor:
+        # RoBERTa numbers real tokens from padding_idx + 1 (its embeddings reserve the rows below).
+        return position_ids + self.roberta.embeddings.padding_idx + 1
 
     def _head_transform(self, hidden_states: torch.Tensor) -> torch.Tensor:
         head = self.lm_head
