@@ -1,0 +1,309 @@
+"""Packed sequences: the packing plan, the packed rows, and packed models that compute exactly what the same
+sequences unpacked compute (losses and gradients)."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from datasets import Dataset, DatasetDict
+from transformers import AutoTokenizer, BertConfig, RobertaConfig
+
+from ipu_trainer.data import tokenize_for_masked_lm
+from ipu_trainer.data_collators import DataCollatorForLanguageModelingWithMaxTokensMasked
+from ipu_trainer.metrics import pretraining_metrics, pretraining_predictions
+from ipu_trainer.models import (
+    BertForMaskedLMMaskedPositions,
+    BertForPreTrainingMaskedPositions,
+    RobertaForMaskedLMMaskedPositions,
+)
+from ipu_trainer.models.packed import block_diagonal_attention_mask, check_packing_attention
+from ipu_trainer.packing import (
+    DataCollatorForPackedSequences,
+    PackedDataset,
+    pack_dataset,
+    pack_sequences,
+    sequence_lengths,
+)
+
+SEQ = 64
+CHUNKED = SimpleNamespace(recompute_checkpoint_every_layer=True, embedding_serialization_factor=2)
+
+
+# ---- the packing plan ------------------------------------------------------------------------------------
+
+
+def line_like_lengths(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return np.clip(rng.geometric(1 / 20, n) + 2, 3, SEQ)
+
+
+def test_every_sequence_lands_in_exactly_one_row_that_it_fits():
+    lengths = line_like_lengths(3000)
+    plan = pack_sequences(lengths, SEQ, seed=1)
+    assert sorted(plan.sequence_order.tolist()) == list(range(len(lengths)))
+    row_tokens = [int(lengths[plan.row(r)].sum()) for r in range(plan.num_rows)]
+    assert max(row_tokens) <= SEQ
+    assert plan.efficiency == pytest.approx(sum(row_tokens) / (plan.num_rows * SEQ))
+    # Near the lower bound ceil(tokens / SEQ) on a short-sequence distribution (padding 68% unpacked).
+    assert plan.padding_before > 0.6
+    assert plan.efficiency > 0.95
+    assert plan.num_rows <= 1.05 * np.ceil(lengths.sum() / SEQ)
+
+
+def test_packing_is_deterministic_for_a_seed_and_respects_the_row_limit():
+    lengths = line_like_lengths(2000)
+    first, again, other = (pack_sequences(lengths, SEQ, seed=s) for s in (3, 3, 4))
+    assert np.array_equal(first.sequence_order, again.sequence_order)
+    assert np.array_equal(first.row_offsets, again.row_offsets)
+    assert not np.array_equal(first.sequence_order, other.sequence_order)
+    limited = pack_sequences(lengths, SEQ, max_sequences_per_row=2, seed=3)
+    assert limited.max_sequences_in_a_row == 2 < first.max_sequences_in_a_row
+
+
+def test_full_length_sequences_keep_a_row_each():
+    plan = pack_sequences([SEQ, SEQ, 5, SEQ - 5], SEQ)
+    assert plan.num_rows == 3 and plan.efficiency == 1.0
+
+
+@pytest.mark.parametrize("lengths, limit, message", [
+    ([0, 4], None, r"lengths must be in \[1, 64\]"),
+    ([65], None, r"lengths must be in \[1, 64\]"),
+    ([4], 0, "max_sequences_per_row=0 must be >= 1"),
+])
+def test_bad_packing_input_is_a_value_error(lengths, limit, message):
+    with pytest.raises(ValueError, match=message):
+        pack_sequences(lengths, SEQ, max_sequences_per_row=limit)
+
+
+def test_sequence_lengths_come_from_the_attention_mask_also_through_a_selection():
+    masks = [[1] * n + [0] * (8 - n) for n in (3, 8, 1, 5)]
+    dataset = Dataset.from_dict({"input_ids": [[7] * 8] * 4, "attention_mask": masks})
+    assert sequence_lengths(dataset).tolist() == [3, 8, 1, 5]
+    assert sequence_lengths(dataset.select([3, 0])).tolist() == [5, 3]
+    ragged = Dataset.from_dict({"input_ids": [[1, 2], [1, 2, 3, 4]]})
+    assert sequence_lengths(ragged).tolist() == [2, 4]
+    assert sequence_lengths([{"input_ids": [1, 2, 3]}]).tolist() == [3]
+
+
+# ---- packed rows -----------------------------------------------------------------------------------------
+
+
+def test_rows_restart_positions_and_keep_token_types_and_a_cls_per_sequence():
+    pairs = [  # [CLS]=2 A [SEP]=3 B [SEP], right-padded to 8
+        dict(input_ids=[2, 10, 3, 11, 3, 0, 0, 0], attention_mask=[1] * 5 + [0] * 3,
+             token_type_ids=[0, 0, 0, 1, 1, 0, 0, 0], next_sentence_label=1),
+        dict(input_ids=[2, 12, 13, 3, 14, 3, 0, 0], attention_mask=[1] * 6 + [0] * 2,
+             token_type_ids=[0, 0, 0, 0, 1, 1, 0, 0], next_sentence_label=0),
+        dict(input_ids=[2, 15, 3, 16, 3, 0, 0, 0], attention_mask=[1] * 5 + [0] * 3,
+             token_type_ids=[0, 0, 0, 1, 1, 0, 0, 0], next_sentence_label=0),
+    ]
+    collator = DataCollatorForPackedSequences(max_seq_length=12, pad_token_id=0, max_sequences_per_row=3)
+    batch = collator([[pairs[1], pairs[0]], [pairs[2]]])
+    assert batch["input_ids"].tolist() == [[2, 12, 13, 3, 14, 3, 2, 10, 3, 11, 3, 0], [2, 15, 3, 16, 3] + [0] * 7]
+    assert batch["token_type_ids"].tolist()[0] == [0, 0, 0, 0, 1, 1, 0, 0, 0, 1, 1, 0]
+    assert batch["position_ids"].tolist()[0] == [0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4, 0]
+    assert batch["sequence_ids"].tolist() == [[1] * 6 + [2] * 5 + [0], [1] * 5 + [0] * 7]
+    assert batch["cls_positions"].tolist() == [[0, 6, 0], [0, 0, 0]]
+    assert batch["next_sentence_label"].tolist() == [[0, 1, -100], [0, -100, -100]]
+    assert "labels" not in batch and "attention_mask" not in batch
+
+
+def test_left_padded_sequences_are_refused():
+    example = dict(input_ids=[0, 0, 2, 3], attention_mask=[0, 0, 1, 1])
+    with pytest.raises(ValueError, match="right-padded"):
+        DataCollatorForPackedSequences(max_seq_length=8, pad_token_id=0)([[example]])
+
+
+def test_each_sequence_is_masked_with_its_own_cap_and_rows_keep_at_most_k_labels(tokenizer, english_documents):
+    masking = DataCollatorForLanguageModelingWithMaxTokensMasked(
+        tokenizer, mlm_probability=0.5, max_seq_length=SEQ, max_num_masked_tokens=6, seed=0)
+    sequences = [dict(tokenizer(doc, truncation=True, max_length=20)) for doc in english_documents[:12]]
+    rows = [sequences[i : i + 3] for i in range(0, 12, 3)]
+    for cap, expected_max in ((None, 18), (10, 10)):
+        collator = DataCollatorForPackedSequences(max_seq_length=SEQ, pad_token_id=tokenizer.pad_token_id,
+                                                  masking=masking, max_num_masked_tokens=cap, seed=1)
+        batch = collator(rows)
+        labelled = batch["labels"] != -100
+        for row, row_sequences in enumerate(rows):
+            per_sequence = [int(labelled[row][batch["sequence_ids"][row] == s + 1].sum()) for s in range(3)]
+            assert max(per_sequence) <= 6  # the masking collator's per-sequence cap
+            assert sum(per_sequence) <= expected_max
+        assert int(labelled.sum(1).max()) == expected_max  # the row cap binds here (p = 0.5)
+        original = torch.full_like(batch["input_ids"], tokenizer.pad_token_id)
+        for row, row_sequences in enumerate(rows):
+            ids = [token for sequence in row_sequences for token in sequence["input_ids"]]
+            original[row, : len(ids)] = torch.tensor(ids)
+        # Labels hold the original tokens; every position without a label (capped ones too) is unchanged.
+        assert torch.equal(batch["labels"][labelled], original[labelled])
+        assert torch.equal(batch["input_ids"][~labelled], original[~labelled])
+        special = torch.isin(original, torch.tensor(tokenizer.all_special_ids))
+        assert not (labelled & special).any()
+
+
+def test_packed_dataset_fetches_a_batch_of_rows_in_one_call():
+    source = Dataset.from_dict({"input_ids": [[i] * (i + 1) for i in range(6)]})
+    calls = []
+
+    class Recording:
+        def __len__(self):
+            return len(source)
+
+        def __getitems__(self, keys):
+            calls.append(list(keys))
+            return source.__getitems__(keys)
+
+    plan = pack_sequences(sequence_lengths(source), 7, seed=0)
+    packed = PackedDataset(Recording(), plan)
+    rows = packed.__getitems__(range(len(packed)))
+    assert len(calls) == 1
+    assert sorted(example["input_ids"][0] for row in rows for example in row) == list(range(6))
+    assert [len(row) for row in rows] == np.diff(plan.row_offsets).tolist()
+
+
+# ---- packed models: same losses and gradients as the same sequences unpacked ------------------------------
+
+
+def bert_config(**extra):
+    return BertConfig(vocab_size=2000, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                      intermediate_size=64, max_position_embeddings=SEQ, hidden_dropout_prob=0.0,
+                      attention_probs_dropout_prob=0.0, **extra)
+
+
+@pytest.fixture(scope="module")
+def nsp_pairs(tokenizer_dir, english_documents):
+    """Masked sentence pairs of varied length, right-padded to SEQ: (unpacked batch, packed batch)."""
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    sequences = []
+    for i, length in enumerate([20, 64, 12, 33, 40, 18, 27, 9, 50, 14]):
+        encoded = tokenizer(english_documents[2 * i], english_documents[2 * i + 1], truncation=True,
+                            max_length=length, padding="max_length")
+        encoded = tokenizer.pad(dict(encoded), padding="max_length", max_length=SEQ)
+        sequences.append(dict(encoded, next_sentence_label=i % 2))
+    masking = DataCollatorForLanguageModelingWithMaxTokensMasked(tokenizer, mlm_probability=0.15, seed=0)
+    unpacked = masking(sequences)
+    masked = [dict(sequences[i], input_ids=unpacked["input_ids"][i].tolist(), labels=unpacked["labels"][i].tolist())
+              for i in range(len(sequences))]
+    plan = pack_sequences(sequence_lengths(masked), SEQ, seed=0)
+    rows = PackedDataset(masked, plan).__getitems__(range(plan.num_rows))
+    packed = DataCollatorForPackedSequences(max_seq_length=SEQ, pad_token_id=tokenizer.pad_token_id)(rows)
+    order = plan.sequence_order.tolist()  # the packed sequences' order, for the per-sequence outputs
+    assert plan.num_rows < len(sequences)
+    return {key: value[order] for key, value in unpacked.items()}, packed
+
+
+def loss_and_grads(model, batch):
+    model.train()
+    model.zero_grad()
+    loss = model(**batch).loss
+    loss.backward()
+    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_same_loss_and_grads(model, unpacked, packed):
+    loss, grads = loss_and_grads(model, unpacked)
+    packed_loss, packed_grads = loss_and_grads(model, packed)
+    torch.testing.assert_close(packed_loss, loss, rtol=1e-5, atol=0)
+    assert packed_grads.keys() == grads.keys()
+    for name in grads:
+        torch.testing.assert_close(packed_grads[name], grads[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("variant", ["packed-labels", "static-k", "chunked+recompute"])
+def test_packed_pretraining_batch_gives_the_unpacked_losses_and_gradients(nsp_pairs, variant):
+    unpacked, packed = nsp_pairs
+    torch.manual_seed(0)
+    model = BertForPreTrainingMaskedPositions(bert_config(max_num_masked_tokens=SEQ))
+    model.static_masked_positions = variant == "static-k"
+    if variant == "chunked+recompute":
+        model.parallelize(CHUNKED)
+    assert_same_loss_and_grads(model, unpacked, packed)
+
+    # Each part on its own, and the NSP logits per sequence (the unpacked rows are in the packed order).
+    model.eval()
+    with torch.no_grad():
+        expected, got = model(**unpacked), model(**packed)
+    torch.testing.assert_close(got.mlm_loss, expected.mlm_loss, rtol=1e-5, atol=0)
+    torch.testing.assert_close(got.nsp_loss, expected.nsp_loss, rtol=1e-5, atol=0)
+    slots = packed["next_sentence_label"] != -100
+    torch.testing.assert_close(got.seq_relationship_logits[slots], expected.seq_relationship_logits, rtol=1e-5, atol=1e-6)
+
+
+def test_pretraining_metrics_score_packed_nsp_per_sequence(nsp_pairs):
+    _, packed = nsp_pairs
+    torch.manual_seed(0)
+    model = BertForPreTrainingMaskedPositions(bert_config(max_num_masked_tokens=SEQ)).eval()
+    with torch.no_grad():
+        output = model(**packed)
+    logits = (output.prediction_logits, output.seq_relationship_logits, output.masked_lm_labels)
+    predictions = pretraining_predictions(logits, (packed["labels"], packed["next_sentence_label"]))
+    assert predictions[2].shape == packed["next_sentence_label"].shape
+    metrics = pretraining_metrics(SimpleNamespace(predictions=[p.numpy() for p in predictions]))
+    slots = packed["next_sentence_label"] != -100
+    expected = (output.seq_relationship_logits.argmax(-1)[slots] == packed["next_sentence_label"][slots]).float().mean()
+    assert metrics["nsp_accuracy"] == pytest.approx(expected.item())
+
+
+def roberta_config(pad_token_id, **extra):
+    return RobertaConfig(vocab_size=2000, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=SEQ + pad_token_id + 1,
+                         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, pad_token_id=pad_token_id,
+                         **extra)
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta"])
+@pytest.mark.parametrize("variant", ["packed-labels", "chunked+recompute"])
+def test_packed_line_by_line_batch_gives_the_unpacked_losses_and_gradients(tokenizer_dir, assets, family, variant):
+    """run_mlm.py --line_by_line --packing: lines tokenized as the script does, masked by the same collator (the
+    packed collator masks each line exactly as the unpacked collator does), same loss and gradients."""
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    lines = DatasetDict({"train": Dataset.from_dict({"text": open(assets["train_file"]).read().splitlines()[:60]})})
+    dataset = tokenize_for_masked_lm(lines, tokenizer, SEQ, line_by_line=True, pad_to_max_length=False)["train"]
+    masking = DataCollatorForLanguageModelingWithMaxTokensMasked(tokenizer, mlm_probability=0.15, max_seq_length=SEQ,
+                                                                  seed=3)
+    packed_dataset = pack_dataset(dataset.select(range(16)), SEQ, seed=0)
+    rows = packed_dataset.__getitems__(range(len(packed_dataset)))
+    assert len(rows) < 16
+    packed = DataCollatorForPackedSequences(max_seq_length=SEQ, pad_token_id=tokenizer.pad_token_id, masking=masking,
+                                            max_num_masked_tokens=None)(rows)
+    unpacked = masking([dict(example) for row in rows for example in row])
+    assert torch.equal(torch.sort(packed["labels"][packed["labels"] != -100]).values,
+                       torch.sort(unpacked["labels"][unpacked["labels"] != -100]).values)
+
+    torch.manual_seed(0)
+    if family == "bert":
+        model = BertForMaskedLMMaskedPositions(bert_config(max_num_masked_tokens=16))
+    else:
+        model = RobertaForMaskedLMMaskedPositions(roberta_config(tokenizer.pad_token_id, max_num_masked_tokens=16))
+    if variant == "chunked+recompute":
+        model.parallelize(CHUNKED)
+    assert_same_loss_and_grads(model, unpacked, packed)
+
+
+def test_attention_never_crosses_sequences():
+    sequence_ids = torch.tensor([[1, 1, 1, 2, 2, 0]])
+    mask = block_diagonal_attention_mask(sequence_ids, torch.float32)[0, 0]
+    assert (mask == 0).tolist() == [
+        [True, True, True, False, False, False], [True, True, True, False, False, False],
+        [True, True, True, False, False, False], [False, False, False, True, True, False],
+        [False, False, False, True, True, False], [False, False, False, False, False, True]]
+
+    torch.manual_seed(0)
+    model = BertForMaskedLMMaskedPositions(bert_config()).eval()
+    batch = dict(input_ids=torch.tensor([[2, 10, 11, 3, 2, 12, 3, 0]]), position_ids=torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0]]),
+                 sequence_ids=torch.tensor([[1, 1, 1, 1, 2, 2, 2, 0]]))
+    changed = dict(batch, input_ids=torch.tensor([[2, 10, 11, 3, 2, 99, 3, 0]]))
+    with torch.no_grad():
+        first, second = model(**batch).logits, model(**changed).logits
+    torch.testing.assert_close(first[0, :4], second[0, :4])  # the first sequence never sees the second
+    assert not torch.allclose(first[0, 4:7], second[0, 4:7])
+
+
+def test_flash_attention_is_refused_for_packed_rows():
+    # Private upstream touchpoint: the attention implementation is only readable as config._attn_implementation.
+    config = bert_config()
+    assert hasattr(config, "_attn_implementation"), "transformers renamed config._attn_implementation"
+    check_packing_attention(config)
+    config._attn_implementation = "flash_attention_2"
+    with pytest.raises(ValueError, match="attn_implementation='flash_attention_2'.*sdpa"):
+        check_packing_attention(config)
