@@ -273,6 +273,11 @@ class PackedDataset(torch.utils.data.Dataset):
 
     Nothing is copied: rows are assembled when a batch is fetched (with one `__getitems__` call on the
     source for the whole batch when it has one, as `datasets.Dataset` does).
+
+    Several processes (torchrun): nothing here depends on the process. Every process packs the same data
+    with the same seed into the same rows, and the trainer's distributed sampler hands each process its
+    share of row indices, as for any map-style dataset; a resumed run re-packs into the same rows and skips
+    the rows already trained on, as it skips samples without packing.
     """
 
     def __init__(self, source: Any, plan: PackingPlan) -> None:

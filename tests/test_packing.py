@@ -307,3 +307,120 @@ def test_flash_attention_is_refused_for_packed_rows():
     config._attn_implementation = "flash_attention_2"
     with pytest.raises(ValueError, match="attn_implementation='flash_attention_2'.*sdpa"):
         check_packing_attention(config)
+
+
+# ---- the scripts' --packing -------------------------------------------------------------------------------
+
+import json  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+
+from safetensors.torch import load_file  # noqa: E402
+
+from ipu_trainer.pretraining_data import add_mlm_labels, build_nsp_pairs, load_text_documents  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+import run_mlm  # noqa: E402
+import run_pretraining  # noqa: E402
+
+TINY_BERT = "vocab_size=2000,hidden_size=32,num_hidden_layers=2,num_attention_heads=2,intermediate_size=64,max_position_embeddings=64"
+ONE_CPU = "layers_per_ipu=[-1],ipus_per_replica=1,replication_factor=1,gradient_accumulation_steps=2,recompute_checkpoint_every_layer=false"
+
+
+@pytest.fixture(scope="module")
+def short_pairs(assets, tmp_path_factory):
+    """Pre-built sentence pairs of length 64, half of them short (short_seq_prob 0.5), dynamic and pre-masked."""
+    tokenizer = AutoTokenizer.from_pretrained(assets["tokenizer"])
+    documents = load_text_documents({"train": assets["train_file"]})["train"]
+    pairs = build_nsp_pairs(documents, tokenizer, SEQ, short_seq_prob=0.5, seed=1).select(range(240))
+    folders = {}
+    for masking, data in (("dynamic", pairs), ("static", add_mlm_labels(pairs, tokenizer, mask_input_ids=True))):
+        folder = tmp_path_factory.mktemp(f"pairs-{masking}")
+        DatasetDict({"train": data.select(range(200)), "validation": data.select(range(200, 240))}).save_to_disk(str(folder))
+        folders[masking] = str(folder)
+    return folders
+
+
+def pretraining_argv(assets, data, output_dir, *extra):
+    return [
+        "run_pretraining.py", "--model_type", "bert", "--config_overrides", TINY_BERT, "--tokenizer_name",
+        assets["tokenizer"], "--dataset_path", data, "--is_already_preprocessed", "--ipu_config_name", REPO,
+        "--ipu_config_overrides", ONE_CPU, "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "8",
+        "--learning_rate", "3e-3", "--output_dir", str(output_dir), "--report_to", "none", "--disable_tqdm", "true",
+        "--seed", "7", "--packing", *extra,
+    ]
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+@pytest.mark.parametrize("masking", ["dynamic", "static"])
+def test_run_pretraining_packs_prebuilt_pairs_and_says_how_many_per_row(assets, short_pairs, tmp_path, monkeypatch,
+                                                                        caplog, masking):
+    argv = pretraining_argv(assets, short_pairs[masking], tmp_path / "out", "--do_train", "--do_eval", "--max_steps", "3",
+                            *(["--is_already_masked"] if masking == "static" else []))
+    monkeypatch.setattr(sys, "argv", argv)
+    with caplog.at_level("INFO", logger="ipu_trainer"):
+        run_pretraining.main()
+    results = read_json(tmp_path / "out" / "all_results.json")
+    assert np.isfinite(results["eval_loss"]) and "eval_nsp_accuracy" in results and "eval_mlm_accuracy" in results
+    assert results["train_samples"] < 200  # packed rows, fewer than the 200 pairs
+    messages = [record.getMessage() for record in caplog.records]
+    assert any("Packed the train data" in m and "sequences per row on average" in m for m in messages)
+    assert any(m.startswith("--packing: a micro-batch is 4 packed rows") for m in messages)
+
+
+def test_run_pretraining_with_packing_resumes_to_the_same_weights(assets, short_pairs, tmp_path, monkeypatch):
+    """The packing is deterministic, so a resumed run sees the same rows as an uninterrupted one."""
+    args = ("--do_train", "--max_steps", "4", "--save_steps", "2", "--lr_scheduler_type", "linear")
+    monkeypatch.setattr(sys, "argv", pretraining_argv(assets, short_pairs["dynamic"], tmp_path / "straight", *args))
+    run_pretraining.main()
+
+    original_step = run_pretraining.IPUTrainer.training_step
+
+    def crash_after_first_checkpoint(self, *a, **k):
+        if self.state.global_step == 3:
+            raise KeyboardInterrupt("simulated crash")
+        return original_step(self, *a, **k)
+
+    monkeypatch.setattr(run_pretraining.IPUTrainer, "training_step", crash_after_first_checkpoint)
+    monkeypatch.setattr(sys, "argv", pretraining_argv(assets, short_pairs["dynamic"], tmp_path / "resumed", *args))
+    with pytest.raises(KeyboardInterrupt):
+        run_pretraining.main()
+    monkeypatch.setattr(run_pretraining.IPUTrainer, "training_step", original_step)
+    run_pretraining.main()  # finds checkpoint-2 and resumes
+    expected = load_file(tmp_path / "straight" / "model.safetensors")
+    resumed = load_file(tmp_path / "resumed" / "model.safetensors")
+    for name in expected:
+        torch.testing.assert_close(resumed[name], expected[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def mlm_argv(assets, output_dir, *extra):
+    return [
+        "run_mlm.py", "--model_type", "bert", "--config_overrides", TINY_BERT, "--tokenizer_name", assets["tokenizer"],
+        "--train_file", assets["train_file"], "--validation_file", assets["validation_file"], "--max_seq_length",
+        str(SEQ), "--ipu_config_name", REPO, "--ipu_config_overrides", ONE_CPU, "--per_device_train_batch_size", "4",
+        "--per_device_eval_batch_size", "8", "--max_train_samples", "200", "--max_eval_samples", "40",
+        "--output_dir", str(output_dir), "--report_to", "none", "--disable_tqdm", "true", "--seed", "7", "--fp32",
+        "--packing", *extra,
+    ]
+
+
+def test_run_mlm_packs_lines(assets, tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(sys, "argv", mlm_argv(assets, tmp_path / "out", "--line_by_line", "--do_train", "--do_eval",
+                                              "--max_steps", "3"))
+    with caplog.at_level("INFO", logger="ipu_trainer"):
+        run_mlm.main()
+    results = read_json(tmp_path / "out" / "all_results.json")
+    assert np.isfinite(results["eval_loss"]) and 0 <= results["eval_accuracy"] <= 1
+    assert results["train_samples"] < 200 / 1.5  # lines of ~30 tokens: about two per row of 64
+    assert any("Packed the train data" in record.getMessage() for record in caplog.records)
+
+
+def test_run_mlm_packing_needs_line_by_line(assets, tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", mlm_argv(assets, tmp_path / "out", "--do_train"))
+    with pytest.raises(ValueError, match="--packing needs --line_by_line"):
+        run_mlm.main()
