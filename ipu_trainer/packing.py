@@ -34,7 +34,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import datasets
 import numpy as np
+import pyarrow.compute as pc
 import torch
 
 logger = logging.getLogger(__name__)
@@ -222,15 +224,11 @@ def sequence_lengths(dataset: Any) -> np.ndarray:
     """Real tokens of every row: the sum of its `attention_mask` (right-padded rows), else its `input_ids` length.
 
     A `datasets.Dataset` is read straight from its Arrow columns in blocks, in O(total tokens) numpy work and
-    one block of memory; other datasets are read row by row.
+    one block of memory; other datasets (sequences of dicts) are read row by row.
     """
-    import datasets
-
-    column = "attention_mask" if "attention_mask" in _column_names(dataset) else "input_ids"
     if not isinstance(dataset, datasets.Dataset):
-        return np.array([_length_of(example) for example in dataset], dtype=np.int64)
-    import pyarrow.compute as pc
-
+        return np.array([_checked_length(example) for example in dataset], dtype=np.int64)
+    column = "attention_mask" if "attention_mask" in dataset.column_names else "input_ids"
     arrow = dataset.with_format("arrow")
     pieces = []
     block = 1 << 16
@@ -248,19 +246,6 @@ def sequence_lengths(dataset: Any) -> np.ndarray:
             sums[nonempty] = np.add.reduceat(flat, starts[nonempty])
         pieces.append(sums)
     return np.concatenate(pieces) if pieces else np.empty(0, dtype=np.int64)
-
-
-def _column_names(dataset: Any) -> list[str]:
-    names = getattr(dataset, "column_names", None)
-    if names is not None:
-        return list(names)
-    return list(dataset[0].keys()) if len(dataset) else []
-
-
-def _length_of(example: Mapping[str, Any]) -> int:
-    if "attention_mask" in example:
-        return int(sum(example["attention_mask"]))
-    return len(example["input_ids"])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -350,14 +335,22 @@ class DataCollatorForPackedSequences:
         sequences = [example for row in rows for example in row]
         if not sequences:
             raise ValueError("a batch of packed rows holds no sequences")
-        lengths = torch.tensor([_checked_length(example) for example in sequences])
-        counts = torch.tensor([len(row) for row in rows])
-        row_of = torch.repeat_interleave(torch.arange(len(rows)), counts)
-        row_tokens = torch.zeros(len(rows), dtype=torch.long).index_add_(0, row_of, lengths)
-        if int(row_tokens.max()) > self.max_seq_length:
-            raise ValueError(
-                f"a packed row holds {int(row_tokens.max())} tokens, more than max_seq_length={self.max_seq_length}"
-            )
+        # Per sequence: its length, its row, its index in the row and its first column there. Plain Python: a
+        # batch has tens of sequences, and small torch index ops cost more than the whole loop.
+        length_list, row_list, index_list, offset_list = [], [], [], []
+        for row_index, row in enumerate(rows):
+            used = 0
+            for index_in_row, example in enumerate(row):
+                length = _checked_length(example)
+                length_list.append(length)
+                row_list.append(row_index)
+                index_list.append(index_in_row)
+                offset_list.append(used)
+                used += length
+            if used > self.max_seq_length:
+                raise ValueError(f"a packed row holds {used} tokens, more than max_seq_length={self.max_seq_length}")
+        lengths, row_of = torch.tensor(length_list), torch.tensor(row_list)
+        index_in_row, offsets = torch.tensor(index_list), torch.tensor(offset_list)
 
         # The batch's sequences, each padded to the longest ([N, S]) and masked each on its own.
         longest = int(lengths.max())
@@ -374,10 +367,6 @@ class DataCollatorForPackedSequences:
 
         # Where the tokens go: the sequence's row, at its offset in the row (the lengths of the sequences before
         # it in that row) plus the token's position in the sequence.
-        first_of_row = torch.cumsum(counts, 0) - counts
-        index_in_row = torch.arange(len(sequences)) - torch.repeat_interleave(first_of_row, counts)
-        starts = torch.cumsum(lengths, 0) - lengths
-        offsets = starts - torch.repeat_interleave(starts[first_of_row], counts)
         positions = torch.arange(longest).expand(len(sequences), -1)
         target_rows = row_of.unsqueeze(1).expand(-1, longest)[real]
         target_columns = (offsets.unsqueeze(1) + positions)[real]
@@ -399,11 +388,10 @@ class DataCollatorForPackedSequences:
                 self._cap_labels_per_row(batch["input_ids"], batch["labels"])
 
         if "next_sentence_label" in sequences[0]:
-            width = self.max_sequences_per_row or int(counts.max())
-            if int(counts.max()) > width:
-                raise ValueError(
-                    f"a packed row holds {int(counts.max())} sequences, more than max_sequences_per_row={width}"
-                )
+            fullest = max(len(row) for row in rows)
+            width = self.max_sequences_per_row or fullest
+            if fullest > width:
+                raise ValueError(f"a packed row holds {fullest} sequences, more than max_sequences_per_row={width}")
             next_sentence_label = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
             cls_positions = torch.zeros((len(rows), width), dtype=torch.long)
             next_sentence_label[row_of, index_in_row] = torch.tensor([int(e["next_sentence_label"]) for e in sequences])
@@ -478,7 +466,7 @@ def pack_for_training(
         name: pack_dataset(dataset, max_seq_length, max_sequences_per_row, seed, name)
         for name, dataset in (("train", train_dataset), ("eval", eval_dataset)) if dataset is not None
     }
-    width = max_sequences_per_row or max(dataset.plan.max_sequences_in_a_row for dataset in packed.values())
+    width = max_sequences_per_row or max((dataset.plan.max_sequences_in_a_row for dataset in packed.values()), default=1)
     if "train" in packed and placement is not None:
         per_row = packed["train"].plan.sequences_per_row
         logger.info(
