@@ -180,6 +180,7 @@ def test_defaults_match_the_original():
         "overwrite_cache": False, "validation_split_percentage": 5, "max_seq_length": None,
         "preprocessing_num_workers": None, "mlm_probability": 0.15, "line_by_line": False,
         "pad_to_max_length": False, "max_train_samples": None, "max_eval_samples": None,
+        "packing": False, "max_sequences_per_row": None,  # this project's opt-in --packing
     }
 
 
