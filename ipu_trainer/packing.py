@@ -89,12 +89,20 @@ class PackingPlan:
         """The padding fraction of the same sequences each padded to `max_length` (one per row)."""
         return 1.0 - float(self.lengths.sum()) / max(len(self.lengths) * self.max_length, 1)
 
+    @property
+    def min_rows(self) -> int:
+        """A lower bound on the rows of any packing: all tokens over the row length, and one row for each
+        sequence longer than half a row (no two of those fit together)."""
+        tokens = int(self.lengths.sum())
+        return max(-(-tokens // self.max_length), int((2 * self.lengths > self.max_length).sum()))
+
     def row(self, index: int) -> np.ndarray:
         return self.sequence_order[self.row_offsets[index] : self.row_offsets[index + 1]]
 
     def describe(self) -> str:
         return (
-            f"{self.num_sequences} sequences in {self.num_rows} rows of {self.max_length}: "
+            f"{self.num_sequences} sequences in {self.num_rows} rows of {self.max_length} (no packing needs fewer "
+            f"than {self.min_rows}): "
             f"{self.sequences_per_row:.2f} sequences per row on average (at most {self.max_sequences_in_a_row}), "
             f"packing efficiency {self.efficiency:.1%} (padding {1 - self.efficiency:.1%}, "
             f"{self.padding_before:.1%} without packing)"
@@ -112,8 +120,8 @@ def pack_sequences(
     Best-fit decreasing on the histogram of lengths: lengths are visited from the longest to the shortest;
     each sequence goes into the open row with the least free space that still fits it, or starts a new row.
     Rows with the same contents so far ("pack shapes", e.g. (100, 20)) are interchangeable, so the algorithm
-    moves whole groups of identical rows at once: its loop runs over (length, group) pairs, independent of
-    the number of sequences. Which sequence of a given length fills which row is decided afterwards by a
+    places sequences into whole groups of identical rows at once, with the same outcome as one sequence at
+    a time: its loop runs over (length, group) pairs, independent of the number of sequences. Which sequence of a given length fills which row is decided afterwards by a
     seeded permutation, in O(N) vectorised numpy (the lengths are radix-sorted), and the rows are shuffled
     with the same generator.
 
@@ -160,21 +168,29 @@ def _pack_histogram(histogram: np.ndarray, max_length: int, limit: int) -> list[
     for length in range(max_length, 0, -1):
         remaining = int(histogram[length])
         while remaining:
+            # Best fit: the open rows with the least free space that holds this length, else fresh rows. The
+            # sequence after this one (same length) fits the same row again while space remains, since that
+            # row then has even less free space: a row takes `per_row` of them before the next row starts.
             fitting = np.flatnonzero(has_open[length:])
-            if len(fitting) == 0:
-                add((length,), remaining, max_length - length)
-                break
-            space = length + int(fitting[0])  # best fit: the least free space that holds this length
-            groups = open_groups[space]
-            shape, count = next(iter(groups.items()))
-            moved = min(count, remaining)
-            if moved == count:
-                del groups[shape]
-                has_open[space] = bool(groups)
+            if len(fitting):
+                space = length + int(fitting[0])
+                groups = open_groups[space]
+                shape, available = next(iter(groups.items()))
             else:
-                groups[shape] = count - moved
-            add(shape + (length,), moved, space - length)
-            remaining -= moved
+                space, shape, available = max_length, (), None  # as many fresh rows as needed
+            per_row = min(space // length, limit - len(shape))
+            rows = remaining // per_row if available is None else min(available, remaining // per_row)
+            placed = per_row
+            if rows == 0:  # fewer sequences left than one row takes: they all go into one row
+                rows, placed = 1, remaining
+            if available is not None:
+                if rows == available:
+                    del groups[shape]
+                    has_open[space] = bool(groups)
+                else:
+                    groups[shape] = available - rows
+            add(shape + (length,) * placed, rows, space - placed * length)
+            remaining -= rows * placed
     result = list(closed.items())
     for groups in open_groups:
         result.extend(groups.items())

@@ -61,9 +61,37 @@ def test_packing_is_deterministic_for_a_seed_and_respects_the_row_limit():
     assert limited.max_sequences_in_a_row == 2 < first.max_sequences_in_a_row
 
 
+def one_at_a_time_best_fit_decreasing(lengths, max_length, limit=None):
+    """The textbook algorithm, one sequence at a time: the number of rows it uses."""
+    spaces, counts = [], []
+    for length in sorted(lengths, reverse=True):
+        fits = [i for i, space in enumerate(spaces) if space >= length and (limit is None or counts[i] < limit)]
+        if fits:
+            best = min(fits, key=lambda i: spaces[i])
+            spaces[best] -= length
+            counts[best] += 1
+        else:
+            spaces.append(max_length - length)
+            counts.append(1)
+    return len(spaces)
+
+
+def test_the_histogram_packing_uses_as_many_rows_as_one_at_a_time_best_fit_decreasing():
+    rng = np.random.default_rng(0)
+    for case in range(60):
+        max_length = int(rng.integers(8, 130))
+        lengths = rng.integers(1, max_length + 1, int(rng.integers(1, 200)))
+        limit = (None, 2, 3)[case % 3]
+        plan = pack_sequences(lengths, max_length, max_sequences_per_row=limit, seed=case)
+        assert plan.num_rows == one_at_a_time_best_fit_decreasing(lengths.tolist(), max_length, limit), case
+        assert plan.num_rows >= plan.min_rows
+
+
 def test_full_length_sequences_keep_a_row_each():
     plan = pack_sequences([SEQ, SEQ, 5, SEQ - 5], SEQ)
-    assert plan.num_rows == 3 and plan.efficiency == 1.0
+    assert plan.num_rows == plan.min_rows == 3 and plan.efficiency == 1.0
+    # Two sequences of the same length share a row when they fit, and the short ones fill the gaps.
+    assert pack_sequences([128, 100, 100, 20, 5, 60, 60], 128).num_rows == 4
 
 
 @pytest.mark.parametrize("lengths, limit, message", [
