@@ -29,7 +29,7 @@ from ipu_trainer.model_loading import load_ipu_config, load_model, load_model_co
 from ipu_trainer.models import masked_lm_model_for
 from ipu_trainer.resolved_run import resolve_run
 from ipu_trainer.run_utils import (
-    find_checkpoint_to_resume,
+    claim_output_dir,
     run_cli,
     setup_logging,
     train_evaluate_and_report,
@@ -78,7 +78,7 @@ def main():
     # Arguments and logging
     model_args, data_args, training_args = parse_script_args(ModelArguments, DataTrainingArguments)
     setup_logging(training_args)
-    last_checkpoint = find_checkpoint_to_resume(training_args)
+    last_checkpoint = claim_output_dir(training_args)
     set_seed(training_args.seed)
 
     # Model config and IPU config, resolved into the run before any weights or data are loaded

@@ -39,7 +39,7 @@ from ipu_trainer.optimization import get_groupbert_schedule
 from ipu_trainer.pretraining_data import build_nsp_pairs, load_text_documents
 from ipu_trainer.resolved_run import resolve_run
 from ipu_trainer.run_utils import (
-    find_checkpoint_to_resume,
+    claim_output_dir,
     run_cli,
     setup_logging,
     train_evaluate_and_report,
@@ -95,7 +95,7 @@ def main():
     # Arguments and logging
     model_args, data_args, training_args = parse_script_args(ModelArguments, DataTrainingArguments)
     setup_logging(training_args)
-    last_checkpoint = find_checkpoint_to_resume(training_args)
+    last_checkpoint = claim_output_dir(training_args)
     set_seed(training_args.seed)
 
     # Model config and IPU config, resolved into the run before any weights or data are loaded

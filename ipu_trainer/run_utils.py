@@ -3,6 +3,9 @@ results files, and turning bad input into one clear error line."""
 
 from __future__ import annotations
 
+import atexit
+import datetime
+import json
 import logging
 import math
 import os
@@ -10,10 +13,12 @@ import sys
 from typing import Any, Callable, Optional
 
 import datasets
+import torch
 import transformers
-from transformers.trainer_utils import get_last_checkpoint
 
+from .checkpoints import TRAINER_STATE_NAME, last_resumable_checkpoint, list_checkpoints
 from .ipu_config import IncompatibleIPUConfigError
+from .run_control import LOCK_NAME, CheckpointWriteError, RunFinished, RunLock, TrainingInterrupted
 
 logger = logging.getLogger(__name__)
 
@@ -38,24 +43,106 @@ def setup_logging(training_args: Any) -> None:
     logger.info("Training/evaluation parameters %s", training_args)
 
 
-def find_checkpoint_to_resume(training_args: Any) -> Optional[str]:
-    """SPEC §8: a non-empty output_dir without a checkpoint is refused unless --overwrite_output_dir;
-    one with a checkpoint resumes from it unless --resume_from_checkpoint names another."""
+_held_locks: list[RunLock] = []
+
+
+def _release_locks() -> None:
+    while _held_locks:
+        _held_locks.pop().release()
+
+
+atexit.register(_release_locks)
+
+
+def _on_every_process(first_process: Callable[[], Optional[str]], training_args: Any) -> None:
+    """Run `first_process` on process 0 only and raise its error (a message, or None) on every process, so that
+    all processes of a torchrun stop together instead of waiting for one that gave up."""
+    message = first_process() if training_args.process_index == 0 else None
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        shared = [message]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        message = shared[0]
+    if message is not None:
+        raise ValueError(message)
+
+
+def _finished_run(training_args: Any) -> Optional[str]:
+    """The message for an output folder that already holds this run, trained to its last step; else None."""
     output_dir = training_args.output_dir
-    if not (os.path.isdir(output_dir) and training_args.do_train and not training_args.overwrite_output_dir):
+    state_file = os.path.join(output_dir, TRAINER_STATE_NAME)
+    if not os.path.isfile(os.path.join(output_dir, "train_results.json")) or not os.path.isfile(state_file):
         return None
-    last_checkpoint = get_last_checkpoint(output_dir)
-    if last_checkpoint is None and len(os.listdir(output_dir)) > 0:
+    try:
+        with open(state_file, encoding="utf-8") as handle:
+            state = json.load(handle)
+        global_step, max_steps = int(state["global_step"]), int(state["max_steps"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    same_length = (training_args.max_steps == max_steps if training_args.max_steps > 0
+                   else training_args.num_train_epochs == state.get("num_train_epochs"))
+    if global_step < max_steps or not same_length:
+        return None
+    return (f"{output_dir} already holds this run, trained to its last step ({global_step} of {max_steps}): nothing to "
+            "do. Pass --overwrite_output_dir to train again from scratch, or a larger --max_steps to train further.")
+
+
+def _set_aside_checkpoints(output_dir: str) -> None:
+    """--overwrite_output_dir: the overwritten run's checkpoints move to a folder of their own, so no later resume
+    picks them up; nothing is deleted."""
+    checkpoints = list_checkpoints(output_dir)
+    if not checkpoints:
+        return
+    aside = os.path.join(output_dir, "overwritten-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    os.makedirs(aside, exist_ok=True)
+    for path in checkpoints:
+        os.replace(path, os.path.join(aside, os.path.basename(path)))
+    logger.warning("--overwrite_output_dir: moved the previous run's %d checkpoint(s) to %s; this run starts afresh.",
+                   len(checkpoints), aside)
+
+
+def claim_output_dir(training_args: Any) -> Optional[str]:
+    """Take `--output_dir` for this run before anything heavy happens, and return the checkpoint to resume from.
+
+    - One run per output folder: a lock held until the script ends (see `run_control.RunLock`).
+    - The same command re-run on a finished run ends with `RunFinished`: nothing changes.
+    - `--overwrite_output_dir` starts afresh: the old run's checkpoints are moved aside, never resumed.
+    - Otherwise the newest complete checkpoint is resumed (`checkpoints.last_resumable_checkpoint`), unless
+      `--resume_from_checkpoint` names one; a non-empty folder without one is refused (SPEC §8).
+    """
+    output_dir = training_args.output_dir
+    if not training_args.do_train:
+        return None
+
+    def lock_and_prepare() -> Optional[str]:
+        lock = RunLock(output_dir)
+        try:
+            lock.acquire()
+        except ValueError as error:
+            return str(error)
+        _held_locks.append(lock)
+        if training_args.overwrite_output_dir:
+            _set_aside_checkpoints(output_dir)
+        return None
+
+    _on_every_process(lock_and_prepare, training_args)
+    finished = None if training_args.overwrite_output_dir else _finished_run(training_args)
+    if finished:
+        raise RunFinished(finished)
+    if training_args.overwrite_output_dir or training_args.resume_from_checkpoint is not None:
+        return None
+    checkpoint, skipped = last_resumable_checkpoint(output_dir, needs_optimizer=not training_args.save_only_model)
+    if skipped:
+        logger.warning("Skipped checkpoint(s) that cannot be resumed from: %s", "; ".join(map(str, skipped)))
+    others = [name for name in os.listdir(output_dir) if name != LOCK_NAME]
+    if checkpoint is None and others:
+        kind = "only checkpoints that cannot be resumed from" if skipped else "no checkpoint"
         raise ValueError(
-            f"Output directory ({output_dir}) already exists and is not empty. "
-            "Use --overwrite_output_dir to overwrite it, or choose another --output_dir."
+            f"--output_dir {output_dir} is not empty and holds {kind}: pass --overwrite_output_dir to train afresh "
+            "there, or choose another --output_dir"
         )
-    if last_checkpoint is not None and training_args.resume_from_checkpoint is None:
-        logger.info(
-            "Checkpoint detected, resuming training at %s. To avoid this behavior, change the --output_dir or add "
-            "--overwrite_output_dir to train from scratch.", last_checkpoint,
-        )
-    return last_checkpoint
+    if checkpoint is not None:
+        logger.info("Resuming training from %s (pass --overwrite_output_dir to train from scratch instead).", checkpoint)
+    return checkpoint
 
 
 def perplexity(loss: float) -> float:
@@ -120,13 +207,26 @@ def train_evaluate_and_report(
 
 
 def run_cli(main: Callable[[], Any]) -> int:
-    """Run a script's `main()`; bad input ends with one `error:` line and exit code 2, not a traceback."""
+    """Run a script's `main()`; bad input ends with one `error:` line and exit code 2, not a traceback. A run that
+    was already finished exits 0 with one line; one stopped by a signal exits 128 + the signal number with one
+    line saying where to resume; a checkpoint that could not be written exits 1 with one `error:` line."""
     try:
         main()
+    except RunFinished as finished:
+        print(str(finished), file=sys.stderr)
+        return 0
+    except TrainingInterrupted as interrupted:
+        print(str(interrupted), file=sys.stderr)
+        return interrupted.exit_code
+    except CheckpointWriteError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     except USER_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("interrupted: the newest complete checkpoint (if any) resumes with the same command", file=sys.stderr)
         return 130
+    finally:
+        _release_locks()
     return 0

@@ -13,9 +13,12 @@ Everything the run's numbers depend on is resolved once, in `resolved_run`; this
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import logging
 import os
+import shutil
+import signal
 import time
 from typing import Any, Callable, Optional
 
@@ -23,9 +26,18 @@ import torch
 from accelerate.utils import send_to_device
 from accelerate.utils.memory import clear_device_cache
 from torch import nn
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback, TrainerState
 from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import TrainOutput
+
+from .checkpoints import (
+    TRAINER_STATE_NAME,
+    checkpoint_problem,
+    folder_bytes,
+    last_resumable_checkpoint,
+    mark_complete,
+    rotate_checkpoints,
+)
 
 from .data_collators import pad_on_batch_axis
 from .ipu_config import IPUConfig
@@ -34,6 +46,7 @@ from .optimization import Lamb
 from .placement import HostOffloadedOptimizer, Placement, ShardedOptimizer, prepare_optimizer_for_checkpoint
 from .precision import Precision
 from .resolved_run import ResolvedRun, resolve_run
+from .run_control import CheckpointWriteError, StopOnSignal, StopOnSignalCallback, TrainingInterrupted
 from .training_args import IPUTrainingArguments
 
 logger = logging.getLogger(__name__)
@@ -129,6 +142,10 @@ class IPUTrainer(Trainer):
         # Each micro-batch loss is a mean over its own tokens and the update averages micro-batches, as on
         # the IPU; the upstream token-count normalisation across accumulation would change that.
         self.model_accepts_loss_kwargs = False
+        self._checkpoint_in_progress: Optional[str] = None
+        self._stop_on_signal = StopOnSignalCallback(self.args.device)
+        self.add_callback(_CheckpointCompletion(self))
+        self.add_callback(self._stop_on_signal)
         self._log_run_layout()
 
     @property
@@ -240,11 +257,97 @@ class IPUTrainer(Trainer):
 
     # ---- optimisation -------------------------------------------------------------------------------
 
-    def train(self, *args: Any, **kwargs: Any) -> TrainOutput:
+    def train(self, resume_from_checkpoint: Any = None, trial: Any = None, ignore_keys_for_eval: Any = None,
+              **kwargs: Any) -> TrainOutput:
+        """Upstream's training loop, made safe to stop and resume.
+
+        `resume_from_checkpoint=True` takes the newest complete and loadable checkpoint of the output folder
+        (saying which newer ones it skipped), and a given checkpoint is checked the same way. A checkpoint that
+        already reached the last step is loaded without training again. SIGTERM / SIGINT save a checkpoint at the
+        end of the step and raise `TrainingInterrupted`; a checkpoint that cannot be written (a full disk) raises
+        `CheckpointWriteError`, its partial folder removed and the previous checkpoint left resumable.
+        """
         if self._scheduler_from_factory:
             # A schedule built for an earlier train() call is bound to that call's optimizer.
             self.lr_scheduler, self._scheduler_from_factory = None, False
-        return super().train(*args, **kwargs)
+        checkpoint = self._checkpoint_to_resume(resume_from_checkpoint)
+        if checkpoint is not None:
+            finished = self._already_finished(checkpoint)
+            if finished is not None:
+                return finished
+        with StopOnSignal() as stop:
+            self._stop_on_signal.stop = stop
+            try:
+                output = super().train(resume_from_checkpoint=checkpoint, trial=trial,
+                                       ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
+            except (OSError, RuntimeError) as error:
+                if self._checkpoint_in_progress is None:
+                    raise
+                raise self._checkpoint_write_error(error) from error
+            finally:
+                self._stop_on_signal.stop = None
+        if stop.signal_number is not None:
+            name = signal.Signals(stop.signal_number).name
+            raise TrainingInterrupted(
+                f"interrupted by {name} at step {self.state.global_step}: checkpoint-{self.state.global_step} is saved "
+                f"in {self.args.output_dir}; run the same command again to resume from it",
+                stop.signal_number,
+            )
+        return output
+
+    def _checkpoint_to_resume(self, requested: Any) -> Optional[str]:
+        """The checkpoint `train(resume_from_checkpoint=...)` resumes from, checked: True means the newest
+        complete one of the output folder; a path must be complete and loadable."""
+        if requested is None or requested is False:
+            return None
+        needs_optimizer = not self.args.save_only_model
+        if requested is True:
+            checkpoint, skipped = last_resumable_checkpoint(self.args.output_dir, needs_optimizer)
+            if skipped:
+                logger.warning("Skipped checkpoint(s) that cannot be resumed from: %s", "; ".join(map(str, skipped)))
+            if checkpoint is None:
+                raise ValueError(f"no complete checkpoint to resume from in {self.args.output_dir}")
+            return checkpoint
+        problem = checkpoint_problem(str(requested), needs_optimizer)
+        if problem is not None:
+            newest, _ = last_resumable_checkpoint(os.path.dirname(os.path.normpath(str(requested))), needs_optimizer)
+            hint = f"; the newest complete checkpoint there is {newest}" if newest else ""
+            raise ValueError(f"--resume_from_checkpoint {requested}: cannot resume from it: {problem}{hint}")
+        return str(requested)
+
+    def _already_finished(self, checkpoint: str) -> Optional[TrainOutput]:
+        """When `checkpoint` already reached the run's last step, load its weights and state instead of training:
+        upstream would train one step past the end."""
+        state = TrainerState.load_from_json(os.path.join(checkpoint, TRAINER_STATE_NAME))
+        max_steps = self.set_initial_training_values(self.args, self.get_train_dataloader())[-1]
+        if state.global_step < max_steps:
+            return None
+        logger.info("%s already reached the last step (%d of %d): loading it instead of training.",
+                    checkpoint, state.global_step, max_steps)
+        self._load_from_checkpoint(checkpoint)
+        self.state = state
+        losses = [entry["loss"] for entry in state.log_history if "loss" in entry]
+        training_loss = sum(losses) / len(losses) if losses else float("nan")
+        return TrainOutput(state.global_step, training_loss, {"train_loss": training_loss, "epoch": state.epoch})
+
+    def _checkpoint_write_error(self, error: BaseException) -> CheckpointWriteError:
+        """One line for a checkpoint that could not be written, after removing its partial folder."""
+        folder = self._checkpoint_in_progress
+        self._checkpoint_in_progress = None
+        output_dir = self.args.output_dir
+        previous, _ = last_resumable_checkpoint(output_dir, needs_optimizer=not self.args.save_only_model)
+        needed = folder_bytes(previous) if previous else folder_bytes(folder) if os.path.isdir(folder) else 0
+        if self.args.should_save and os.path.isdir(folder):
+            shutil.rmtree(folder, ignore_errors=True)  # written by this run, and unusable
+        free = shutil.disk_usage(output_dir).free
+        full = (isinstance(error, OSError) and error.errno == errno.ENOSPC) or free < needed
+        reason = "no space left on the device" if full else str(error).strip().splitlines()[0]
+        resume = (f"{os.path.basename(previous)} is complete: run the same command again to resume from it"
+                  if previous else "no earlier checkpoint exists, so a rerun starts afresh")
+        return CheckpointWriteError(
+            f"could not write {folder} ({reason}): {free / 1e9:.2f} GB free in {output_dir}, a checkpoint needs about "
+            f"{needed / 1e9:.2f} GB; free some space or choose another --output_dir. {resume}"
+        )
 
     def create_scheduler(self, num_training_steps: int, optimizer: Optional[torch.optim.Optimizer] = None):
         if self.lr_scheduler is None and self.scheduler_factory is not None:
@@ -301,6 +404,8 @@ class IPUTrainer(Trainer):
     def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
         """Upstream's model (and tokenizer) save, plus the run's `ipu_config.json`; `training_args.bin`
         records the user's arguments rather than the loop's copy."""
+        if _internal_call and output_dir is not None:
+            self._checkpoint_in_progress = output_dir  # a checkpoint save starts here; _CheckpointCompletion ends it
         super().save_model(output_dir, _internal_call=_internal_call)
         if self.args.should_save:
             folder = output_dir if output_dir is not None else self.args.output_dir
@@ -309,8 +414,9 @@ class IPUTrainer(Trainer):
 
     # ---- Private upstream touchpoints ---------------------------------------------------------------
     # Upstream writes optimizer.pt from process 0 alone, so ZeRO shards must be gathered (a collective on
-    # every process) before it does; no public hook runs at that moment. tests/test_trainer.py fails by
-    # name if upstream renames this method.
+    # every process) before it does; no public hook runs at that moment. `_already_finished` loads a
+    # checkpoint's weights through upstream's `_load_from_checkpoint`, the loader that knows every weight
+    # layout. tests/test_trainer.py fails by name if upstream renames either method.
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         prepare_optimizer_for_checkpoint(self.optimizer, self.args.device)  # a sharded state is gathered on process 0
@@ -341,3 +447,25 @@ class IPUTrainer(Trainer):
             "Stopping without training.", seconds, loss.item(), cache,
         )
         return TrainOutput(global_step=0, training_loss=float(loss.item()), metrics={"compile_seconds": seconds})
+
+
+class _CheckpointCompletion(TrainerCallback):
+    """After upstream has written `checkpoint-N` (every process its part), process 0 flushes it and writes the
+    completion marker, then rotates old checkpoints (`--save_total_limit`, applied here rather than by upstream so
+    that nothing is removed before the new checkpoint is complete)."""
+
+    def __init__(self, trainer: IPUTrainer) -> None:
+        self.trainer = trainer
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        trainer = self.trainer
+        folder = trainer._checkpoint_in_progress
+        if folder is None:
+            return control
+        trainer.accelerator.wait_for_everyone()  # every process's files (rng_state_<rank>.pth) are written
+        if args.should_save:
+            mark_complete(folder)
+            best = (state.best_model_checkpoint,) if state.best_model_checkpoint else ()
+            rotate_checkpoints(args.output_dir, trainer.run.args.save_total_limit, keep=best)
+        trainer._checkpoint_in_progress = None
+        return control
