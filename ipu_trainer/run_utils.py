@@ -16,7 +16,7 @@ import datasets
 import torch
 import transformers
 
-from .checkpoints import TRAINER_STATE_NAME, last_resumable_checkpoint, list_checkpoints
+from .checkpoints import CHECKPOINT_PATTERN, TRAINER_STATE_NAME, last_resumable_checkpoint, list_checkpoints
 from .ipu_config import IncompatibleIPUConfigError
 from .run_control import LOCK_NAME, CheckpointWriteError, RunFinished, RunLock, TrainingInterrupted
 
@@ -133,12 +133,13 @@ def claim_output_dir(training_args: Any) -> Optional[str]:
     checkpoint, skipped = last_resumable_checkpoint(output_dir, needs_optimizer=not training_args.save_only_model)
     if skipped:
         logger.warning("Skipped checkpoint(s) that cannot be resumed from: %s", "; ".join(map(str, skipped)))
-    others = [name for name in os.listdir(output_dir) if name != LOCK_NAME]
+    # What an interrupted run of this command leaves (its lock, checkpoints it never completed) is no reason to
+    # refuse the folder: the run starts afresh and its saves replace them.
+    others = [name for name in os.listdir(output_dir) if name != LOCK_NAME and not CHECKPOINT_PATTERN.match(name)]
     if checkpoint is None and others:
-        kind = "only checkpoints that cannot be resumed from" if skipped else "no checkpoint"
         raise ValueError(
-            f"--output_dir {output_dir} is not empty and holds {kind}: pass --overwrite_output_dir to train afresh "
-            "there, or choose another --output_dir"
+            f"--output_dir {output_dir} is not empty and holds no checkpoint to resume from: pass "
+            "--overwrite_output_dir to train afresh there, or choose another --output_dir"
         )
     if checkpoint is not None:
         logger.info("Resuming training from %s (pass --overwrite_output_dir to train from scratch instead).", checkpoint)

@@ -117,7 +117,7 @@ def test_non_empty_output_dir_without_checkpoint_is_refused(assets, tmp_path, mo
     out = tmp_path / "out"
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
-    with pytest.raises(ValueError, match="is not empty and holds no checkpoint.*--overwrite_output_dir"):
+    with pytest.raises(ValueError, match="is not empty and holds no checkpoint to resume from.*--overwrite_output_dir"):
         run(monkeypatch, pretraining_argv(assets, out, "--do_train", "--max_steps", "1"))
     assert (out / "notes.txt").read_text() == "keep me"
 
