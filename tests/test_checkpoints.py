@@ -3,6 +3,7 @@
 import errno
 import json
 import os
+from types import SimpleNamespace
 import subprocess
 import sys
 
@@ -262,3 +263,31 @@ def test_the_saved_weights_are_the_final_checkpoints(uninterrupted):
     saved = load_file(str(out / "checkpoint-6" / "model.safetensors"))
     for name, value in saved.items():
         torch.testing.assert_close(value, expected[name], rtol=0, atol=0)
+
+
+def test_torchs_own_disk_full_error_is_recognised_by_the_free_space(uninterrupted, tmp_path, monkeypatch):
+    """torch.save reports a full disk as a RuntimeError from its zip writer, not as ENOSPC."""
+    original_save = torch.save
+
+    def save_until_the_disk_fills(obj, path, *args, **kwargs):
+        if "checkpoint-4" in str(path) and str(path).endswith("optimizer.pt"):
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1024 vs 512")
+        return original_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save_until_the_disk_fills)
+    monkeypatch.setattr("ipu_trainer.trainer.shutil.disk_usage", lambda path: SimpleNamespace(total=10**9, used=10**9 - 1000, free=1000))
+    with pytest.raises(CheckpointWriteError, match=r"no space left on the device\): 0.00 GB free"):
+        train(tmp_path)
+    assert checkpoint_problem(str(tmp_path / "checkpoint-2")) is None
+
+
+def test_a_signal_seen_by_any_process_stops_every_process(monkeypatch):
+    """Processes receive a signal at different moments; the flag is all-reduced so all stop at the same step
+    (simulated: this process got no signal, another one did)."""
+    from ipu_trainer.run_control import StopOnSignal
+
+    stop = StopOnSignal()
+    assert not stop.requested(torch.device("cpu"))
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda flag, op=None: flag.fill_(1))
+    assert stop.requested(torch.device("cpu"))
