@@ -3,9 +3,9 @@
 import errno
 import json
 import os
-from types import SimpleNamespace
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
