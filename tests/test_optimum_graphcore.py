@@ -20,7 +20,6 @@ import zipfile
 
 import pytest
 import torch
-from datasets import Dataset
 from transformers import BertConfig, BertForMaskedLM, default_data_collator
 from transformers.trainer_utils import TrainOutput
 
