@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -10,6 +12,8 @@ from typing import Any
 
 import torch
 from transformers import DataCollatorForLanguageModeling, default_data_collator
+
+logger = logging.getLogger(__name__)
 
 
 def max_num_masked_tokens(sequence_length: int, mlm_probability: float) -> int:
@@ -24,6 +28,25 @@ def max_num_masked_tokens(sequence_length: int, mlm_probability: float) -> int:
     return min(sequence_length, math.ceil((mean + 2 * std) / 16) * 16)
 
 
+def _max_seq_length_may_come_first(cls: type) -> type:
+    """Let the dataclass take `max_seq_length` as its first positional argument, as optimum-graphcore's
+    collator did (`Collator(128, tokenizer=tok)`), while a tokenizer first (`Collator(tok, ...)`, the
+    upstream collator's order) keeps working: an integer first is the sequence length."""
+    generated = cls.__init__
+
+    @functools.wraps(generated)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        if args and isinstance(args[0], int) and not isinstance(args[0], bool):
+            if "max_seq_length" in kwargs:
+                raise TypeError(f"{cls.__name__} got max_seq_length both positionally and as a keyword")
+            kwargs["max_seq_length"], args = args[0], args[1:]
+        generated(self, *args, **kwargs)
+
+    cls.__init__ = __init__
+    return cls
+
+
+@_max_seq_length_may_come_first
 @dataclass
 class DataCollatorForLanguageModelingWithMaxTokensMasked(DataCollatorForLanguageModeling):
     """MLM collator that never masks more than `max_num_masked_tokens` tokens in a sequence.
@@ -115,25 +138,43 @@ def _batch_generator(seed: int, inputs: torch.Tensor) -> torch.Generator:
 
 class _BatchAxisPadder:
     # A class rather than a closure so DataLoader workers started with "spawn" can pickle it.
-    def __init__(self, batch_size: int, data_collator: Callable[[list[Any]], Any]) -> None:
+    def __init__(self, batch_size: int, data_collator: Callable[[list[Any]], Any] | None = None) -> None:
         self.batch_size = batch_size
-        self.data_collator = data_collator
+        self.data_collator = data_collator or default_data_collator
+        self.wraps_default = data_collator is None
 
-    def __call__(self, examples: Sequence[Any]) -> Any:
+    def __call__(self, examples: Sequence[Any] | Callable) -> Any:
+        if self.wraps_default and callable(examples) and not isinstance(examples, Sequence):
+            # pad_on_batch_axis(batch_size)(collator): the decorator form of optimum-graphcore code.
+            return _BatchAxisPadder(self.batch_size, examples)
         examples = list(examples)
         if 0 < len(examples) < self.batch_size:
             examples = [examples[i % len(examples)] for i in range(self.batch_size)]
         return self.data_collator(examples)
 
 
-def pad_on_batch_axis(batch_size: int, data_collator: Callable | None = None) -> Callable:
+def _unchanged(data_collator: Callable) -> Callable:
+    return data_collator
+
+
+def pad_on_batch_axis(batch_size: int, data_collator: Callable | Mapping | None = None) -> Callable:
     """Wrap `data_collator` so every batch has exactly `batch_size` rows.
 
     A short (usually the last) batch is filled up by repeating its examples cyclically before collating.
     On the IPU this kept one compiled program for every step without `drop_last`; on GPU it keeps one
     shape for compiled graphs and a constant per-step sample count. Repeated samples are real data, so
     they weigh in the loss like any other. `data_collator` defaults to `transformers.default_data_collator`.
+
+    Code written for optimum-graphcore calls it as a decorator, `pad_on_batch_axis(batch_size)(collator)`:
+    the padder returned without a collator wraps a collator it is called with. That project's pretraining
+    example also passed a dict of pad values as a second argument, which its own function did not take;
+    it does so only under `--pad_on_batch_axis`, where `IPUTrainer` already pads every batch to the
+    size each process takes, so with a dict the collator is returned unchanged.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r} must be >= 1")
-    return _BatchAxisPadder(batch_size, data_collator or default_data_collator)
+    if isinstance(data_collator, Mapping):
+        logger.info("pad_on_batch_axis(batch_size, pad values): IPUTrainer pads the batches (--pad_on_batch_axis); "
+                    "the collator is left as it is")
+        return _unchanged
+    return _BatchAxisPadder(batch_size, data_collator)

@@ -67,15 +67,15 @@ def load_tokenizer(model_args: Any) -> PreTrainedTokenizerBase:
 
 
 def load_ipu_config(training_args: IPUTrainingArguments, model_name_or_path: Optional[str]) -> IPUConfig:
-    """The IPU config file of the run: --ipu_config_name, else the one stored with --model_name_or_path.
-    The command line is applied to it once, by `resolve_run`."""
+    """The IPU config file of the run: --ipu_config_name, else the one stored with --model_name_or_path, with
+    per-POD-type values picked for --pod_type. The command line is applied to it once, by `resolve_run`."""
     name = training_args.ipu_config_name or model_name_or_path
     if not name:
         raise ValueError(
             "You must provide an IPUConfig: pass --ipu_config_name (a folder with ipu_config.json, a .json file, "
             "or a hub id such as Graphcore/bert-base-ipu), e.g. --ipu_config_name . for the one next to the scripts."
         )
-    return IPUConfig.from_pretrained(name)
+    return IPUConfig.from_pretrained(name, pod_type=training_args.pod_type)
 
 
 # Model types whose position ids start after the padding index (RoBERTa's "padding_idx + 1" offset).

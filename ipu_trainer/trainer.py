@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import inspect
 import logging
 import os
 import shutil
@@ -26,7 +27,7 @@ import torch
 from accelerate.utils import send_to_device
 from accelerate.utils.memory import clear_device_cache
 from torch import nn
-from transformers import Trainer, TrainerCallback, TrainerState
+from transformers import Trainer, TrainerCallback, TrainerState, set_seed
 from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import TrainOutput
 
@@ -68,6 +69,46 @@ def split_batch(batch: dict[str, Any], micro_batch_size: int) -> list[dict[str, 
     ]
 
 
+def _original_keywords(
+    processing_class: Any, tokenizer: Any, optimizers: tuple, scheduler_factory: Optional[SchedulerFactory],
+    model_init: Optional[Callable],
+) -> tuple[Any, tuple, Optional[functools.partial]]:
+    """The keywords of optimum-graphcore's IPUTrainer in upstream's terms: `tokenizer` is the processing class,
+    and a `functools.partial` in the scheduler slot of `optimizers` is kept aside to be called with the
+    trainer's optimizer (upstream would keep it as the scheduler object and fail at the first step)."""
+    if tokenizer is not None:
+        if processing_class is not None and processing_class is not tokenizer:
+            raise TypeError("IPUTrainer got both tokenizer= and processing_class=; pass one (they are the same thing)")
+        processing_class = tokenizer
+    optimizer, scheduler = optimizers
+    partial = None
+    if isinstance(scheduler, functools.partial):
+        partial, optimizers = scheduler, (optimizer, None)
+    if partial is not None and scheduler_factory is not None:
+        raise TypeError("IPUTrainer got a scheduler both in optimizers=(..., partial) and as scheduler_factory; pass one")
+    if model_init is not None and (optimizer is not None or scheduler is not None):
+        raise RuntimeError(
+            "Passing a `model_init` is incompatible with providing the `optimizers` argument: each train() builds a "
+            "new model, which the given optimizer does not hold"
+        )
+    return processing_class, optimizers, partial
+
+
+def _call_scheduler_partial(
+    partial: functools.partial, optimizer: torch.optim.Optimizer, num_warmup_steps: int, num_training_steps: int
+) -> Any:
+    """Build the scheduler from `optimizers=(None, functools.partial(schedule, ...))` as optimum-graphcore did,
+    `partial(optimizer)`, also passing the run's `num_warmup_steps` / `num_training_steps` where the schedule
+    requires them and the partial has not bound them (the call would fail without them)."""
+    parameters = inspect.signature(partial).parameters
+    run_values = {"num_warmup_steps": num_warmup_steps, "num_training_steps": num_training_steps}
+    missing = {
+        name: value for name, value in run_values.items()
+        if name in parameters and parameters[name].default is inspect.Parameter.empty
+    }
+    return partial(optimizer, **missing)
+
+
 class IPUTrainer(Trainer):
     """Trainer for IPU-config driven runs. Takes the same arguments as `transformers.Trainer` plus:
 
@@ -78,13 +119,20 @@ class IPUTrainer(Trainer):
         scheduler_factory: optional `(optimizer, num_warmup_steps=..., num_training_steps=...) -> scheduler`,
             used instead of `--lr_scheduler_type` (e.g. `get_groupbert_schedule`).
 
+    and the keywords of optimum-graphcore's `IPUTrainer`: `tokenizer` (the `processing_class`, also readable as
+    `trainer.tokenizer`), `eval_data_collator` (the collator of evaluation and prediction, default
+    `data_collator`), `model_init`, `optimizers=(None, functools.partial(schedule, ...))` (the partial is
+    called with the trainer's optimizer when the schedule is built, and given `num_warmup_steps` /
+    `num_training_steps` from the run if it needs them and has not bound them) and `force_to_pipelined`
+    (accepted; every model runs here as it is, so there is nothing to force).
+
     `self.args` are the arguments the upstream loop runs with (see `ResolvedRun.loop_arguments`); the
     user's own arguments are `self.run.args`, and those are what `training_args.bin` records.
     """
 
     def __init__(
         self,
-        model: nn.Module,
+        model: Optional[nn.Module] = None,
         ipu_config: Optional[IPUConfig] = None,
         args: Optional[IPUTrainingArguments] = None,
         data_collator: Optional[Callable] = None,
@@ -97,25 +145,45 @@ class IPUTrainer(Trainer):
         preprocess_logits_for_metrics: Optional[Callable] = None,
         scheduler_factory: Optional[SchedulerFactory] = None,
         run: Optional[ResolvedRun] = None,
+        eval_data_collator: Optional[Callable] = None,
+        tokenizer=None,
+        model_init: Optional[Callable[..., nn.Module]] = None,
+        force_to_pipelined: bool = False,
         **kwargs,
     ):
+        processing_class, optimizers, scheduler_partial = _original_keywords(
+            processing_class, tokenizer, optimizers, scheduler_factory, model_init
+        )
+        if args is None and run is None:
+            logger.info("No IPUTrainingArguments given: using output_dir=tmp_trainer")
+            args = IPUTrainingArguments(output_dir="tmp_trainer")
+        if model is None:
+            if model_init is None:
+                raise RuntimeError("IPUTrainer requires either a `model` or `model_init` argument")
+            set_seed((run.args if run is not None else args).seed)  # the model is built before upstream seeds
+            self.model_init = model_init
+            model = Trainer.call_model_init(self)
+        elif model_init is not None:
+            raise ValueError("IPUTrainer takes either a `model` or a `model_init` argument, not both")
         if run is None:
             if not isinstance(args, IPUTrainingArguments):
                 raise TypeError("IPUTrainer needs IPUTrainingArguments (the IPU config owns accumulation and precision)")
             if ipu_config is None:
                 raise TypeError("IPUTrainer needs an ipu_config (or a run resolved by resolve_run)")
+            if args.pod_type is not None:
+                ipu_config = ipu_config.for_pod_type(args.pod_type)  # per-POD-type values, as the 0.5 releases did
             run = resolve_run(ipu_config, args, getattr(model, "config", None))
         elif ipu_config is not None and ipu_config is not run.ipu_config:
             raise TypeError("pass either ipu_config or run (whose ipu_config is the effective one), not both")
         self.run = run
         self.ipu_config = run.ipu_config
         self.scheduler_factory = scheduler_factory
+        self._scheduler_partial = scheduler_partial
         self._scheduler_from_factory = False
+        self._eval_data_collator = eval_data_collator
+        self.force_to_pipelined = force_to_pipelined
 
-        if hasattr(model, "parallelize"):
-            model.parallelize(self.ipu_config)
-        elif self.ipu_config.recompute_checkpoint_every_layer:
-            set_recomputation(model, True)
+        self._prepare_model(model)
         if kwargs.get("optimizer_cls_and_kwargs") is None and optimizers[0] is None:
             kwargs["optimizer_cls_and_kwargs"] = self._optimizer_cls_and_kwargs(run.args, model)
         if self.ipu_config.executable_cache_dir and (run.args.torch_compile or run.args.compile_only):
@@ -139,6 +207,8 @@ class IPUTrainer(Trainer):
             preprocess_logits_for_metrics=preprocess_logits_for_metrics,
             **kwargs,
         )
+        # Set after upstream's own set-up, which would build the model a second time from it.
+        self.model_init = model_init
         # Each micro-batch loss is a mean over its own tokens and the update averages micro-batches, as on
         # the IPU; the upstream token-count normalisation across accumulation would change that.
         self.model_accepts_loss_kwargs = False
@@ -147,6 +217,39 @@ class IPUTrainer(Trainer):
         self.add_callback(_CheckpointCompletion(self))
         self.add_callback(self._stop_on_signal)
         self._log_run_layout()
+
+    def _prepare_model(self, model: nn.Module) -> None:
+        """The IPU config's speed settings on the model: `parallelize` for the package's own models,
+        recomputation for any other."""
+        if hasattr(model, "parallelize"):
+            model.parallelize(self.ipu_config)
+        elif self.ipu_config.recompute_checkpoint_every_layer:
+            set_recomputation(model, True)
+
+    def call_model_init(self, trial: Any = None) -> nn.Module:
+        """A fresh model from `model_init` (each `train()` builds one), with the IPU config's settings."""
+        model = super().call_model_init(trial)
+        self._prepare_model(model)
+        return model
+
+    @property
+    def tokenizer(self) -> Any:
+        """The `processing_class`, under the name optimum-graphcore (and transformers 4) used."""
+        return self.processing_class
+
+    @tokenizer.setter
+    def tokenizer(self, value: Any) -> None:
+        self.processing_class = value
+
+    @property
+    def eval_data_collator(self) -> Callable:
+        """The collator of evaluation and prediction batches: the one given as `eval_data_collator`, else
+        `data_collator`."""
+        return self._eval_data_collator if self._eval_data_collator is not None else self.data_collator
+
+    @eval_data_collator.setter
+    def eval_data_collator(self, value: Optional[Callable]) -> None:
+        self._eval_data_collator = value
 
     @property
     def train_placement(self) -> Placement:
@@ -232,16 +335,22 @@ class IPUTrainer(Trainer):
 
     # ---- data ---------------------------------------------------------------------------------------
 
-    def _padded_on_batch_axis(self, batch_size: int, make_loader: Callable[[], Any]) -> Any:
-        """`make_loader()` with the collator wrapped by `pad_on_batch_axis` when --pad_on_batch_axis is set."""
-        if not self.args.pad_on_batch_axis:
+    def _padded_on_batch_axis(
+        self, batch_size: int, make_loader: Callable[[], Any], collator: Optional[Callable] = None
+    ) -> Any:
+        """`make_loader()` with `collator` (default `data_collator`) as the collator, wrapped by
+        `pad_on_batch_axis` when --pad_on_batch_axis is set."""
+        original = self.data_collator
+        collator = original if collator is None else collator
+        if self.args.pad_on_batch_axis:
+            collator = pad_on_batch_axis(batch_size, collator)
+        if collator is original:
             return make_loader()
-        collator = self.data_collator
-        self.data_collator = pad_on_batch_axis(batch_size, collator)
+        self.data_collator = collator
         try:
             return make_loader()
         finally:
-            self.data_collator = collator
+            self.data_collator = original
 
     def get_train_dataloader(self):
         batch_size = self.train_placement.process_batch_size
@@ -249,17 +358,22 @@ class IPUTrainer(Trainer):
 
     def get_eval_dataloader(self, eval_dataset=None):
         batch_size = self.eval_placement.process_batch_size
-        return self._padded_on_batch_axis(batch_size, lambda: super(IPUTrainer, self).get_eval_dataloader(eval_dataset))
+        return self._padded_on_batch_axis(
+            batch_size, lambda: super(IPUTrainer, self).get_eval_dataloader(eval_dataset), self.eval_data_collator
+        )
 
     def get_test_dataloader(self, test_dataset):
         batch_size = self.eval_placement.process_batch_size
-        return self._padded_on_batch_axis(batch_size, lambda: super(IPUTrainer, self).get_test_dataloader(test_dataset))
+        return self._padded_on_batch_axis(
+            batch_size, lambda: super(IPUTrainer, self).get_test_dataloader(test_dataset), self.eval_data_collator
+        )
 
     # ---- optimisation -------------------------------------------------------------------------------
 
     def train(self, resume_from_checkpoint: Any = None, trial: Any = None, ignore_keys_for_eval: Any = None,
               **kwargs: Any) -> TrainOutput:
-        """Upstream's training loop, made safe to stop and resume.
+        """Upstream's training loop, made safe to stop and resume; with --compile_only, `compile_only()` instead
+        (compile, then stop).
 
         `resume_from_checkpoint=True` takes the newest complete and loadable checkpoint of the output folder
         (saying which newer ones it skipped), and a given checkpoint is checked the same way. A checkpoint that
@@ -267,6 +381,8 @@ class IPUTrainer(Trainer):
         end of the step and raise `TrainingInterrupted`; a checkpoint that cannot be written (a full disk) raises
         `CheckpointWriteError`, its partial folder removed and the previous checkpoint left resumable.
         """
+        if self.args.compile_only:
+            return self.compile_only()
         if self._scheduler_from_factory:
             # A schedule built for an earlier train() call is bound to that call's optimizer.
             self.lr_scheduler, self._scheduler_from_factory = None, False
@@ -355,6 +471,12 @@ class IPUTrainer(Trainer):
                 optimizer or self.optimizer,
                 num_warmup_steps=self.args.get_warmup_steps(num_training_steps),
                 num_training_steps=num_training_steps,
+            )
+            self._scheduler_from_factory = True
+        elif self.lr_scheduler is None and self._scheduler_partial is not None:
+            self.lr_scheduler = _call_scheduler_partial(
+                self._scheduler_partial, optimizer or self.optimizer,
+                num_warmup_steps=self.args.get_warmup_steps(num_training_steps), num_training_steps=num_training_steps,
             )
             self._scheduler_from_factory = True
         return super().create_scheduler(num_training_steps, optimizer)
