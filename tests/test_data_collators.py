@@ -6,11 +6,15 @@ import ipu_trainer.data_collators as data_collators_module
 import pytest
 import torch
 
+from ipu_trainer import IPUConfig, IPUTrainingArguments
+from ipu_trainer import precision as precision_module
 from ipu_trainer.data_collators import (
     DataCollatorForLanguageModelingWithMaxTokensMasked,
     max_num_masked_tokens,
     pad_on_batch_axis,
+    pad_to_multiple_of_for,
 )
+from ipu_trainer.resolved_run import resolve_run
 
 
 def fixed_length_rows(tokenizer, documents, sequence_length):
@@ -438,3 +442,29 @@ def test_dynamic_padding_rounds_up_to_the_multiple(tokenizer, english_documents)
         assert batch["input_ids"].shape[1] == math.ceil(longest / 8) * 8
         padding = batch["attention_mask"] == 0
         assert (batch["labels"][padding] == -100).all()
+
+
+def resolved(tmp_path, **flags):
+    args = IPUTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], **flags)
+    return resolve_run(IPUConfig(layers_per_ipu=[-1]), args)
+
+
+def test_padding_multiple_is_8_for_half_precision_on_a_gpu_only(tmp_path, monkeypatch):
+    assert pad_to_multiple_of_for(resolved(tmp_path, fp32=True)) is None
+    monkeypatch.setattr(precision_module, "cpu_has_fast_bfloat16", lambda: True)
+    cpu_bf16 = resolved(tmp_path)
+    assert cpu_bf16.precision.mixed_precision == "bf16" and pad_to_multiple_of_for(cpu_bf16) is None
+
+    # The GPU facts the run is resolved from, simulated: the device, and whether it has native bfloat16.
+    monkeypatch.setattr(IPUTrainingArguments, "device", property(lambda self: torch.device("cuda", 0)))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    assert pad_to_multiple_of_for(resolved(tmp_path, fp32=True)) is None
+    for native_bfloat16, expected in ((True, "bf16"), (False, "fp16")):
+        monkeypatch.setattr(precision_module, "cuda_has_native_bfloat16", lambda: native_bfloat16)
+        run = resolved(tmp_path)
+        assert run.args.device.type == "cuda" and run.precision.mixed_precision == expected
+        assert pad_to_multiple_of_for(run) == 8
+        assert pad_to_multiple_of_for(run, max_length=128) == 8
+        # Rounding a batch of a length near 100 up to 104 could pass --max_seq_length 100 (and the positions).
+        assert pad_to_multiple_of_for(run, max_length=100) is None
