@@ -201,7 +201,7 @@ class WordBoundaries:
                 "continuation pieces, no 'Ġ' or '▁' word starts), so words cannot be told apart; use a WordPiece, "
                 "byte-level BPE or SentencePiece tokenizer, or leave out --whole_word_mask"
             )
-        continues, ends = [], []
+        ends: list[int] = []
         if marker == _CONTINUATION_PREFIX:
             continues = [index for token, index in tokens.items() if token.startswith(marker) and token != marker]
         else:
