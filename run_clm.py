@@ -107,7 +107,7 @@ def main():
         model=model,
         args=training_args,
         run=run,
-        data_collator=default_data_collator,
+        data_collator=default_data_collator,  # blocks of block_size tokens: no padding to round up to a multiple of 8
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,

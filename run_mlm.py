@@ -23,7 +23,7 @@ from transformers import AutoModelForMaskedLM, set_seed
 
 from ipu_trainer import DataCollatorForLanguageModelingWithMaxTokensMasked, IPUTrainer
 from ipu_trainer.data import load_raw_datasets, resolve_max_seq_length, tokenize_for_masked_lm, train_and_eval_splits
-from ipu_trainer.data_collators import max_num_masked_tokens
+from ipu_trainer.data_collators import max_num_masked_tokens, pad_to_multiple_of_for
 from ipu_trainer.metrics import AccuracyMetric, masked_lm_predictions, token_accuracy_metrics
 from ipu_trainer.model_loading import load_ipu_config, load_model, load_model_config, load_tokenizer, max_positions_of
 from ipu_trainer.models import masked_lm_model_for
@@ -67,6 +67,11 @@ class DataTrainingArguments(SharedDataArguments):
         default=False,
         metadata={"help": "With --line_by_line, pad every sample to max_seq_length. Otherwise batches are padded to their longest sample."},
     )
+    whole_word_mask: bool = field(
+        default=False,
+        metadata={"help": "Mask whole words (all pieces of a word together, 80/10/10 per word) instead of single tokens, "
+                  "still at most max_num_masked_tokens tokens per sequence. Words: WordPiece ## pieces, Ġ/▁ word starts."},
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -108,10 +113,12 @@ def main():
         logger.info("No masked-position head for model type %r: the MLM head runs on every position.", config.model_type)
     model = load_model(AutoModelForMaskedLM, model_args, config, tokenizer, model_class=model_class)
 
-    # Dynamic masking, capped at max_num_masked_tokens per sequence; seeded so runs (and evaluations) repeat
+    # Dynamic masking, capped at max_num_masked_tokens per sequence; seeded so runs (and evaluations) repeat.
+    # Dynamically padded batches (--line_by_line) are rounded up to a multiple of 8 in half precision on a GPU.
     data_collator = DataCollatorForLanguageModelingWithMaxTokensMasked(
         tokenizer=tokenizer, mlm_probability=data_args.mlm_probability, max_seq_length=max_seq_length,
-        max_num_masked_tokens=masked_tokens_cap,
+        max_num_masked_tokens=masked_tokens_cap, whole_word_mask=data_args.whole_word_mask,
+        pad_to_multiple_of=pad_to_multiple_of_for(run, max_seq_length),
         seed=training_args.data_seed if training_args.data_seed is not None else training_args.seed,
     )
 

@@ -84,11 +84,19 @@ class DataTrainingArguments(SharedDataArguments):
     pad_to_max_length: bool = field(
         default=False, metadata={"help": "Accepted for compatibility; sentence pairs are always padded to max_seq_length."}
     )
+    whole_word_mask: bool = field(
+        default=False,
+        metadata={"help": "Mask whole words (all pieces of a word together, 80/10/10 per word) instead of single tokens, "
+                  "still at most max_num_masked_tokens tokens per sequence. Words: WordPiece ## pieces, Ġ/▁ word starts."},
+    )
 
     def __post_init__(self):
         super().__post_init__()
         if not 0 < self.mlm_probability < 1:
             raise ValueError(f"--mlm_probability={self.mlm_probability} is invalid: must be between 0 and 1")
+        if self.whole_word_mask and self.is_already_masked:
+            raise ValueError("--whole_word_mask masks each batch afresh, --is_already_masked keeps the data's masking: "
+                             "give one of them")
 
 
 def main():
@@ -140,13 +148,15 @@ def main():
     config.max_num_masked_tokens = masked_tokens_cap
     model = load_model(AutoModelForPreTraining, model_args, config, tokenizer, model_class=masked_positions_model_for(config))
 
-    # Masking: dynamic (every batch masked afresh) unless the data's own masking is kept.
+    # Masking: dynamic (every batch masked afresh) unless the data's own masking is kept. Sentence pairs all have
+    # max_seq_length tokens (built padded to it here; pre-built data comes at one length), so batches are never
+    # padded and there is no padding to round up to a multiple of 8 in half precision (pad_to_multiple_of_for).
     if data_args.is_already_masked:
         data_collator = default_data_collator
     else:
         data_collator = DataCollatorForLanguageModelingWithMaxTokensMasked(
             tokenizer=tokenizer, mlm_probability=data_args.mlm_probability, max_seq_length=max_seq_length,
-            max_num_masked_tokens=masked_tokens_cap, seed=training_args.seed,
+            max_num_masked_tokens=masked_tokens_cap, seed=training_args.seed, whole_word_mask=data_args.whole_word_mask,
         )
 
     # Trainer

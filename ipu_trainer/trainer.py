@@ -48,6 +48,7 @@ from .placement import HostOffloadedOptimizer, Placement, ShardedOptimizer, prep
 from .precision import Precision
 from .resolved_run import ResolvedRun, resolve_run
 from .run_control import CheckpointWriteError, StopOnSignal, StopOnSignalCallback, TrainingInterrupted
+from .throughput import ThroughputMeter
 from .training_args import IPUTrainingArguments
 
 logger = logging.getLogger(__name__)
@@ -216,6 +217,8 @@ class IPUTrainer(Trainer):
         self._stop_on_signal = StopOnSignalCallback(self.args.device)
         self.add_callback(_CheckpointCompletion(self))
         self.add_callback(self._stop_on_signal)
+        self.throughput = ThroughputMeter.for_model(self.model, self.args.device, run.precision.compute_dtype)
+        self.add_callback(self.throughput)
         self._log_run_layout()
 
     def _prepare_model(self, model: nn.Module) -> None:
@@ -520,6 +523,20 @@ class IPUTrainer(Trainer):
             self.accelerator.clip_grad_norm_(model.parameters(), self.args.max_grad_norm)
         self.optimizer.step()
         model.zero_grad()
+
+    # ---- throughput log -----------------------------------------------------------------------------
+
+    def floating_point_ops(self, inputs: dict[str, Any]) -> int:
+        """Upstream's FLOP estimate for `total_flos`. The loop calls it once per training batch, so the
+        throughput meter counts the batch here (without waiting for the device)."""
+        self.throughput.count_batch(inputs)
+        return super().floating_point_ops(inputs)
+
+    def log(self, logs: dict[str, float], start_time: Optional[float] = None) -> None:
+        """Upstream's log, with samples/s, tokens/s (and MFU on a known GPU) on each training log line."""
+        if "loss" in logs:  # a training step's line; evaluation and end-of-training metrics have other keys
+            logs.update(self.throughput.window_metrics())
+        super().log(logs, start_time)
 
     # ---- checkpoints --------------------------------------------------------------------------------
 

@@ -74,6 +74,12 @@ def test_two_processes_share_each_step_without_overlap_or_loss(one_process, two_
         assert sorted(seen) == sorted(rows)
 
 
+def test_throughput_counts_the_samples_and_tokens_of_every_process(two_processes):
+    for rank in reports(two_processes):
+        window = rank["throughput_window"]  # the last logging window: one step
+        assert (window["samples"], window["tokens"]) == (8, 8 * 16) and window["seconds"] > 0
+
+
 def test_sharded_optimizer_state_halves_per_process_and_keeps_the_weights(one_process, two_processes, tmp_path):
     launch(tmp_path, "--sharding", processes=2)
     full = reports(two_processes)[0]["optimizer_state_bytes"]

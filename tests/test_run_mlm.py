@@ -3,6 +3,7 @@ the original flags and the repository's ipu_config.json."""
 
 import dataclasses
 import json
+import math
 import os
 import sys
 
@@ -145,6 +146,66 @@ def test_other_architectures_train(assets, tmp_path, monkeypatch, model, extra):
     assert type(AutoModelForMaskedLM.from_pretrained(tmp_path)).__name__ == architecture
 
 
+def recorded_batches(monkeypatch, module):
+    """Every masking collator the script builds, and the batches it collates."""
+    made, batches = [], []
+
+    class Recording(DataCollatorForLanguageModelingWithMaxTokensMasked):
+        def __post_init__(self):
+            super().__post_init__()
+            made.append(self)
+
+        def __call__(self, examples):
+            batch = super().__call__(examples)
+            batches.append({key: value.clone() for key, value in batch.items()})
+            return batch
+
+    monkeypatch.setattr(module, "DataCollatorForLanguageModelingWithMaxTokensMasked", Recording)
+    return made, batches
+
+
+def assert_whole_words_masked(tokenizer, batches):
+    """WordPiece: a '##' piece is labelled exactly when the piece before it is, unless that is a special token."""
+    special = set(tokenizer.all_special_tokens)
+    pieces = 0
+    for batch in batches:
+        labelled = batch["labels"] != -100
+        for row, ids in enumerate(batch["input_ids"].tolist()):
+            original = [label if label != -100 else i for i, label in zip(ids, batch["labels"][row].tolist())]
+            tokens = tokenizer.convert_ids_to_tokens(original)
+            for position, token in enumerate(tokens):
+                if token.startswith("##") and position > 0 and tokens[position - 1] not in special:
+                    pieces += 1
+                    assert labelled[row, position] == labelled[row, position - 1]
+    assert pieces > 100
+
+
+def test_whole_word_mask_trains(assets, tmp_path, monkeypatch):
+    made, batches = recorded_batches(monkeypatch, run_mlm)
+    run(monkeypatch, mlm_argv(assets, tmp_path, "--do_train", "--max_steps", "3", "--save_strategy", "no",
+                              "--line_by_line", "--whole_word_mask", "--logging_steps", "1"))
+    assert [collator.whole_word_mask for collator in made] == [True] and made[0].word_boundaries is not None
+    assert_whole_words_masked(AutoTokenizer.from_pretrained(assets["tokenizer"]), batches)
+    losses = [e["loss"] for e in read_json(tmp_path / "trainer_state.json")["log_history"] if "loss" in e]
+    assert len(losses) == 3 and all(math.isfinite(loss) for loss in losses)
+
+
+def test_line_by_line_batches_are_padded_to_the_half_precision_multiple(assets, tmp_path, monkeypatch):
+    made, batches = recorded_batches(monkeypatch, run_mlm)
+    asked = []
+
+    def on_a_gpu_in_half_precision(run, max_length=None):  # the decision itself: tests/test_data_collators.py
+        asked.append((run.precision.mixed_precision, max_length))
+        return 8
+
+    monkeypatch.setattr(run_mlm, "pad_to_multiple_of_for", on_a_gpu_in_half_precision)
+    run(monkeypatch, mlm_argv(assets, tmp_path, "--do_train", "--max_steps", "3", "--save_strategy", "no",
+                              "--line_by_line", "--max_seq_length", "60", "--per_device_train_batch_size", "1"))
+    assert asked == [("no", 60)] and made[0].pad_to_multiple_of == 8
+    lengths = {batch["input_ids"].shape[1] for batch in batches}
+    assert all(length % 8 == 0 for length in lengths) and len(lengths) > 1  # dynamic, and rounded up
+
+
 # ---- command line ----------------------------------------------------------------------------------------
 
 SPEC_MODEL_FLAGS = ["model_name_or_path", "model_type", "config_overrides", "config_name", "tokenizer_name", "cache_dir",
@@ -179,7 +240,7 @@ def test_defaults_match_the_original():
         "dataset_name": None, "dataset_config_name": None, "train_file": None, "validation_file": None,
         "overwrite_cache": False, "validation_split_percentage": 5, "max_seq_length": None,
         "preprocessing_num_workers": None, "mlm_probability": 0.15, "line_by_line": False,
-        "pad_to_max_length": False, "max_train_samples": None, "max_eval_samples": None,
+        "pad_to_max_length": False, "max_train_samples": None, "max_eval_samples": None, "whole_word_mask": False,
     }
 
 

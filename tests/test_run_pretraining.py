@@ -103,6 +103,48 @@ def test_resuming_after_an_interruption_gives_the_same_weights(assets, tmp_path,
         torch.testing.assert_close(resumed[name], expected[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
+def test_whole_word_mask_trains(assets, tmp_path, monkeypatch):
+    from ipu_trainer.data_collators import DataCollatorForLanguageModelingWithMaxTokensMasked
+    from transformers import AutoTokenizer
+
+    batches = []
+
+    class Recording(DataCollatorForLanguageModelingWithMaxTokensMasked):
+        def __call__(self, examples):
+            batch = super().__call__(examples)
+            batches.append({k: v.clone() for k, v in batch.items()})
+            return batch
+
+    monkeypatch.setattr(run_pretraining, "DataCollatorForLanguageModelingWithMaxTokensMasked", Recording)
+    out = tmp_path / "out"
+    run(monkeypatch, pretraining_argv(assets, out, "--do_train", "--max_steps", "3", "--save_strategy", "no",
+                                      "--whole_word_mask", "--logging_steps", "1"))
+    # WordPiece: a '##' piece is labelled exactly when the piece before it is (unless that is a special token:
+    # a sentence cut to fit the pair may start with a '##' piece); never more than the cap (16).
+    tokenizer = AutoTokenizer.from_pretrained(assets["tokenizer"])
+    special = set(tokenizer.all_special_tokens)
+    pieces = 0
+    for batch in batches:
+        labelled = batch["labels"] != -100
+        assert labelled.sum(dim=1).max() <= 16
+        original = torch.where(labelled, batch["labels"], batch["input_ids"])
+        for row, ids in enumerate(original.tolist()):
+            tokens = tokenizer.convert_ids_to_tokens(ids)
+            for position, token in enumerate(tokens):
+                if token.startswith("##") and position > 0 and tokens[position - 1] not in special:
+                    pieces += 1
+                    assert labelled[row, position] == labelled[row, position - 1]
+    assert pieces > 100
+    losses = [e["loss"] for e in read_json(out / "trainer_state.json")["log_history"] if "loss" in e]
+    assert len(losses) == 3 and all(math.isfinite(loss) for loss in losses)
+
+
+def test_whole_word_mask_with_data_masked_in_advance_is_refused(assets, tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="--whole_word_mask masks each batch afresh, --is_already_masked keeps"):
+        run(monkeypatch, pretraining_argv(assets, tmp_path / "out", "--do_train", "--whole_word_mask",
+                                          "--is_already_masked"))
+
+
 def test_prebuilt_dataset_without_next_sentence_label_is_a_clear_error(assets, tmp_path, monkeypatch):
     rows = {"input_ids": [[2, 5, 6, 3] + [0] * 60] * 4, "attention_mask": [[1] * 4 + [0] * 60] * 4,
             "token_type_ids": [[0] * 64] * 4}
