@@ -88,13 +88,14 @@ def _split_validation(raw: DatasetDict, percentage: Optional[int]) -> DatasetDic
     if not 0 < percentage < 100:
         raise ValueError(f"--validation_split_percentage={percentage} is invalid: must be between 1 and 99")
     train = raw["train"]
-    n_validation = max(1, len(train) * percentage // 100)
+    # The first rows, as the original and the transformers examples' split="train[:N%]" / "train[N%:]" (rounded to
+    # the closest row, as datasets rounds percent slices), so the same command reports the same eval numbers.
+    n_validation = max(1, int(round(percentage * len(train) / 100.0)))
     if n_validation >= len(train):
         logger.warning("Only %d training rows: no validation split carved out.", len(train))
         return raw
-    # The last rows, not a shuffle: as the HF examples' "train[:95%]"/"train[95%:]", and cheap on big data.
-    raw["validation"] = train.select(range(len(train) - n_validation, len(train)))
-    raw["train"] = train.select(range(len(train) - n_validation))
+    raw["validation"] = train.select(range(n_validation))
+    raw["train"] = train.select(range(n_validation, len(train)))
     return raw
 
 

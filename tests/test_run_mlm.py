@@ -320,3 +320,20 @@ def test_encoder_only_checkpoint_gets_a_fresh_mlm_head_and_says_so(assets, tmp_p
     warning = next(r.getMessage() for r in caplog.records if "freshly initialised" in r.getMessage())
     assert "cls.predictions.transform.dense.weight" in warning and "bert.encoder" not in warning
     assert read_json(tmp_path / "out" / "config.json")["architectures"] == ["BertForMaskedLM"]
+
+
+def test_without_validation_data_the_first_percent_of_train_is_held_out(tmp_path):
+    """As the original and the transformers examples: validation = train[:N%], train = train[N%:]."""
+    from datasets import load_dataset
+
+    from ipu_trainer.data import load_raw_datasets
+
+    lines = [f"line {i}" for i in range(40)]
+    (tmp_path / "train.txt").write_text("\n".join(lines) + "\n")
+    data_args = dataclasses.replace(run_mlm.DataTrainingArguments(train_file=str(tmp_path / "train.txt")),
+                                    validation_split_percentage=5)
+    raw = load_raw_datasets(data_args, run_mlm.ModelArguments())
+    expected_validation = load_dataset("text", data_files={"train": str(tmp_path / "train.txt")}, split="train[:5%]")
+    expected_train = load_dataset("text", data_files={"train": str(tmp_path / "train.txt")}, split="train[5%:]")
+    assert raw["validation"]["text"] == expected_validation["text"] == ["line 0", "line 1"]
+    assert raw["train"]["text"] == expected_train["text"]
