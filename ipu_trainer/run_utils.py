@@ -15,6 +15,7 @@ from typing import Any, Callable, Optional
 import datasets
 import torch
 import transformers
+from transformers.modelcard import TrainingSummary
 
 from .checkpoints import CHECKPOINT_PATTERN, TRAINER_STATE_NAME, last_resumable_checkpoint, list_checkpoints
 from .ipu_config import IncompatibleIPUConfigError
@@ -176,17 +177,33 @@ def evaluate_and_save(trainer: Any, num_eval_samples: int) -> dict:
     return metrics
 
 
+def _data_description(data_args: Any) -> tuple[Optional[str], Optional[str], Optional[str]]:
+    """(dataset name for the card, hub dataset tag, its config) from the data arguments."""
+    name = getattr(data_args, "dataset_name", None)
+    if name is not None:
+        config = getattr(data_args, "dataset_config_name", None)
+        return (f"{name} {config}" if config else name), name, config
+    local = getattr(data_args, "dataset_path", None) or getattr(data_args, "train_file", None)
+    return (os.path.basename(os.path.normpath(local)) if local else None), None, None
+
+
 def write_model_card(trainer: Any, model_args: Any, data_args: Any, tasks: str) -> None:
-    kwargs = {"finetuned_from": model_args.model_name_or_path, "tasks": tasks}
-    if getattr(data_args, "dataset_name", None) is not None:
-        kwargs["dataset_tags"] = data_args.dataset_name
-        if data_args.dataset_config_name is not None:
-            kwargs["dataset_args"] = data_args.dataset_config_name
-            kwargs["dataset"] = f"{data_args.dataset_name} {data_args.dataset_config_name}"
-        else:
-            kwargs["dataset"] = data_args.dataset_name
+    """The model card of the output folder, saying what the model was trained from and on.
+
+    Upstream's `create_model_card` names a model built from a config as fine-tuned from "" and local data as
+    "the None dataset"; the summary it builds is corrected here before the card is written.
+    """
+    if not trainer.is_world_process_zero():
+        return
+    dataset, dataset_tag, dataset_config = _data_description(data_args)
     try:
-        trainer.create_model_card(**kwargs)
+        summary = TrainingSummary.from_trainer(
+            trainer, finetuned_from=model_args.model_name_or_path or "", tasks=tasks,
+            dataset_tags=dataset_tag or [], dataset=dataset, dataset_args=dataset_config or [],
+        )
+        summary.finetuned_from = model_args.model_name_or_path or None  # None: "trained from scratch"
+        with open(os.path.join(trainer.args.output_dir, "README.md"), "w", encoding="utf-8") as handle:
+            handle.write(summary.to_model_card())
     except Exception as error:  # a model card is a courtesy: never fail a finished run over it
         logger.warning("Could not write the model card: %s", error)
 

@@ -75,6 +75,8 @@ def test_tiny_bert_trains_and_writes_results(trained):
                  "ipu_config.json", "config.json", "model.safetensors", "tokenizer_config.json"):
         assert (out / name).is_file(), name
     assert (out / "checkpoint-15" / "ipu_config.json").is_file() and (out / "checkpoint-30").is_dir()
+    card = (out / "README.md").read_text()
+    assert "This model was trained from scratch on the train.txt dataset." in card and "None" not in card
 
     results = read_json(out / "eval_results.json")
     assert {"eval_loss", "perplexity", "eval_samples", "eval_accuracy"} <= set(results)
