@@ -212,6 +212,20 @@ def test_help_lists_every_flag_of_the_original():
     for flags in SPEC_FLAGS.values():
         for flag in flags:
             assert f"--{flag}" in result.stdout, flag
+    # The IPU flags come before the common training flags, and the rest of transformers' flags only with --help-all.
+    assert result.stdout.index("--ipu_config_name") < result.stdout.index("--learning_rate")
+    assert "--help-all lists every flag" in result.stdout and "--torch_compile_mode" not in result.stdout
+    everything = cli("--help-all")
+    assert everything.returncode == 0 and "--torch_compile_mode" in everything.stdout
+    assert len(result.stdout.splitlines()) < len(everything.stdout.splitlines()) / 2
+
+
+def test_a_json_arguments_file_with_more_flags_is_refused(tmp_path):
+    (tmp_path / "args.json").write_text('{"output_dir": "x", "dataset_name": "y"}')
+    result = cli(str(tmp_path / "args.json"), "--do_train")
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1
+    assert lines[0].startswith(f"error: {tmp_path / 'args.json'} holds the arguments, and --do_train was given after it")
 
 
 SPEC_COMMANDS = [
