@@ -29,6 +29,7 @@ from ipu_trainer.model_loading import load_ipu_config, load_model, load_model_co
 from ipu_trainer.models import masked_lm_model_for
 from ipu_trainer.resolved_run import resolve_run
 from ipu_trainer.run_utils import (
+    check_outputs_before_loading,
     claim_output_dir,
     run_cli,
     setup_logging,
@@ -83,6 +84,7 @@ def main():
     # Arguments and logging
     model_args, data_args, training_args = parse_script_args(ModelArguments, DataTrainingArguments)
     setup_logging(training_args)
+    check_outputs_before_loading(training_args)
     last_checkpoint = claim_output_dir(training_args)
     set_seed(training_args.seed)
 
@@ -102,7 +104,7 @@ def main():
             num_proc=data_args.preprocessing_num_workers, overwrite_cache=data_args.overwrite_cache,
         )
     too_short = "the text is empty or shorter than one max_seq_length block (try --line_by_line or a smaller --max_seq_length)"
-    train_dataset, eval_dataset = train_and_eval_splits(tokenized_datasets, training_args, data_args, too_short)
+    train_dataset, eval_dataset = train_and_eval_splits(tokenized_datasets, training_args, data_args, too_short, run)
 
     # Model: BERT and RoBERTa compute the MLM head only at the (at most max_num_masked_tokens) masked positions (one
     # cap, for the model here and the masking collator below)

@@ -15,7 +15,7 @@ into sentence pairs here.
 import logging
 import sys
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import ClassVar, Optional
 
 import transformers
 from transformers import AutoModelForPreTraining, default_data_collator, set_seed
@@ -25,20 +25,30 @@ from ipu_trainer import (
     IPUTrainer,
 )
 from ipu_trainer.data import (
+    data_source_of,
     load_raw_datasets,
     require_columns,
     resolve_max_seq_length,
+    split_source,
     text_column_of,
     train_and_eval_splits,
 )
 from ipu_trainer.data_collators import max_num_masked_tokens
 from ipu_trainer.metrics import pretraining_metrics, pretraining_predictions
-from ipu_trainer.model_loading import load_ipu_config, load_model, load_model_config, load_tokenizer, max_positions_of
+from ipu_trainer.model_loading import (
+    check_sequence_length_fits,
+    load_ipu_config,
+    load_model,
+    load_model_config,
+    load_tokenizer,
+    max_positions_of,
+)
 from ipu_trainer.models import masked_positions_model_for
 from ipu_trainer.optimization import get_groupbert_schedule
 from ipu_trainer.pretraining_data import build_nsp_pairs, load_text_documents
 from ipu_trainer.resolved_run import resolve_run
 from ipu_trainer.run_utils import (
+    check_outputs_before_loading,
     claim_output_dir,
     run_cli,
     setup_logging,
@@ -66,6 +76,8 @@ class ModelArguments(SharedModelArguments):
 
 @dataclass
 class DataTrainingArguments(SharedDataArguments):
+    shortest_sequence: ClassVar[int] = 5  # [CLS] A [SEP] B [SEP]
+
     dataset_path: Optional[str] = field(default=None, metadata={"help": "A folder written by Dataset.save_to_disk (e.g. by prepare_dataset.py)."})
     data_dir: Optional[str] = field(default=None, metadata={"help": "data_dir passed to datasets.load_dataset."})
     is_already_preprocessed: bool = field(
@@ -103,6 +115,7 @@ def main():
     # Arguments and logging
     model_args, data_args, training_args = parse_script_args(ModelArguments, DataTrainingArguments)
     setup_logging(training_args)
+    check_outputs_before_loading(training_args)
     last_checkpoint = claim_output_dir(training_args)
     set_seed(training_args.seed)
 
@@ -121,11 +134,13 @@ def main():
         hint = ("BERT pretraining needs sentence pairs with a next_sentence_label: give raw text (--train_file corpus.txt) "
                 "to build them, or build a dataset with prepare_dataset.py.")
         for split in raw_datasets.values():
-            require_columns(split, PRETRAINING_COLUMNS + (["labels"] if data_args.is_already_masked else []), hint)
+            require_columns(split, PRETRAINING_COLUMNS + (["labels"] if data_args.is_already_masked else []), hint,
+                            data_source_of(data_args))
         data_length = len(first_split[0]["input_ids"])
         max_seq_length = data_args.max_seq_length or data_length
         if max_seq_length != data_length:
             raise ValueError(f"--max_seq_length {max_seq_length} does not match the data's sequence length {data_length}")
+        check_sequence_length_fits(data_length, config, data_source_of(data_args))
         tokenized_datasets = raw_datasets
     else:
         if data_args.is_already_masked:
@@ -133,14 +148,16 @@ def main():
         max_seq_length = resolve_max_seq_length(data_args.max_seq_length, tokenizer, max_positions_of(config))
         with training_args.main_process_first(desc="building sentence pairs"):
             tokenized_datasets = {
-                name: build_nsp_pairs(split, tokenizer, max_seq_length, text_column=text_column_of(split),
+                name: build_nsp_pairs(split, tokenizer, max_seq_length,
+                                      text_column=text_column_of(split, split_source(data_args, name)),
                                       seed=training_args.seed,
                                       num_proc=data_args.preprocessing_num_workers,
-                                      load_from_cache_file=not data_args.overwrite_cache)
+                                      load_from_cache_file=not data_args.overwrite_cache,
+                                      source=split_source(data_args, name))
                 for name, split in raw_datasets.items()
             }
 
-    train_dataset, eval_dataset = train_and_eval_splits(tokenized_datasets, training_args, data_args, "the data is empty")
+    train_dataset, eval_dataset = train_and_eval_splits(tokenized_datasets, training_args, data_args, "the data is empty", run)
 
     # Model: MLM logits only at the masked positions, at most max_num_masked_tokens per sequence (one cap, for the
     # model here and the masking collator below)

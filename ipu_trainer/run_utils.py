@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import sys
+import tempfile
 from typing import Any, Callable, Optional
 
 import datasets
@@ -18,13 +19,16 @@ import transformers
 from transformers.modelcard import TrainingSummary
 
 from .checkpoints import CHECKPOINT_PATTERN, TRAINER_STATE_NAME, last_resumable_checkpoint, list_checkpoints
+from .hub import HubError, check_push_to_hub, one_line
 from .ipu_config import IncompatibleIPUConfigError
 from .run_control import LOCK_NAME, CheckpointWriteError, RunFinished, RunLock, TrainingInterrupted
 
 logger = logging.getLogger(__name__)
 
 # Errors that mean "the input was wrong", reported as one line; anything else is a bug and keeps its traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, IncompatibleIPUConfigError, NotADirectoryError, IsADirectoryError)
+USER_ERRORS = (
+    ValueError, FileNotFoundError, IncompatibleIPUConfigError, NotADirectoryError, IsADirectoryError, HubError,
+)
 
 
 def setup_logging(training_args: Any) -> None:
@@ -224,23 +228,69 @@ def train_evaluate_and_report(
         write_model_card(trainer, model_args, data_args, tasks=tasks)
 
 
-def run_cli(main: Callable[[], Any]) -> int:
-    """Run a script's `main()`; bad input ends with one `error:` line and exit code 2, not a traceback. A run that
-    was already finished exits 0 with one line; one stopped by a signal exits 128 + the signal number with one
-    line saying where to resume; a checkpoint that could not be written exits 1 with one `error:` line."""
+def check_output_dir_writable(output_dir: str) -> None:
+    """Refuse, before anything is loaded, an --output_dir the results could not be written to: a file, a path
+    under a file, or a folder this process cannot create files in. Nothing is created; the probe file written
+    into the nearest existing folder is removed at once."""
+    existing = os.path.abspath(os.path.expanduser(output_dir))
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        where = "is a file" if existing == os.path.abspath(os.path.expanduser(output_dir)) else f"is under the file {existing}"
+        raise NotADirectoryError(f"--output_dir {output_dir} {where}: choose a folder (new or existing)")
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".write-test-", dir=existing)
+    except OSError as error:
+        raise ValueError(
+            f"--output_dir {output_dir}: cannot write in {existing} ({error.strerror or error}): choose a folder you "
+            "can write to"
+        ) from None
+    os.close(handle)
+    os.remove(probe)
+
+
+def check_outputs_before_loading(training_args: Any) -> None:
+    """Where the results go, checked before any data or weights are loaded: --output_dir is writable, and
+    --push_to_hub can reach the hub with a login."""
+    check_output_dir_writable(training_args.output_dir)
+    check_push_to_hub(training_args)
+
+
+def _reports_errors() -> bool:
+    """Under torchrun every process meets the same bad input: only the first process of each machine
+    (LOCAL_RANK 0) prints it, so a machine's log has the line once. The environment is read, not
+    torch.distributed, because most input is refused before the process group exists."""
+    rank = os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")).strip()
+    return rank in ("", "0")
+
+
+def error_line(error: BaseException) -> str:
+    """`error: <message>` on one line, whatever line breaks an upstream message carries."""
+    return f"error: {one_line(error)}"
+
+
+def run_cli(main: Callable[[], Any], user_errors: tuple[type[BaseException], ...] = USER_ERRORS) -> int:
+    """Run a script's `main()`; bad input (`user_errors`) ends with one `error:` line and exit code 2, not a
+    traceback. A run that was already finished exits 0 with one line; one stopped by a signal exits 128 + the
+    signal number with one line saying where to resume; a checkpoint that could not be written exits 1 with one
+    `error:` line. Under torchrun each line is printed by the first process of each machine only."""
     try:
         main()
     except RunFinished as finished:
-        print(str(finished), file=sys.stderr)
+        if _reports_errors():
+            print(one_line(finished), file=sys.stderr)
         return 0
     except TrainingInterrupted as interrupted:
-        print(str(interrupted), file=sys.stderr)
+        if _reports_errors():
+            print(one_line(interrupted), file=sys.stderr)
         return interrupted.exit_code
     except CheckpointWriteError as error:
-        print(f"error: {error}", file=sys.stderr)
+        if _reports_errors():
+            print(error_line(error), file=sys.stderr)
         return 1
-    except USER_ERRORS as error:
-        print(f"error: {error}", file=sys.stderr)
+    except user_errors as error:
+        if _reports_errors():
+            print(error_line(error), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: the newest complete checkpoint (if any) resumes with the same command", file=sys.stderr)

@@ -7,10 +7,11 @@ import os
 import sys
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 from transformers import HfArgumentParser, TrainingArguments
 
+from .data import data_files_of
 from .training_args import IPUTrainingArguments
 
 
@@ -120,8 +121,31 @@ class DataArguments:
     max_train_samples: Optional[int] = field(default=None, metadata={"help": "Use at most this many training samples."})
     max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Use at most this many evaluation samples."})
 
+    # The shortest --max_seq_length / --block_size a script can use (run_pretraining needs [CLS] A [SEP] B [SEP]).
+    shortest_sequence: ClassVar[int] = 1
+
     def __post_init__(self):
         sources = (self.dataset_name, getattr(self, "dataset_path", None), self.train_file, self.validation_file)
         if not any(sources):
             folder = ", --dataset_path (a save_to_disk folder)" if hasattr(self, "dataset_path") else ""
             raise ValueError(f"Need data: --dataset_name{folder}, or --train_file/--validation_file (csv, json or txt).")
+        self._check_ranges()
+        # Local data must exist (and be of a type the scripts read) before anything else is loaded.
+        data_files_of(self)
+        dataset_path = getattr(self, "dataset_path", None)
+        if dataset_path is not None and not os.path.isdir(dataset_path):
+            raise FileNotFoundError(f"--dataset_path {dataset_path}: no such folder (expected a Dataset.save_to_disk folder)")
+
+    def _check_ranges(self) -> None:
+        """Numeric flags out of range, refused before anything is loaded (the scripts' own fields included)."""
+        for name in ("max_seq_length", "block_size"):
+            value = getattr(self, name, None)
+            if value is not None and value < self.shortest_sequence:
+                raise ValueError(f"--{name}={value} is invalid: must be >= {self.shortest_sequence} (e.g. 128)")
+        for name in ("max_train_samples", "max_eval_samples", "preprocessing_num_workers"):
+            value = getattr(self, name, None)
+            if value is not None and value < 1:
+                raise ValueError(f"--{name}={value} is invalid: must be >= 1 (or left out)")
+        percentage = self.validation_split_percentage
+        if percentage is not None and not 0 <= percentage < 100:
+            raise ValueError(f"--validation_split_percentage={percentage} is invalid: must be in [0, 100)")

@@ -9,12 +9,14 @@ it, and what the upstream training loop sees is derived from both, once, by `res
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 from transformers import TrainingArguments
+from transformers.integrations import INTEGRATION_TO_CALLBACK, get_available_reporting_integrations
 
 from .ipu_config import ALLOWED_POD_TYPES
 from .resolved_run import warmup_steps_for
@@ -24,6 +26,11 @@ logger = logging.getLogger(__name__)
 VALID_N_IPU = (1, 2, 4, 8, 16, 32, 64)
 ALLOWED_N_IPU = list(VALID_N_IPU)  # the name optimum-graphcore code imports
 DATALOADER_MODES = ("sync", "async", "async_rebatched")
+# --report_to names whose pip package has another name.
+_REPORT_TO_PACKAGES = {"flyte": "flytekit"}
+# Integrations whose availability is not "the package is installed": azure_ml is listed as available only without
+# mlflow (though it works with it), kubeflow only inside a Kubeflow job. Not refused here.
+_REPORT_TO_NOT_CHECKED = ("azure_ml", "kubeflow")
 
 
 def _has_accelerator() -> bool:
@@ -201,11 +208,44 @@ class IPUTrainingArguments(TrainingArguments):
                 raise ValueError(f"--{name}={getattr(self, name)} is invalid: must be >= 1")
         if self.fp32 and (self.fp16 or self.bf16):
             raise ValueError(f"--fp32 and --{'fp16' if self.fp16 else 'bf16'} contradict each other: pick one")
+        self._check_training_length()
+        for name in ("learning_rate", "weight_decay"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"--{name}={value} is invalid: must be a number >= 0")
 
         if not self.use_cpu and not _has_accelerator():
             # Lets accelerate set up gloo data parallelism when torchrun starts several CPU processes.
             self.use_cpu = True
         super().__post_init__()
+        self._check_report_to()
+
+    def _check_training_length(self) -> None:
+        # A NaN epoch count fails deep in the trainer ("cannot convert float NaN to integer"); zero epochs without
+        # --max_steps trains nothing and would still write the untrained model over a previous one.
+        epochs = self.num_train_epochs
+        if not (math.isfinite(epochs) and epochs >= 0):
+            raise ValueError(f"--num_train_epochs={epochs} is invalid: must be a number >= 0 (e.g. 3)")
+        if self.do_train and self.max_steps <= 0 and epochs == 0:
+            raise ValueError(
+                f"--num_train_epochs 0 with --max_steps {self.max_steps} trains nothing: give --num_train_epochs > 0 "
+                "or --max_steps > 0 (or leave out --do_train to only evaluate)"
+            )
+
+    def _check_report_to(self) -> None:
+        """Each --report_to integration must be known and installed; upstream finds out only when the trainer is
+        built, after the data and the model are loaded."""
+        available = set(get_available_reporting_integrations())
+        for name in self.report_to or []:
+            if name not in INTEGRATION_TO_CALLBACK:
+                raise ValueError(
+                    f"--report_to {name} is not a known integration: use none or one of {', '.join(INTEGRATION_TO_CALLBACK)}"
+                )
+            if name not in available and name not in _REPORT_TO_NOT_CHECKED:
+                raise ValueError(
+                    f"--report_to {name}: the {name} package is not installed. To fix: pip install "
+                    f"{_REPORT_TO_PACKAGES.get(name, name)}, or pass --report_to none"
+                )
 
     def _map_original_flags(self) -> None:
         """The flags of optimum-graphcore code in their transformers 5 form (see the field comment)."""

@@ -17,7 +17,6 @@ from ipu_trainer import IPUConfig, IPUTrainingArguments
 from ipu_trainer.resolved_run import effective_ipu_config
 from ipu_trainer.data import tokenize_for_masked_lm
 from ipu_trainer.data_collators import DataCollatorForLanguageModelingWithMaxTokensMasked
-from ipu_trainer.run_utils import run_cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -262,50 +261,6 @@ def test_readme_command_parses(monkeypatch):
     effective = effective_ipu_config(IPUConfig(layers_per_ipu=[-1, -1, -1, -1]), training_args)
     assert (effective.replication_factor, effective.gradient_accumulation_steps) == (4, 16)
     assert effective.inference_device_iterations == 5
-
-
-# ---- bad input: one clear line, exit code 2 ---------------------------------------------------------------
-
-
-def error_line(monkeypatch, capsys, argv):
-    monkeypatch.setattr(sys, "argv", argv)
-    assert run_cli(run_mlm.main) == 2
-    err = capsys.readouterr().err
-    # Progress bars may share stderr; the error itself is one line, and no traceback.
-    lines = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
-
-
-def test_unknown_model_type_is_one_clear_line(assets, tmp_path, monkeypatch, capsys):
-    line = error_line(monkeypatch, capsys, mlm_argv(assets, tmp_path, "--do_train",
-                                                    model=("--model_type", "bert-base-uncased")))
-    assert "'bert-base-uncased' is not a model type" in line and "--config_name bert-base-uncased" in line
-
-
-def test_unsupported_train_file_is_one_clear_line(assets, tmp_path, monkeypatch, capsys):
-    data = tmp_path / "train.parquet"
-    data.write_bytes(b"PAR1")
-    argv = mlm_argv(assets, tmp_path / "out", "--do_train")
-    argv[argv.index("--train_file") + 1] = str(data)
-    argv[argv.index("--validation_file") + 1] = str(data)
-    assert "unsupported file type '.parquet'" in error_line(monkeypatch, capsys, argv)
-
-
-def test_empty_text_file_is_one_clear_line(assets, tmp_path, monkeypatch, capsys):
-    empty = tmp_path / "empty.txt"
-    empty.write_text("")
-    argv = mlm_argv(assets, tmp_path / "out", "--do_train")
-    argv[argv.index("--train_file") + 1] = str(empty)
-    assert "is empty" in error_line(monkeypatch, capsys, argv)
-
-
-def test_text_with_only_blank_lines_is_one_clear_line(assets, tmp_path, monkeypatch, capsys):
-    blank = tmp_path / "blank.txt"
-    blank.write_text("\n   \n\n")
-    argv = mlm_argv(assets, tmp_path / "out", "--do_train", "--line_by_line")
-    argv[argv.index("--train_file") + 1] = str(blank)
-    assert "the train data yields no samples" in error_line(monkeypatch, capsys, argv)
 
 
 def test_encoder_only_checkpoint_gets_a_fresh_mlm_head_and_says_so(assets, tmp_path, monkeypatch, caplog):

@@ -145,16 +145,6 @@ def test_whole_word_mask_with_data_masked_in_advance_is_refused(assets, tmp_path
                                           "--is_already_masked"))
 
 
-def test_prebuilt_dataset_without_next_sentence_label_is_a_clear_error(assets, tmp_path, monkeypatch):
-    rows = {"input_ids": [[2, 5, 6, 3] + [0] * 60] * 4, "attention_mask": [[1] * 4 + [0] * 60] * 4,
-            "token_type_ids": [[0] * 64] * 4}
-    DatasetDict({"train": Dataset.from_dict(rows)}).save_to_disk(str(tmp_path / "data"))
-    argv = pretraining_argv(assets, tmp_path / "out", "--do_train", "--is_already_preprocessed")
-    argv[argv.index("--train_file"):argv.index("--train_file") + 4] = ["--dataset_path", str(tmp_path / "data")]
-    with pytest.raises(ValueError, match="no 'next_sentence_label' column.*prepare_dataset.py"):
-        run(monkeypatch, argv)
-
-
 def test_non_empty_output_dir_without_checkpoint_is_refused(assets, tmp_path, monkeypatch):
     out = tmp_path / "out"
     out.mkdir()
@@ -167,30 +157,6 @@ def test_non_empty_output_dir_without_checkpoint_is_refused(assets, tmp_path, mo
 def cli(*args):
     return subprocess.run([sys.executable, os.path.join(REPO, "run_pretraining.py"), *args],
                           capture_output=True, text=True, cwd=REPO, timeout=300)
-
-
-def test_model_type_typo_from_the_seed_readme_gets_a_helpful_one_line_error(assets, tmp_path):
-    result = cli("--model_type", "bert-base-uncased", "--tokenizer_name", assets["tokenizer"],
-                 "--train_file", assets["train_file"], "--ipu_config_name", REPO, "--do_train",
-                 "--output_dir", str(tmp_path / "out"), "--report_to", "none")
-    assert result.returncode == 2
-    assert "Traceback" not in result.stderr
-    [line] = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert "'bert-base-uncased' is not a model type" in line and "bert" in line and "--config_name" in line
-
-
-@pytest.mark.parametrize("override, message", [
-    ("foo=1", "unknown IPU config key 'foo'"),
-    ("layers_per_ipu=[1 2]", "layers_per_ipu"),
-    ("replication_factor=-2", "replication_factor=-2"),
-])
-def test_bad_ipu_config_overrides_are_one_line_errors(assets, tmp_path, override, message):
-    result = cli("--model_type", "bert", "--config_overrides", TINY_BERT, "--tokenizer_name", assets["tokenizer"],
-                 "--train_file", assets["train_file"], "--ipu_config_name", REPO, "--ipu_config_overrides", override,
-                 "--do_train", "--output_dir", str(tmp_path / "out"), "--report_to", "none")
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert "Traceback" not in result.stderr
-    assert message in result.stderr
 
 
 SPEC_FLAGS = {
