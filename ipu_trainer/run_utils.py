@@ -110,7 +110,8 @@ def claim_output_dir(training_args: Any) -> Optional[str]:
 
     - One run per output folder: a lock held until the script ends (see `run_control.RunLock`).
     - The same command re-run on a finished run ends with `RunFinished`: nothing changes.
-    - `--overwrite_output_dir` starts afresh: the old run's checkpoints are moved aside, never resumed.
+    - `--overwrite_output_dir` starts afresh: the old run's checkpoints are moved aside (by `train_and_save`, once
+      every input has been checked), never resumed.
     - Otherwise the newest complete checkpoint is resumed (`checkpoints.last_resumable_checkpoint`), unless
       `--resume_from_checkpoint` names one; a non-empty folder without one is refused (SPEC §8).
     """
@@ -118,18 +119,16 @@ def claim_output_dir(training_args: Any) -> Optional[str]:
     if not training_args.do_train:
         return None
 
-    def lock_and_prepare() -> Optional[str]:
+    def take_lock() -> Optional[str]:
         lock = RunLock(output_dir)
         try:
             lock.acquire()
         except ValueError as error:
             return str(error)
         _held_locks.append(lock)
-        if training_args.overwrite_output_dir:
-            _set_aside_checkpoints(output_dir)
         return None
 
-    _on_every_process(lock_and_prepare, training_args)
+    _on_every_process(take_lock, training_args)
     finished = None if training_args.overwrite_output_dir else _finished_run(training_args)
     if finished:
         raise RunFinished(finished)
@@ -160,6 +159,12 @@ def perplexity(loss: float) -> float:
 
 
 def train_and_save(trainer: Any, training_args: Any, last_checkpoint: Optional[str], num_train_samples: int) -> dict:
+    if training_args.overwrite_output_dir:
+        # Only now, when every input was accepted: a refused command leaves the folder as it was.
+        def set_aside() -> None:
+            _set_aside_checkpoints(training_args.output_dir)
+
+        _on_every_process(set_aside, training_args)
     checkpoint = training_args.resume_from_checkpoint or last_checkpoint
     train_result = trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_model()  # the model, the tokenizer and ipu_config.json

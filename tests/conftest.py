@@ -5,6 +5,7 @@ import sys
 import pytest
 
 from ipu_trainer.offline_assets import english_text_documents, train_wordpiece_tokenizer, write_quickstart_assets
+from ipu_trainer.run_utils import run_cli
 
 
 @pytest.fixture(scope="session")
@@ -70,12 +71,14 @@ def script_module(script: str):
 
 @pytest.fixture(scope="session")
 def trained_output(assets, tmp_path_factory):
-    """The output folder of a finished quick-start run_mlm training (model, tokenizer, results), built once."""
+    """The output folder of a finished quick-start run_mlm training (model, tokenizer, results, checkpoint-2),
+    built once."""
     output_dir = tmp_path_factory.mktemp("trained") / "out"
     monkeypatch = pytest.MonkeyPatch()
     try:
-        monkeypatch.setattr(sys, "argv", quickstart_argv("run_mlm", assets, output_dir))
-        script_module("run_mlm").main()
+        monkeypatch.setattr(sys, "argv", quickstart_argv("run_mlm", assets, output_dir, "--save_strategy", "steps",
+                                                         "--save_steps", "2"))
+        assert run_cli(script_module("run_mlm").main) == 0  # run_cli also releases the run lock
     finally:
         monkeypatch.undo()
     return output_dir

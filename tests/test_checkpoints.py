@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import default_data_collator
+from transformers.trainer_utils import TrainOutput
 
 from ipu_trainer import IPUConfig, IPUTrainer, IPUTrainingArguments
 from ipu_trainer.checkpoints import (
@@ -21,7 +22,7 @@ from ipu_trainer.checkpoints import (
     rotate_checkpoints,
 )
 from ipu_trainer.run_control import CheckpointWriteError, RunFinished, RunLock
-from ipu_trainer.run_utils import claim_output_dir, run_cli
+from ipu_trainer.run_utils import claim_output_dir, run_cli, train_and_save
 from tiny import masked_pairs, tiny_bert
 
 STEPS = 6
@@ -233,10 +234,19 @@ def test_a_finished_run_rerun_unchanged_changes_nothing(uninterrupted, tmp_path)
     assert claim_output_dir(make_args(tmp_path, do_train=True, max_steps=8)) == str(tmp_path / "checkpoint-6")
 
 
-def test_overwrite_output_dir_sets_the_old_checkpoints_aside(uninterrupted, tmp_path):
+def test_overwrite_output_dir_sets_the_old_checkpoints_aside(uninterrupted, tmp_path, monkeypatch):
     out, _ = uninterrupted
     copy_checkpoints(out, tmp_path)
-    assert claim_output_dir(make_args(tmp_path, do_train=True, overwrite_output_dir=True)) is None
+    args = make_args(tmp_path, do_train=True, overwrite_output_dir=True)
+    assert claim_output_dir(args) is None
+    assert len(list_checkpoints(str(tmp_path))) == 3  # nothing moves before every input was accepted
+    trained = []
+    monkeypatch.setattr(IPUTrainer, "train", lambda self, resume_from_checkpoint=None: trained.append(
+        (resume_from_checkpoint, list_checkpoints(str(tmp_path)))) or TrainOutput(0, 0.0, {}))
+    trainer = IPUTrainer(model=tiny_bert(), ipu_config=IPUConfig(layers_per_ipu=[-1]), args=args,
+                         data_collator=default_data_collator, train_dataset=masked_pairs(8))
+    train_and_save(trainer, args, None, 8)
+    assert trained == [(None, [])]  # moved aside before training started, and not resumed
     assert list_checkpoints(str(tmp_path)) == []
     aside = [name for name in os.listdir(tmp_path) if name.startswith("overwritten-")]
     assert len(aside) == 1 and sorted(os.listdir(tmp_path / aside[0])) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
