@@ -26,21 +26,26 @@ import json
 import logging
 import os
 import shutil
+import struct
 import sys
 from collections.abc import Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import datasets
 import numpy as np
 import pyarrow.compute
-from transformers import AutoTokenizer
+from datasets.exceptions import DatasetGenerationError
 
+from ipu_trainer.data import load_hub_dataset
+from ipu_trainer.model_loading import load_tokenizer
 from ipu_trainer.pretraining_data import (
     PAIR_FEATURES,
     add_mlm_labels,
     build_nsp_pairs,
     load_text_documents,
 )
+from ipu_trainer.run_utils import USER_ERRORS, check_output_dir_writable, run_cli
 
 logger = logging.getLogger("prepare_dataset")
 
@@ -95,22 +100,157 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+# ---- output folder: only what this tool wrote is ever deleted ---------------------------------------
+# A finished output is recognised by its SUMMARY_FILE, a folder being written (OUTPUT.partial) by
+# PARTIAL_MARKER, written into it before anything else.
+SUMMARY_FILE = "prepare_dataset.json"
+PARTIAL_MARKER = ".prepare_dataset_partial"
+
+
+def previous_output_entries(folder: str) -> set[str] | None:
+    """The entries a previous prepare_dataset.py output consists of (its summary, dataset_dict.json and one
+    folder per split), or None when `folder` is not such an output."""
+    summary = os.path.join(folder, SUMMARY_FILE)
+    if not os.path.isfile(summary):
+        return None
+    entries = {SUMMARY_FILE, "dataset_dict.json"}
+    try:
+        with open(os.path.join(folder, "dataset_dict.json")) as handle:
+            entries.update(json.load(handle).get("splits", []))
+    except (OSError, ValueError):
+        pass
+    return entries
+
+
 def check_output_dir(output_dir: str, overwrite: bool) -> None:
-    if os.path.isdir(output_dir) and os.listdir(output_dir) and not overwrite:
-        raise ValueError(f"{output_dir} exists and is not empty: pass --overwrite to replace it")
-    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
-        raise ValueError(f"{output_dir} exists and is not a folder")
+    """Refuse, before any work, an output folder the result could not replace without deleting someone's files."""
+    check_output_dir_writable(output_dir)
+    if not (os.path.isdir(output_dir) and os.listdir(output_dir)):
+        return
+    if not overwrite:
+        raise ValueError(f"--output_dir {output_dir} exists and is not empty: pass --overwrite to replace it")
+    entries = previous_output_entries(output_dir)
+    if entries is None:
+        raise ValueError(
+            f"--overwrite: --output_dir {output_dir} is not a prepare_dataset.py output (it has no {SUMMARY_FILE}), "
+            "so nothing in it is replaced: choose another --output_dir, or empty it yourself"
+        )
+    others = sorted(set(os.listdir(output_dir)) - entries)
+    if others:
+        raise ValueError(
+            f"--overwrite: --output_dir {output_dir} holds files prepare_dataset.py did not write "
+            f"({', '.join(others[:5])}{', ...' if len(others) > 5 else ''}): move them away, or choose another --output_dir"
+        )
+
+
+def check_partial_dir(partial_dir: str) -> None:
+    """An existing OUTPUT.partial folder may be removed only when an interrupted prepare_dataset.py left it."""
+    if not os.path.exists(partial_dir):
+        return
+    if not os.path.isdir(partial_dir) or not (
+        os.path.isfile(os.path.join(partial_dir, PARTIAL_MARKER)) or previous_output_entries(partial_dir) is not None
+    ):
+        raise ValueError(
+            f"{partial_dir} exists and was not left by prepare_dataset.py (no {PARTIAL_MARKER} in it), and the output "
+            "is written there first: move it away or choose another --output_dir"
+        )
+
+
+def replace_output(partial_dir: str, output_dir: str) -> None:
+    """Move the finished `partial_dir` to `output_dir`, removing only a previous output's own entries."""
+    os.remove(os.path.join(partial_dir, PARTIAL_MARKER))
+    if os.path.isdir(output_dir):
+        for entry in previous_output_entries(output_dir) or ():
+            path = os.path.join(output_dir, entry)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            elif os.path.lexists(path):
+                os.remove(path)
+        os.rmdir(output_dir)  # empty by now, or check_output_dir would have refused it
+    os.replace(partial_dir, output_dir)
 
 
 # ---- tfrecord input -------------------------------------------------------------------------------
+
+
+TFRECORD_FEATURES = ("input_ids", "input_mask", "segment_ids", "masked_lm_positions", "masked_lm_ids",
+                     "next_sentence_labels")
+
+
+def _crc32c_table() -> list[int]:
+    table = []
+    for byte in range(256):
+        crc = byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)  # CRC-32C (Castagnoli), reflected
+        table.append(crc)
+    return table
+
+
+_CRC32C_TABLE = _crc32c_table()
+
+
+def _masked_crc(data: bytes) -> int:
+    """TFRecord's checksum: CRC-32C rotated right by 15 bits plus a constant. Only ever computed on the 8-byte
+    length fields here, so a table in Python is fast enough."""
+    crc = 0xFFFFFFFF
+    for byte in data:
+        crc = (crc >> 8) ^ _CRC32C_TABLE[(crc ^ byte) & 0xFF]
+    crc ^= 0xFFFFFFFF
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def check_tfrecord_shard(path: str) -> None:
+    """Refuse a file that is not a BERT pretraining TFRecord shard, before any conversion starts.
+
+    Every record header is walked (its length and the length's checksum, without reading the data), so a
+    truncated or foreign file is found here rather than as a traceback deep inside the reader; the first
+    record is parsed to check it carries the BERT features.
+    """
+    from tfrecord.reader import tfrecord_loader
+
+    label = f"--tfrecord_files {path}"
+    size = os.path.getsize(path)
+    with open(path, "rb") as handle:
+        offset = 0
+        while offset < size:
+            header = handle.read(12)
+            if len(header) < 12:
+                raise ValueError(f"{label} is not a TFRecord file (or is truncated): incomplete record header at byte {offset}")
+            (length,) = struct.unpack("<Q", header[:8])
+            (length_crc,) = struct.unpack("<I", header[8:])
+            if length_crc != _masked_crc(header[:8]) or offset + 16 + length > size:
+                raise ValueError(f"{label} is not a TFRecord file (or is truncated): bad record header at byte {offset}")
+            offset += 16 + length
+            handle.seek(offset)
+    try:
+        first = next(iter(tfrecord_loader(path, None)))
+    except Exception as error:  # the protobuf decoder's errors: the shard holds something else
+        raise ValueError(f"{label}: the first record is not a tf.train.Example ({error})") from None
+    missing = [name for name in TFRECORD_FEATURES if name not in first]
+    if missing:
+        raise ValueError(
+            f"{label} is not a BERT pretraining shard: its records lack {', '.join(missing)} (they have "
+            f"{', '.join(sorted(first))})"
+        )
 
 
 def _tfrecord_examples(paths: list[str], static_masking: bool) -> Iterator[dict[str, Any]]:
     from tfrecord.reader import tfrecord_loader
 
     for path in paths:
-        for record in tfrecord_loader(path, None):
-            yield tfrecord_to_spec(record, static_masking)
+        records = iter(tfrecord_loader(path, None))
+        index = 0
+        while True:
+            try:
+                record = next(records, None)
+                if record is None:
+                    break
+                example = tfrecord_to_spec(record, static_masking)
+            except Exception as error:  # the protobuf decoder's or a missing feature's: the shard is damaged
+                raise ValueError(f"--tfrecord_files {path}: record {index} is not a BERT pretraining example ({error})") from None
+            yield example
+            index += 1
 
 
 def tfrecord_to_spec(record: dict[str, np.ndarray], static_masking: bool = False) -> dict[str, Any]:
@@ -152,14 +292,21 @@ def load_tfrecords(paths: list[str], static_masking: bool, cache_dir: str | None
             raise FileNotFoundError(f"{path} does not exist")
         if os.path.getsize(path) == 0:
             raise ValueError(f"{path} is empty: nothing to pretrain on")
+        check_tfrecord_shard(path)
     stamps = [(os.stat(path).st_size, os.stat(path).st_mtime_ns) for path in paths]
-    return datasets.Dataset.from_generator(
-        _tfrecord_examples_with_stamps,
-        gen_kwargs={"paths": [os.path.abspath(path) for path in paths], "stamps": stamps,
-                    "static_masking": static_masking},
-        features=SPEC_FEATURES,
-        cache_dir=cache_dir,
-    )
+    try:
+        return datasets.Dataset.from_generator(
+            _tfrecord_examples_with_stamps,
+            gen_kwargs={"paths": [os.path.abspath(path) for path in paths], "stamps": stamps,
+                        "static_masking": static_masking},
+            features=SPEC_FEATURES,
+            cache_dir=cache_dir,
+        )
+    except DatasetGenerationError as error:
+        # datasets wraps whatever the generator raised; a bad record is the user's shard, not a crash.
+        if isinstance(error.__cause__, ValueError):
+            raise error.__cause__ from None
+        raise
 
 
 def _tfrecord_examples_with_stamps(paths: list[str], stamps: list, static_masking: bool) -> Iterator[dict]:
@@ -193,8 +340,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     datasets.utils.logging.set_verbosity_warning()
 
     output_dir = os.path.abspath(args.output_dir.rstrip("/\\"))
-    check_output_dir(output_dir, args.overwrite)
     partial_dir = output_dir + ".partial"
+    check_output_dir(output_dir, args.overwrite)
+    check_partial_dir(partial_dir)
 
     # ---- data -------------------------------------------------------------------------------------
     summary: dict[str, Any] = {"arguments": vars(args)}
@@ -212,7 +360,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             splits = {"train": held_out["train"], "validation": held_out["test"]}
     else:
         # ---- tokenizer ------------------------------------------------------------------------
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name, cache_dir=args.cache_dir)
+        tokenizer = load_tokenizer(
+            SimpleNamespace(tokenizer_name=args.tokenizer_name, model_name_or_path=None, cache_dir=args.cache_dir)
+        )
         if args.max_seq_length > tokenizer.model_max_length:
             raise ValueError(
                 f"--max_seq_length={args.max_seq_length} is longer than the tokenizer's model_max_length="
@@ -222,13 +372,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             documents = load_text_documents({"train": args.train_file}, cache_dir=args.cache_dir)["train"]
             text_column = "text"
         else:
-            loaded = datasets.load_dataset(args.dataset_name, args.dataset_config_name, cache_dir=args.cache_dir)
+            loaded = load_hub_dataset("--dataset_name", args.dataset_name, args.dataset_config_name, cache_dir=args.cache_dir)
             documents = loaded["train"]
             text_column = args.text_column
             if text_column not in documents.column_names:
                 raise ValueError(
                     f"--text_column={text_column!r} is not a column of {args.dataset_name}: {documents.column_names}"
                 )
+        source = f"--train_file {' '.join(args.train_file)}" if args.train_file else f"--dataset_name {args.dataset_name}"
         document_splits = {"train": documents}
         if args.validation_split_percentage > 0:
             # Split documents, not pairs, so no validation pair shares a document with training.
@@ -242,25 +393,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             pairs = build_nsp_pairs(
                 split_documents, tokenizer, args.max_seq_length, text_column=text_column,
                 short_seq_prob=args.short_seq_prob, seed=args.seed, num_proc=args.num_workers,
-                dupe_factor=args.dupe_factor,
+                dupe_factor=args.dupe_factor, source=f"the {name} part of {source}",
             )
             splits[name] = add_mlm_labels(
                 pairs, tokenizer, mlm_probability=args.mlm_probability, seed=args.seed,
                 mask_input_ids=args.static_masking, num_proc=args.num_workers,
             )
 
-    # ---- write: to a .partial folder first, renamed only once complete ------------------------------
+    # ---- write: to a .partial folder first (marked as ours), renamed only once complete --------------
+    check_partial_dir(partial_dir)  # again: it may have appeared while the data was built
     if os.path.exists(partial_dir):
         logger.info("Removing %s left by an interrupted run", partial_dir)
         shutil.rmtree(partial_dir)
+    os.makedirs(partial_dir)
+    with open(os.path.join(partial_dir, PARTIAL_MARKER), "w") as handle:
+        handle.write("written by prepare_dataset.py; the folder is removed by the next run if this one was interrupted\n")
     dataset = datasets.DatasetDict(splits)
     dataset.save_to_disk(partial_dir, num_proc=args.num_workers if args.num_workers and args.num_workers > 1 else None)
     summary["splits"] = {name: summarize(split) for name, split in dataset.items()}
-    with open(os.path.join(partial_dir, "prepare_dataset.json"), "w") as handle:
+    with open(os.path.join(partial_dir, SUMMARY_FILE), "w") as handle:
         json.dump(summary, handle, indent=2)
-    if os.path.exists(output_dir):
-        shutil.rmtree(output_dir)
-    os.replace(partial_dir, output_dir)
+    check_output_dir(output_dir, args.overwrite)  # again, just before anything in it is replaced
+    replace_output(partial_dir, output_dir)
 
     # ---- results ------------------------------------------------------------------------------------
     for name, numbers in summary["splits"].items():
@@ -274,9 +428,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return summary
 
 
+def cli() -> int:
+    """The command line: bad input, or the tfrecord reader missing, is one `error:` line and exit code 2."""
+    return run_cli(main, (*USER_ERRORS, ImportError))
+
+
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError, ImportError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(cli())

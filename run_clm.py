@@ -34,7 +34,8 @@ from ipu_trainer.model_loading import (
 from ipu_trainer.models import causal_lm_model_for
 from ipu_trainer.resolved_run import resolve_run
 from ipu_trainer.run_utils import (
-    find_checkpoint_to_resume,
+    check_outputs_before_loading,
+    claim_output_dir,
     run_cli,
     setup_logging,
     train_evaluate_and_report,
@@ -79,7 +80,8 @@ def main():
     # Arguments and logging
     model_args, data_args, training_args = parse_script_args(ModelArguments, DataTrainingArguments)
     setup_logging(training_args)
-    last_checkpoint = find_checkpoint_to_resume(training_args)
+    check_outputs_before_loading(training_args)
+    last_checkpoint = claim_output_dir(training_args)
     set_seed(training_args.seed)
 
     # Model config and IPU config, resolved into the run before any weights or data are loaded
@@ -97,7 +99,7 @@ def main():
             num_proc=data_args.preprocessing_num_workers, overwrite_cache=data_args.overwrite_cache,
         )
     too_short = f"the text is empty or shorter than one block of {block_size} tokens (try a smaller --block_size)"
-    train_dataset, eval_dataset = train_and_eval_splits(lm_datasets, training_args, data_args, too_short)
+    train_dataset, eval_dataset = train_and_eval_splits(lm_datasets, training_args, data_args, too_short, run)
 
     # Model: GPT-2 gets recomputation and a chunked (still tied) LM head from the IPU config
     model = load_model(AutoModelForCausalLM, model_args, config, tokenizer, model_class=causal_lm_model_for(config), dtype=dtype)
@@ -107,7 +109,7 @@ def main():
         model=model,
         args=training_args,
         run=run,
-        data_collator=default_data_collator,
+        data_collator=default_data_collator,  # blocks of block_size tokens: no padding to round up to a multiple of 8
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,

@@ -23,14 +23,15 @@ from transformers import AutoModelForMaskedLM, set_seed
 
 from ipu_trainer import DataCollatorForLanguageModelingWithMaxTokensMasked, IPUTrainer
 from ipu_trainer.data import load_raw_datasets, resolve_max_seq_length, tokenize_for_masked_lm, train_and_eval_splits
-from ipu_trainer.data_collators import max_num_masked_tokens
+from ipu_trainer.data_collators import max_num_masked_tokens, pad_to_multiple_of_for
 from ipu_trainer.metrics import AccuracyMetric, masked_lm_predictions, token_accuracy_metrics
 from ipu_trainer.model_loading import load_ipu_config, load_model, load_model_config, load_tokenizer, max_positions_of
 from ipu_trainer.models import masked_lm_model_for
 from ipu_trainer.packing import pack_for_training
 from ipu_trainer.resolved_run import resolve_run
 from ipu_trainer.run_utils import (
-    find_checkpoint_to_resume,
+    check_outputs_before_loading,
+    claim_output_dir,
     run_cli,
     setup_logging,
     train_evaluate_and_report,
@@ -68,6 +69,11 @@ class DataTrainingArguments(PackingArguments, SharedDataArguments):
         default=False,
         metadata={"help": "With --line_by_line, pad every sample to max_seq_length. Otherwise batches are padded to their longest sample."},
     )
+    whole_word_mask: bool = field(
+        default=False,
+        metadata={"help": "Mask whole words (all pieces of a word together, 80/10/10 per word) instead of single tokens, "
+                  "still at most max_num_masked_tokens tokens per sequence. Words: WordPiece ## pieces, Ġ/▁ word starts."},
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -81,7 +87,8 @@ def main():
     # Arguments and logging
     model_args, data_args, training_args = parse_script_args(ModelArguments, DataTrainingArguments)
     setup_logging(training_args)
-    last_checkpoint = find_checkpoint_to_resume(training_args)
+    check_outputs_before_loading(training_args)
+    last_checkpoint = claim_output_dir(training_args)
     set_seed(training_args.seed)
 
     # Model config and IPU config, resolved into the run before any weights or data are loaded
@@ -100,7 +107,7 @@ def main():
             num_proc=data_args.preprocessing_num_workers, overwrite_cache=data_args.overwrite_cache,
         )
     too_short = "the text is empty or shorter than one max_seq_length block (try --line_by_line or a smaller --max_seq_length)"
-    train_dataset, eval_dataset = train_and_eval_splits(tokenized_datasets, training_args, data_args, too_short)
+    train_dataset, eval_dataset = train_and_eval_splits(tokenized_datasets, training_args, data_args, too_short, run)
 
     # Model: BERT and RoBERTa compute the MLM head only at the (at most max_num_masked_tokens) masked positions (one
     # cap, for the model here and the masking collator below)
@@ -111,10 +118,12 @@ def main():
         logger.info("No masked-position head for model type %r: the MLM head runs on every position.", config.model_type)
     model = load_model(AutoModelForMaskedLM, model_args, config, tokenizer, model_class=model_class)
 
-    # Dynamic masking, capped at max_num_masked_tokens per sequence; seeded so runs (and evaluations) repeat
+    # Dynamic masking, capped at max_num_masked_tokens per sequence; seeded so runs (and evaluations) repeat.
+    # Dynamically padded batches (--line_by_line) are rounded up to a multiple of 8 in half precision on a GPU.
     data_collator = DataCollatorForLanguageModelingWithMaxTokensMasked(
         tokenizer=tokenizer, mlm_probability=data_args.mlm_probability, max_seq_length=max_seq_length,
-        max_num_masked_tokens=masked_tokens_cap,
+        max_num_masked_tokens=masked_tokens_cap, whole_word_mask=data_args.whole_word_mask,
+        pad_to_multiple_of=pad_to_multiple_of_for(run, max_seq_length),
         seed=training_args.data_seed if training_args.data_seed is not None else training_args.seed,
     )
 

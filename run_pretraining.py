@@ -15,7 +15,7 @@ into sentence pairs here.
 import logging
 import sys
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import ClassVar, Optional
 
 import transformers
 from transformers import AutoModelForPreTraining, default_data_collator, set_seed
@@ -25,22 +25,32 @@ from ipu_trainer import (
     IPUTrainer,
 )
 from ipu_trainer.data import (
+    data_source_of,
     load_raw_datasets,
     require_columns,
     resolve_max_seq_length,
+    split_source,
     text_column_of,
     train_and_eval_splits,
 )
 from ipu_trainer.data_collators import max_num_masked_tokens
 from ipu_trainer.metrics import pretraining_metrics, pretraining_predictions
-from ipu_trainer.model_loading import load_ipu_config, load_model, load_model_config, load_tokenizer, max_positions_of
+from ipu_trainer.model_loading import (
+    check_sequence_length_fits,
+    load_ipu_config,
+    load_model,
+    load_model_config,
+    load_tokenizer,
+    max_positions_of,
+)
 from ipu_trainer.models import masked_positions_model_for
 from ipu_trainer.optimization import get_groupbert_schedule
 from ipu_trainer.packing import pack_for_training
 from ipu_trainer.pretraining_data import build_nsp_pairs, load_text_documents
 from ipu_trainer.resolved_run import resolve_run
 from ipu_trainer.run_utils import (
-    find_checkpoint_to_resume,
+    check_outputs_before_loading,
+    claim_output_dir,
     run_cli,
     setup_logging,
     train_evaluate_and_report,
@@ -67,6 +77,8 @@ class ModelArguments(SharedModelArguments):
 
 @dataclass
 class DataTrainingArguments(PackingArguments, SharedDataArguments):
+    shortest_sequence: ClassVar[int] = 5  # [CLS] A [SEP] B [SEP]
+
     dataset_path: Optional[str] = field(default=None, metadata={"help": "A folder written by Dataset.save_to_disk (e.g. by prepare_dataset.py)."})
     data_dir: Optional[str] = field(default=None, metadata={"help": "data_dir passed to datasets.load_dataset."})
     is_already_preprocessed: bool = field(
@@ -85,18 +97,27 @@ class DataTrainingArguments(PackingArguments, SharedDataArguments):
     pad_to_max_length: bool = field(
         default=False, metadata={"help": "Accepted for compatibility; sentence pairs are always padded to max_seq_length."}
     )
+    whole_word_mask: bool = field(
+        default=False,
+        metadata={"help": "Mask whole words (all pieces of a word together, 80/10/10 per word) instead of single tokens, "
+                  "still at most max_num_masked_tokens tokens per sequence. Words: WordPiece ## pieces, Ġ/▁ word starts."},
+    )
 
     def __post_init__(self):
         super().__post_init__()
         if not 0 < self.mlm_probability < 1:
             raise ValueError(f"--mlm_probability={self.mlm_probability} is invalid: must be between 0 and 1")
+        if self.whole_word_mask and self.is_already_masked:
+            raise ValueError("--whole_word_mask masks each batch afresh, --is_already_masked keeps the data's masking: "
+                             "give one of them")
 
 
 def main():
     # Arguments and logging
     model_args, data_args, training_args = parse_script_args(ModelArguments, DataTrainingArguments)
     setup_logging(training_args)
-    last_checkpoint = find_checkpoint_to_resume(training_args)
+    check_outputs_before_loading(training_args)
+    last_checkpoint = claim_output_dir(training_args)
     set_seed(training_args.seed)
 
     # Model config and IPU config, resolved into the run before any weights or data are loaded
@@ -114,11 +135,13 @@ def main():
         hint = ("BERT pretraining needs sentence pairs with a next_sentence_label: give raw text (--train_file corpus.txt) "
                 "to build them, or build a dataset with prepare_dataset.py.")
         for split in raw_datasets.values():
-            require_columns(split, PRETRAINING_COLUMNS + (["labels"] if data_args.is_already_masked else []), hint)
+            require_columns(split, PRETRAINING_COLUMNS + (["labels"] if data_args.is_already_masked else []), hint,
+                            data_source_of(data_args))
         data_length = len(first_split[0]["input_ids"])
         max_seq_length = data_args.max_seq_length or data_length
         if max_seq_length != data_length:
             raise ValueError(f"--max_seq_length {max_seq_length} does not match the data's sequence length {data_length}")
+        check_sequence_length_fits(data_length, config, data_source_of(data_args))
         tokenized_datasets = raw_datasets
     else:
         if data_args.is_already_masked:
@@ -126,14 +149,16 @@ def main():
         max_seq_length = resolve_max_seq_length(data_args.max_seq_length, tokenizer, max_positions_of(config))
         with training_args.main_process_first(desc="building sentence pairs"):
             tokenized_datasets = {
-                name: build_nsp_pairs(split, tokenizer, max_seq_length, text_column=text_column_of(split),
+                name: build_nsp_pairs(split, tokenizer, max_seq_length,
+                                      text_column=text_column_of(split, split_source(data_args, name)),
                                       seed=training_args.seed,
                                       num_proc=data_args.preprocessing_num_workers,
-                                      load_from_cache_file=not data_args.overwrite_cache)
+                                      load_from_cache_file=not data_args.overwrite_cache,
+                                      source=split_source(data_args, name))
                 for name, split in raw_datasets.items()
             }
 
-    train_dataset, eval_dataset = train_and_eval_splits(tokenized_datasets, training_args, data_args, "the data is empty")
+    train_dataset, eval_dataset = train_and_eval_splits(tokenized_datasets, training_args, data_args, "the data is empty", run)
 
     # Model: MLM logits only at the masked positions, at most max_num_masked_tokens per sequence (one cap, for the
     # model here and the masking collator below)
@@ -141,13 +166,15 @@ def main():
     config.max_num_masked_tokens = masked_tokens_cap
     model = load_model(AutoModelForPreTraining, model_args, config, tokenizer, model_class=masked_positions_model_for(config))
 
-    # Masking: dynamic (every batch masked afresh) unless the data's own masking is kept.
+    # Masking: dynamic (every batch masked afresh) unless the data's own masking is kept. Sentence pairs all have
+    # max_seq_length tokens (built padded to it here; pre-built data comes at one length), so batches are never
+    # padded and there is no padding to round up to a multiple of 8 in half precision (pad_to_multiple_of_for).
     if data_args.is_already_masked:
         data_collator = default_data_collator
     else:
         data_collator = DataCollatorForLanguageModelingWithMaxTokensMasked(
             tokenizer=tokenizer, mlm_probability=data_args.mlm_probability, max_seq_length=max_seq_length,
-            max_num_masked_tokens=masked_tokens_cap, seed=training_args.seed,
+            max_num_masked_tokens=masked_tokens_cap, seed=training_args.seed, whole_word_mask=data_args.whole_word_mask,
         )
 
     # Packing (--packing): several sentence pairs per row of max_seq_length, each masked on its own; a micro-batch

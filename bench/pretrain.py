@@ -22,7 +22,8 @@ peak memory is its own: peak RSS (and its rise over the process before the model
 `torch.cuda.max_memory_allocated` on GPU. Timing: the wall time of each step after the first `--warmup-steps`,
 over `--rounds` alternating runs (a, b, a, b); samples/s is taken from the fastest step (other load only
 slows steps down), the mean over all timed steps is printed next to it. On CUDA the run is bf16 autocast on both sides and the table adds model FLOP
-utilisation: useful FLOPs per sequence (see `model_flops_per_sequence`) over a measured bf16 matmul rate.
+utilisation: useful FLOPs per sequence (see `model_flops_per_sequence`) x samples/s over the GPU's datasheet dense peak
+for the dtype the matmuls ran in (`ipu_trainer.mfu`; the peak used is printed, "n/a" for a GPU not in its table).
 
     python bench/pretrain.py --preset cpu|bert-base [--steps N] [--warmup-steps K] [--batch-size B]
 
@@ -156,40 +157,25 @@ def padding_fraction(rows: dict[str, list]) -> float:
     return 1.0 - sum(sum(mask) for mask in rows["attention_mask"]) / total
 
 
-# ---- FLOPs and the device's matmul rate -------------------------------------------------------------
+# ---- FLOPs -----------------------------------------------------------------------------------------
 
 def model_flops_per_sequence(model_settings: dict, seq_len: int, num_masked: int) -> float:
-    """Useful training FLOPs (forward + backward = 3x forward) of one sequence, the same for both sides.
+    """Useful training FLOPs (forward + backward) of one sequence of BERT pretraining, the same for both sides.
 
-    6 x non-embedding parameters x tokens (encoder matmuls, pooler, head transform counted per token),
-    + attention scores and weighted sum: 12 x layers x seq^2 x hidden,
-    + the [hidden, vocab] MLM decoder at the `num_masked` positions the loss needs: 6 x hidden x vocab x K.
-    Side (b) does more work than this (the decoder at every position); MFU counts only the useful part.
+    The encoder and the [hidden, vocab] MLM decoder at the `num_masked` positions the loss needs
+    (`transformer_training_flops_per_sequence`), plus BERT's heads: the MLM head's dense transform at those
+    positions, the pooler and the NSP classifier once per sequence. Side (b) does more work than this (the
+    decoder at every position); MFU counts only the useful part.
     """
-    h, layers, inter, vocab = (model_settings[k] for k in ("hidden_size", "num_hidden_layers",
-                                                            "intermediate_size", "vocab_size"))
-    per_layer = 4 * h * h + 2 * h * inter
-    dense = layers * per_layer + h * h  # + pooler; the head transform runs on K tokens only, counted below
-    return (6 * dense * seq_len + 12 * layers * seq_len * seq_len * h
-            + 6 * (h * h + h * vocab) * num_masked)
+    from ipu_trainer.mfu import transformer_training_flops_per_sequence
 
-
-def measured_bf16_matmul_flops(device) -> float:
-    """FLOP/s of a large bf16 matmul on `device`: the ceiling MFU is measured against."""
-    import torch
-
-    n = 8192
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    torch.cuda.synchronize(device)
-    repeats = 20
-    start = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    torch.cuda.synchronize(device)
-    return 2 * n**3 * repeats / (time.perf_counter() - start)
+    h = model_settings["hidden_size"]
+    encoder_and_decoder = transformer_training_flops_per_sequence(
+        hidden_size=h, num_layers=model_settings["num_hidden_layers"],
+        intermediate_size=model_settings["intermediate_size"], seq_len=seq_len,
+        vocab_size=model_settings["vocab_size"], logit_positions=num_masked)
+    heads = 6 * (h * h * num_masked + h * h + 2 * h)  # MLM transform, pooler, NSP; 6 = 2 FLOPs x 3 passes
+    return encoder_and_decoder + heads
 
 
 # ---- one side (runs in a subprocess) ----------------------------------------------------------------
@@ -277,7 +263,8 @@ def run_side(args: argparse.Namespace) -> dict:
     if cuda:
         out["peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
         out["flops_per_sample"] = model_flops_per_sequence(args.model, seq_len, num_masked)
-        out["matmul_flops_per_s"] = measured_bf16_matmul_flops(device)
+        out["matmul_dtype"] = "bfloat16" if bf16 else "float32"
+        out["tf32"] = bool(torch.backends.cuda.matmul.allow_tf32)
     else:
         peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
         out["peak_memory_mb"] = peak_rss / 2**20
@@ -312,10 +299,41 @@ def summarize(runs: list[dict], samples_per_step: int, seq_len: int) -> dict:
     for key in ("peak_memory_mb", "peak_rise_mb"):
         if key in row:
             row[key] = max(run[key] for run in runs)
-    if "flops_per_sample" in row:
-        rate = max(run["matmul_flops_per_s"] for run in runs)
-        row["mfu"] = row["flops_per_sample"] * row["samples_per_s"] / rate
+    if "flops_per_sample" in row:  # CUDA: MFU against the datasheet peak, None for a GPU not in the table
+        import torch
+
+        from ipu_trainer.mfu import datasheet_peak_flops
+
+        peak = datasheet_peak_flops(row["device"], getattr(torch, row["matmul_dtype"]), tf32=row["tf32"])
+        row["mfu"] = row["flops_per_sample"] * row["samples_per_s"] / peak[0] if peak else None
+        row["mfu_peak"] = peak[1] if peak else None
     return row
+
+
+def table_lines(results: dict[str, dict]) -> list[str]:
+    """The table of both sides' rows (with MFU and the peak it is measured against on CUDA) and the speedup."""
+    a, b = results["a"], results["b"]
+    on_gpu = "mfu" in a
+    lines = []
+    if on_gpu:
+        lines.append(f"MFU against the datasheet peak: {a['mfu_peak']}" if a["mfu_peak"] else
+                     f"MFU: n/a (unknown GPU peak: no {a['matmul_dtype']} entry for {a['device']!r} in ipu_trainer/mfu.py)")
+    memory_column = "peak mem MB" if on_gpu else "peak RSS MB (rise)"
+    header = f"{'side':<52} {'samples/s':>10} {'(mean)':>7} {'tokens/s':>10} {memory_column:>20}"
+    lines.append(header + (f" {'MFU':>7}" if on_gpu else ""))
+    labels = {
+        "a": f"(a) IPUTrainer + masked-pos. BERT, {a['optimizer']}",
+        "b": f"(b) Trainer + BertForPreTraining, {b['optimizer']}",
+    }
+    for side, r in results.items():
+        memory = f"{r['peak_memory_mb']:.0f}" + (f" ({r['peak_rise_mb']:+.0f})" if "peak_rise_mb" in r else "")
+        line = (f"{labels[side]:<52} {r['samples_per_s']:>10.1f} {r['mean_samples_per_s']:>7.1f} "
+                f"{r['tokens_per_s']:>10.0f} {memory:>20}")
+        if on_gpu:
+            line += f" {r['mfu']:>7.1%}" if r["mfu"] is not None else f" {'n/a':>7}"
+        lines.append(line)
+    lines.append(f"speedup: {a['samples_per_s'] / b['samples_per_s']:.2f}x")
+    return lines
 
 
 def main(argv=None) -> int:
@@ -339,7 +357,7 @@ def main(argv=None) -> int:
     results = {side: summarize(side_runs, args.batch_size * args.grad_accum, args.model["seq_len"])
                for side, side_runs in runs.items()}
 
-    a, b = results["a"], results["b"]
+    a = results["a"]
     m = args.model
     print(f"preset {args.preset}{' (tiny)' if args.tiny else ''}: hidden {m['hidden_size']}, {m['num_hidden_layers']} layers, "
           f"{m['num_attention_heads']} heads, intermediate {m['intermediate_size']}, vocab {m['vocab_size']}, "
@@ -347,23 +365,8 @@ def main(argv=None) -> int:
           f"{args.rounds} x {args.steps} steps per side, first {args.warmup_steps} of each untimed" + ("; (a) with --static-k" if args.static_k else ""))
     print(f"device: {a['device']}; precision: {a['precision']}; data: pydoc English text, packed rows, "
           f"padding fraction {padding_fraction(rows):.1%}")
-    memory_column = "peak mem MB" if "mfu" in a else "peak RSS MB (rise)"
-    header = f"{'side':<52} {'samples/s':>10} {'(mean)':>7} {'tokens/s':>10} {memory_column:>20}"
-    if "mfu" in a:
-        header += f" {'MFU':>7}"
-    print(header)
-    labels = {
-        "a": f"(a) IPUTrainer + masked-pos. BERT, {a['optimizer']}",
-        "b": f"(b) Trainer + BertForPreTraining, {b['optimizer']}",
-    }
-    for side, r in results.items():
-        memory = f"{r['peak_memory_mb']:.0f}" + (f" ({r['peak_rise_mb']:+.0f})" if "peak_rise_mb" in r else "")
-        line = (f"{labels[side]:<52} {r['samples_per_s']:>10.1f} {r['mean_samples_per_s']:>7.1f} "
-                f"{r['tokens_per_s']:>10.0f} {memory:>20}")
-        if "mfu" in r:
-            line += f" {r['mfu']:>7.1%}"
+    for line in table_lines(results):
         print(line)
-    print(f"speedup: {a['samples_per_s'] / b['samples_per_s']:.2f}x")
     return 0
 
 

@@ -6,6 +6,8 @@ csv/json/txt files; a validation split is carved out of train when the data has 
 
 from __future__ import annotations
 
+import codecs
+import csv
 import logging
 import os
 from itertools import chain
@@ -13,11 +15,66 @@ from typing import Any, Callable, Optional
 
 import datasets
 from datasets import DatasetDict, load_dataset, load_from_disk
+from datasets.exceptions import DataFilesNotFoundError, DatasetNotFoundError
+
+from . import hub
 
 logger = logging.getLogger(__name__)
 
 FILE_BUILDERS = {"csv": "csv", "json": "json", "jsonl": "json", "txt": "text"}
 MAX_DEFAULT_SEQ_LENGTH = 1024
+
+
+def scan_text_file(path: str) -> tuple[bool, bool]:
+    """`(has_text, is_valid_utf8)` of a file, read once in blocks (stops early once both are known)."""
+    has_text = False
+    valid = True
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="strict")
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 20):
+            try:
+                text = decoder.decode(block)
+            except UnicodeDecodeError:
+                valid = False
+                decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+                text = decoder.decode(block)
+            if not has_text and text.strip():
+                has_text = True
+            if has_text and not valid:
+                break
+    return has_text, valid
+
+
+def check_text_file(path: str, label: str) -> bool:
+    """Refuse a data file with nothing to train on; return whether its bytes are valid UTF-8.
+
+    `label` names it in messages (e.g. "--train_file corpus.txt"). Empty and whitespace-only files, and csv
+    files with a header but no rows, are refused. Bytes that are not UTF-8 are read as U+FFFD with a warning
+    naming the file, in every script alike: a few stray bytes in a large scraped corpus should not stop a
+    run, and the replacement character keeps the damage visible in the data.
+    """
+    has_text, valid = scan_text_file(path)
+    if not has_text:
+        raise ValueError(f"{label} is empty (or only blank lines): nothing to train on")
+    if path.lower().endswith(".csv"):
+        with open(path, newline="", encoding="utf-8", errors="replace") as handle:
+            rows = csv.reader(handle)
+            header = next(rows, None)
+            if not any(any(cell.strip() for cell in row) for row in rows):
+                raise ValueError(f"{label} has a header ({', '.join(header or [])}) but no rows: nothing to train on")
+    if not valid:
+        logger.warning(
+            "%s is not valid UTF-8: undecodable bytes are replaced with U+FFFD. Re-encode the file as UTF-8 to keep "
+            "those characters.", label,
+        )
+    return valid
+
+
+def replacing_undecodable_bytes(builder: str) -> dict[str, str]:
+    """`load_dataset` arguments that make the csv / json / text builder read bytes that are not UTF-8 as U+FFFD.
+    The json builder applies `encoding_errors` only when re-encoding from another encoding, so it is given
+    "utf-8-sig" (UTF-8 that also drops a leading byte-order mark) to take that path."""
+    return {"encoding_errors": "replace", **({"encoding": "utf-8-sig"} if builder == "json" else {})}
 
 
 def data_files_of(data_args: Any) -> dict[str, str]:
@@ -38,6 +95,36 @@ def data_files_of(data_args: Any) -> dict[str, str]:
     return files
 
 
+def data_source_of(data_args: Any) -> str:
+    """The flag and value the run's data comes from, for messages."""
+    for name in ("dataset_name", "dataset_path", "train_file", "validation_file"):
+        value = getattr(data_args, name, None)
+        if value:
+            return f"--{name} {value}"
+    return "the data"
+
+
+def load_hub_dataset(flag: str, name: str, config_name: Optional[str] = None, **kwargs: Any) -> DatasetDict:
+    """`datasets.load_dataset(name, config_name, **kwargs)` for a dataset given as `flag`: a local folder, or a hub
+    dataset, with one-line errors. Offline (HF_HUB_OFFLINE=1) datasets uses its cache without asking the hub.
+    When the hub cannot be reached and offline mode is not set, datasets would retry for half a minute before
+    looking at its cache, so the run stops at once and says to set HF_HUB_OFFLINE=1 for a cached copy."""
+    local = os.path.exists(os.path.expanduser(name))
+    if not local:
+        if not hub.could_be_hub_id(name):
+            raise FileNotFoundError(f"{flag} {name}: no such folder, and not a hub dataset id (e.g. wikitext)")
+        if not hub.is_offline() and hub.unreachable_reason() is not None:
+            raise hub.HubError(hub.not_reachable_line(flag, name, "dataset folder", repo_type="dataset"))
+    try:
+        return load_dataset(name, config_name, **kwargs)
+    except (ConnectionError, DatasetNotFoundError, DataFilesNotFoundError) as error:
+        if hub.is_offline() and not local:
+            raise hub.HubError(hub.not_reachable_line(flag, name, "dataset folder", repo_type="dataset")) from None
+        raise hub.HubError(f"{flag} {name}: {hub.one_line(error)}") from None
+    except ValueError as error:  # e.g. a dataset with several configurations and none chosen (--dataset_config_name)
+        raise ValueError(f"{flag} {name}: {hub.one_line(error)}") from None
+
+
 def load_raw_datasets(
     data_args: Any,
     model_args: Any,
@@ -53,8 +140,8 @@ def load_raw_datasets(
     token = getattr(model_args, "use_auth_token", False) or None
     dataset_path = getattr(data_args, "dataset_path", None)
     if data_args.dataset_name is not None:
-        raw = load_dataset(
-            data_args.dataset_name, data_args.dataset_config_name, cache_dir=cache_dir, token=token,
+        raw = load_hub_dataset(
+            "--dataset_name", data_args.dataset_name, data_args.dataset_config_name, cache_dir=cache_dir, token=token,
             data_dir=getattr(data_args, "data_dir", None),
         )
     elif dataset_path is not None:
@@ -70,13 +157,15 @@ def load_raw_datasets(
             )
         builder = FILE_BUILDERS[next(iter(files.values())).rsplit(".", 1)[-1].lower()]
         kwargs = dict(text_builder_kwargs or {}) if builder == "text" else {}
-        for split, path in files.items():
-            if os.path.getsize(path) == 0:
-                raise ValueError(f"--{split}_file {path} is empty: nothing to train on")
-        if file_loader is not None:
+        if file_loader is not None:  # it checks its files itself
             raw = file_loader(files, cache_dir=cache_dir)
         else:
+            all_utf8 = all([check_text_file(path, f"--{split}_file {path}") for split, path in files.items()])
+            if not all_utf8:
+                kwargs.update(replacing_undecodable_bytes(builder))
             raw = load_dataset(builder, data_files=files, cache_dir=cache_dir, **kwargs)
+            for split, path in files.items():
+                text_column_of(raw[split], f"--{split}_file {path}")
     if "validation" not in raw and "train" in raw:
         raw = _split_validation(raw, data_args.validation_split_percentage)
     return raw
@@ -88,13 +177,14 @@ def _split_validation(raw: DatasetDict, percentage: Optional[int]) -> DatasetDic
     if not 0 < percentage < 100:
         raise ValueError(f"--validation_split_percentage={percentage} is invalid: must be between 1 and 99")
     train = raw["train"]
-    n_validation = max(1, len(train) * percentage // 100)
+    # The first rows, as the original and the transformers examples' split="train[:N%]" / "train[N%:]" (rounded to
+    # the closest row, as datasets rounds percent slices), so the same command reports the same eval numbers.
+    n_validation = max(1, int(round(percentage * len(train) / 100.0)))
     if n_validation >= len(train):
         logger.warning("Only %d training rows: no validation split carved out.", len(train))
         return raw
-    # The last rows, not a shuffle: as the HF examples' "train[:95%]"/"train[95%:]", and cheap on big data.
-    raw["validation"] = train.select(range(len(train) - n_validation, len(train)))
-    raw["train"] = train.select(range(len(train) - n_validation))
+    raw["validation"] = train.select(range(n_validation))
+    raw["train"] = train.select(range(n_validation, len(train)))
     return raw
 
 
@@ -123,9 +213,19 @@ def resolve_max_seq_length(requested: Optional[int], tokenizer: Any, model_max_p
     return min(requested, tokenizer_max)
 
 
-def text_column_of(dataset: datasets.Dataset) -> str:
+def text_column_of(dataset: datasets.Dataset, source: str = "the dataset") -> str:
+    """The column holding the text: "text", else the first column (as the original scripts); refused when it
+    does not hold strings, since tokenizing it would fail with a message naming neither the data nor the flag."""
     names = dataset.column_names
-    return "text" if "text" in names else names[0]
+    column = "text" if "text" in names else names[0]
+    feature = dataset.features[column]
+    if not (isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")):
+        kind = feature.dtype if isinstance(feature, datasets.Value) else type(feature).__name__
+        raise ValueError(
+            f"{source} has no 'text' column, and its first column {column!r} holds {kind}, not text (columns: "
+            f"{', '.join(names)}): put the text in a column named 'text'"
+        )
+    return column
 
 
 def tokenize_for_masked_lm(
@@ -185,11 +285,11 @@ def group_texts(examples: dict[str, list], block_size: int) -> dict[str, list]:
     }
 
 
-def require_columns(dataset: datasets.Dataset, columns: list[str], hint: str) -> None:
+def require_columns(dataset: datasets.Dataset, columns: list[str], hint: str, source: str = "the dataset") -> None:
     missing = [c for c in columns if c not in dataset.column_names]
     if missing:
         raise ValueError(
-            f"the dataset has no {', '.join(repr(c) for c in missing)} column{'s' if len(missing) > 1 else ''} "
+            f"{source} has no {', '.join(repr(c) for c in missing)} column{'s' if len(missing) > 1 else ''} "
             f"(it has {dataset.column_names}). {hint}"
         )
 
@@ -258,25 +358,51 @@ def _blocks_with_labels(examples: dict[str, list], block_size: int) -> dict[str,
     return blocks
 
 
-def require_samples(dataset: datasets.Dataset, split: str, what: str) -> None:
+def require_samples(dataset: datasets.Dataset, split: str, what: str, source: str = "") -> None:
     """A split that preprocessing left empty is a user error, not a crash deep in the trainer."""
     if len(dataset) == 0:
-        raise ValueError(f"the {split} data yields no samples: {what}")
+        raise ValueError(f"the {split} data{f' ({source})' if source else ''} yields no samples: {what}")
+
+
+def split_source(data_args: Any, split: str) -> str:
+    """The flag and value a split's data comes from ("--validation_file X", else the whole data's), for messages."""
+    own_file = getattr(data_args, f"{split}_file", None)
+    if own_file:
+        return f"--{split}_file {own_file}"
+    return data_source_of(data_args)
+
+
+def require_full_step(num_samples: int, placement: Any, max_train_samples: Optional[int] = None) -> None:
+    """Refuse training data smaller than one step's batch (`placement` is the run's train placement): every step
+    would be a whole epoch on fewer samples than the IPU config asks for, and samples/s would be fictitious."""
+    if num_samples >= placement.samples_per_step:
+        return
+    cut = f" (cut to --max_train_samples {max_train_samples})" if max_train_samples is not None else ""
+    raise ValueError(
+        f"the training data has {num_samples} samples{cut} but one step takes {placement.samples_per_step} (micro "
+        f"{placement.micro_batch_size} x accumulation {placement.gradient_accumulation_steps} x replicas "
+        f"{placement.replication_factor} x device iterations {placement.device_iterations}): give more data, or lower "
+        "--per_device_train_batch_size, --gradient_accumulation_steps, --n_ipu or device_iterations "
+        "(--ipu_config_overrides)"
+    )
 
 
 def train_and_eval_splits(
-    datasets_by_split: Any, training_args: Any, data_args: Any, empty_hint: str
+    datasets_by_split: Any, training_args: Any, data_args: Any, empty_hint: str, run: Any = None
 ) -> tuple[Optional[datasets.Dataset], Optional[datasets.Dataset]]:
-    """The train split for --do_train and the validation split for --do_eval, cut to --max_*_samples."""
+    """The train split for --do_train and the validation split for --do_eval, cut to --max_*_samples. Given the
+    `run` (a ResolvedRun), training data smaller than one step's batch is refused (`require_full_step`)."""
     train_dataset = eval_dataset = None
     if training_args.do_train:
         if "train" not in datasets_by_split:
             raise ValueError("--do_train requires a train split (--train_file, --dataset_name or --dataset_path)")
         train_dataset = limit_samples(datasets_by_split["train"], data_args.max_train_samples)
-        require_samples(train_dataset, "train", empty_hint)
+        require_samples(train_dataset, "train", empty_hint, split_source(data_args, "train"))
+        if run is not None:
+            require_full_step(len(train_dataset), run.train_placement, data_args.max_train_samples)
     if training_args.do_eval:
         if "validation" not in datasets_by_split:
             raise ValueError("--do_eval requires a validation split (--validation_file or --validation_split_percentage)")
         eval_dataset = limit_samples(datasets_by_split["validation"], data_args.max_eval_samples)
-        require_samples(eval_dataset, "validation", empty_hint)
+        require_samples(eval_dataset, "validation", empty_hint, split_source(data_args, "validation"))
     return train_dataset, eval_dataset

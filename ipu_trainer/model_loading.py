@@ -1,13 +1,24 @@
-"""Config, tokenizer and IPU config resolution shared by the three example scripts."""
+"""Config, tokenizer and IPU config resolution shared by the three example scripts.
+
+Every name given on the command line is loaded through `hub.load_local_or_hub`, so a missing folder or an
+unreachable hub is one line naming the flag, and bad content (no vocabulary, overrides that do not apply,
+an IPU config that is not JSON) is refused here, before any data or weights are loaded.
+"""
 
 from __future__ import annotations
 
+import copy
 import logging
+import os
 from typing import Any, Optional
 
 import torch
+from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import RemoteEntryNotFoundError
 from transformers import CONFIG_MAPPING, AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
+from .hub import HubError, load_local_or_hub
+from .ipu_config import CONFIG_NAME as IPU_CONFIG_NAME
 from .ipu_config import IPUConfig
 from .training_args import IPUTrainingArguments
 
@@ -26,15 +37,17 @@ def _hub_kwargs(model_args: Any) -> dict[str, Any]:
 def load_model_config(model_args: Any) -> PretrainedConfig:
     """`--config_name`, else `--model_name_or_path`, else a fresh config of `--model_type`; then
     `--config_overrides`."""
-    if model_args.config_name:
-        config = AutoConfig.from_pretrained(model_args.config_name, **_hub_kwargs(model_args))
-    elif model_args.model_name_or_path:
-        config = AutoConfig.from_pretrained(model_args.model_name_or_path, **_hub_kwargs(model_args))
+    if model_args.config_name or model_args.model_name_or_path:
+        flag = "--config_name" if model_args.config_name else "--model_name_or_path"
+        name = model_args.config_name or model_args.model_name_or_path
+        _require_file_in_folder(flag, name, ("config.json",), "a model config")
+        config = load_local_or_hub(flag, name, lambda local_only: AutoConfig.from_pretrained(
+            name, local_files_only=local_only, **_hub_kwargs(model_args)))
     elif model_args.model_type:
         if model_args.model_type not in CONFIG_MAPPING:
             raise ValueError(
                 f"--model_type {model_args.model_type!r} is not a model type. Valid model types include: "
-                f"{_common_model_types()} (all {len(CONFIG_MAPPING)} are listed in transformers.CONFIG_MAPPING). To start from a named checkpoint's architecture use "
+                f"{_common_model_types()} (all {len(CONFIG_MAPPING.keys())} are listed in transformers.CONFIG_MAPPING). To start from a named checkpoint's architecture use "
                 f"--config_name {model_args.model_type} instead."
             )
         config = CONFIG_MAPPING[model_args.model_type]()
@@ -44,11 +57,53 @@ def load_model_config(model_args: Any) -> PretrainedConfig:
 
     if model_args.config_overrides:
         logger.info("Overriding config: %s", model_args.config_overrides)
-        try:
-            config.update_from_string(model_args.config_overrides)
-        except ValueError as error:
-            raise ValueError(f"--config_overrides {model_args.config_overrides!r}: {error}") from None
+        apply_config_overrides(config, model_args.config_overrides)
     return config
+
+
+def apply_config_overrides(config: PretrainedConfig, overrides: str) -> None:
+    """`--config_overrides "key=value,key=value"`, applied with transformers' `update_from_string` item by item,
+    so an error names the item. Keys whose current value is None (e.g. GPT-2's pad_token_id) are set here
+    instead: `update_from_string` takes the type from the current value and has none to take."""
+    items = []
+    for item in overrides.split(","):
+        if not item.strip():
+            continue
+        key, separator, text = item.partition("=")
+        key, text = key.strip(), text.strip()
+        if not separator or not key or "=" in text:
+            raise ValueError(
+                f"--config_overrides {overrides!r}: {item.strip()!r} is not key=value (one '=' per item, items "
+                "separated by commas, e.g. hidden_size=1024,num_hidden_layers=24)"
+            )
+        if not hasattr(config, key):
+            raise ValueError(
+                f"--config_overrides {overrides!r}: {key!r} is not a setting of {type(config).__name__} "
+                "(see its config.json for the names)"
+            )
+        items.append((key, text))
+    for key, text in items:
+        if getattr(config, key) is None:
+            setattr(config, key, _value_from_text(text))
+            continue
+        try:
+            config.update_from_string(f"{key}={text}")
+        except (ValueError, TypeError) as error:
+            raise ValueError(f"--config_overrides: {key}={text}: {error} (current value: {getattr(config, key)!r})") from None
+
+
+def _value_from_text(text: str) -> Any:
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("none", "null"):
+        return None
+    for parse in (int, float):
+        try:
+            return parse(text)
+        except ValueError:
+            pass
+    return text
 
 
 def _common_model_types() -> str:
@@ -56,26 +111,98 @@ def _common_model_types() -> str:
     return ", ".join(t for t in common if t in CONFIG_MAPPING)
 
 
+# Files of which a tokenizer folder written by save_pretrained holds at least one.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model",
+                   "sentencepiece.bpe.model", "tokenizer.model")
+
+
+def _require_file_in_folder(flag: str, name: str, files: tuple[str, ...], what: str, hint: str = "") -> None:
+    """A local folder must hold one of `files`; transformers would otherwise fail with a message about something
+    else (a missing model type, sentencepiece not installed)."""
+    folder = os.path.expanduser(name)
+    if os.path.isdir(folder) and not any(os.path.isfile(os.path.join(folder, f)) for f in files):
+        raise FileNotFoundError(
+            f"{flag} {name}: the folder holds no {' / '.join(files[:3])}{' ...' if len(files) > 3 else ''}, so it is "
+            f"not {what} written by save_pretrained{hint}"
+        )
+
+
 def load_tokenizer(model_args: Any) -> PreTrainedTokenizerBase:
+    """`--tokenizer_name`, else `--model_name_or_path`; refused when it has no vocabulary."""
     name = model_args.tokenizer_name or model_args.model_name_or_path
     if not name:
         raise ValueError(
             "No tokenizer given: this script does not train tokenizers. Pass --tokenizer_name (a folder saved with "
             "save_pretrained or a hub id); to build one offline see make_quickstart_assets.py."
         )
-    return AutoTokenizer.from_pretrained(name, use_fast=model_args.use_fast_tokenizer, **_hub_kwargs(model_args))
+    flag = "--tokenizer_name" if model_args.tokenizer_name else "--model_name_or_path"
+    _require_file_in_folder(flag, name, TOKENIZER_FILES, "a tokenizer",
+                            "" if model_args.tokenizer_name else "; pass --tokenizer_name")
+    tokenizer = load_local_or_hub(flag, name, lambda local_only: AutoTokenizer.from_pretrained(
+        name, use_fast=getattr(model_args, "use_fast_tokenizer", True), local_files_only=local_only,
+        **_hub_kwargs(model_args)))
+    check_tokenizer_vocabulary(tokenizer, flag, name)
+    return tokenizer
+
+
+def check_tokenizer_vocabulary(tokenizer: PreTrainedTokenizerBase, flag: str, name: str) -> None:
+    """A folder with a tokenizer_config.json but no vocabulary file loads as a tokenizer of special tokens only,
+    which turns every word into the unknown token (and trains to a NaN loss): refused."""
+    special = set(tokenizer.all_special_tokens)
+    if not any(token not in special for token in tokenizer.get_vocab()):
+        raise ValueError(
+            f"{flag} {name}: the tokenizer has no vocabulary, only its {len(special)} special token(s), so every word "
+            f"would become {tokenizer.unk_token or 'unknown'}: the folder needs the vocabulary file(s) save_pretrained "
+            "writes (tokenizer.json, or vocab.txt / vocab.json and merges.txt)"
+        )
 
 
 def load_ipu_config(training_args: IPUTrainingArguments, model_name_or_path: Optional[str]) -> IPUConfig:
-    """The IPU config file of the run: --ipu_config_name, else the one stored with --model_name_or_path.
-    The command line is applied to it once, by `resolve_run`."""
+    """The IPU config file of the run: --ipu_config_name, else the one stored with --model_name_or_path, with
+    per-POD-type values picked for --pod_type. The command line is applied to it once, by `resolve_run`."""
     name = training_args.ipu_config_name or model_name_or_path
+    give_one = ("pass --ipu_config_name (a folder with ipu_config.json, a .json file, or a hub id such as "
+                "Graphcore/bert-base-ipu), e.g. --ipu_config_name . for the ipu_config.json in the current folder")
     if not name:
+        raise ValueError(f"You must provide an IPUConfig: {give_one}.")
+    flag = "--ipu_config_name" if training_args.ipu_config_name else "--model_name_or_path"
+    path = os.path.expanduser(name)
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, IPU_CONFIG_NAME)):
+        if flag == "--model_name_or_path":
+            raise ValueError(f"You must provide an IPUConfig: --model_name_or_path {name} holds no {IPU_CONFIG_NAME}; {give_one}")
+        raise FileNotFoundError(f"--ipu_config_name {name}: the folder holds no {IPU_CONFIG_NAME}")
+    if not os.path.exists(path):
+        try:
+            path = load_local_or_hub(flag, name, lambda local_only: hf_hub_download(
+                name, IPU_CONFIG_NAME, local_files_only=local_only), what="folder or .json file",
+                example="Graphcore/bert-base-ipu")
+        except HubError as error:
+            if flag == "--model_name_or_path" and isinstance(error.__context__, RemoteEntryNotFoundError):
+                raise ValueError(f"You must provide an IPUConfig: {name} on the hub has no {IPU_CONFIG_NAME}; {give_one}") from None
+            raise
+    try:
+        ipu_config = IPUConfig.from_pretrained(path, pod_type=training_args.pod_type)
+    except UnicodeDecodeError:
         raise ValueError(
-            "You must provide an IPUConfig: pass --ipu_config_name (a folder with ipu_config.json, a .json file, "
-            "or a hub id such as Graphcore/bert-base-ipu), e.g. --ipu_config_name . for the one next to the scripts."
-        )
-    return IPUConfig.from_pretrained(name)
+            f"{flag} {name}: {path} is not a text file (not UTF-8 JSON); give the IPU config as an ipu_config.json "
+            "of settings, like the one in the repository root"
+        ) from None
+    except ValueError as error:
+        raise ValueError(f"{flag} {name}: {error}") from None
+    if training_args.ipu_config_overrides:
+        # Tried here on a copy only so that an error names the flag (and the file, when the file is what is wrong);
+        # the run applies the overrides once, in resolve_run.
+        try:
+            overridden = copy.deepcopy(ipu_config)
+            overridden.update_from_string(training_args.ipu_config_overrides)
+            overridden.validate()
+        except ValueError as error:
+            try:
+                copy.deepcopy(ipu_config).validate()
+            except ValueError:
+                raise ValueError(f"{flag} {name}: {error}") from None
+            raise ValueError(f"--ipu_config_overrides {training_args.ipu_config_overrides!r}: {error}") from None
+    return ipu_config
 
 
 # Model types whose position ids start after the padding index (RoBERTa's "padding_idx + 1" offset).
@@ -91,6 +218,18 @@ def max_positions_of(config: PretrainedConfig) -> Optional[int]:
     if getattr(config, "model_type", None) in _POSITIONS_OFFSET_BY_PADDING and config.pad_token_id is not None:
         positions -= config.pad_token_id + 1
     return positions
+
+
+def check_sequence_length_fits(length: int, config: PretrainedConfig, source: str) -> None:
+    """Data of `length`-token sequences (from `source`, e.g. "--dataset_path DIR") against the model's positions:
+    longer sequences would only fail at the first step, inside the embeddings."""
+    positions = max_positions_of(config)
+    if positions is not None and length > positions:
+        raise ValueError(
+            f"{source} holds {length}-token sequences but the model has {positions} positions: use a model with at "
+            f"least {length} (e.g. --config_overrides max_position_embeddings={length} for a new model), or data "
+            f"built with --max_seq_length {positions}"
+        )
 
 
 def load_model(
@@ -115,9 +254,12 @@ def load_model(
     if getattr(model_args, "low_cpu_mem_usage", False):
         logger.info("--low_cpu_mem_usage: transformers 5 always loads checkpoints without a throwaway copy; nothing to change.")
     if model_args.model_name_or_path:
-        model, loading_info = model_class.from_pretrained(
-            model_args.model_name_or_path, config=config, dtype=dtype, output_loading_info=True,
-            **_hub_kwargs(model_args),
+        model, loading_info = load_local_or_hub(
+            "--model_name_or_path", model_args.model_name_or_path,
+            lambda local_only: model_class.from_pretrained(
+                model_args.model_name_or_path, config=config, dtype=dtype, output_loading_info=True,
+                local_files_only=local_only, **_hub_kwargs(model_args),
+            ),
         )
         missing = sorted(loading_info.get("missing_keys") or [])
         if missing:

@@ -25,7 +25,6 @@ pairs), `next_sentence_label` is int64. Collators turn both into int64 tensors.
 
 from __future__ import annotations
 
-import codecs
 import hashlib
 import logging
 import os
@@ -42,6 +41,7 @@ import torch
 from datasets.fingerprint import Hasher
 from transformers import PreTrainedTokenizerBase
 
+from ipu_trainer.data import check_text_file, replacing_undecodable_bytes
 from ipu_trainer.data_collators import DataCollatorForLanguageModelingWithMaxTokensMasked
 
 logger = logging.getLogger(__name__)
@@ -94,26 +94,6 @@ def _extension(path: str) -> str:
     return os.path.splitext(path)[1].lstrip(".").lower()
 
 
-def _scan_file(path: str) -> tuple[bool, bool]:
-    """Return `(has_text, is_valid_utf8)` reading the file once in blocks."""
-    has_text = False
-    valid = True
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="strict")
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 20):
-            try:
-                text = decoder.decode(block)
-            except UnicodeDecodeError:
-                valid = False
-                decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-                text = decoder.decode(block)
-            if not has_text and text.strip():
-                has_text = True
-            if has_text and not valid:
-                break
-    return has_text, valid
-
-
 def _check_files(files: Sequence[str]) -> list[str]:
     """Validate paths; return the files that are not valid UTF-8 (after warning about each)."""
     non_utf8 = []
@@ -125,15 +105,7 @@ def _check_files(files: Sequence[str]) -> list[str]:
             raise ValueError(
                 f"{path} has an unsupported extension {extension!r}: use one of {', '.join(SUPPORTED_EXTENSIONS)}"
             )
-        has_text, valid = _scan_file(path)
-        if not has_text:
-            raise ValueError(f"{path} is empty: nothing to pretrain on")
-        if not valid:
-            logger.warning(
-                "%s is not valid UTF-8: undecodable bytes are replaced with U+FFFD. Re-encode the file as "
-                "UTF-8 to keep those characters.",
-                path,
-            )
+        if not check_text_file(path, path):
             non_utf8.append(path)
     return non_utf8
 
@@ -193,7 +165,7 @@ def load_text_documents(
                 builder,
                 data_files={split: files},
                 cache_dir=cache_dir,
-                encoding_errors="replace" if non_utf8 else "strict",
+                **(replacing_undecodable_bytes(builder) if non_utf8 else {}),
             )[split]
             if "text" not in documents.column_names:
                 raise ValueError(
@@ -444,6 +416,7 @@ def build_nsp_pairs(
     num_proc: int | None = None,
     dupe_factor: int = 1,
     load_from_cache_file: bool = True,
+    source: str = "",
 ) -> datasets.Dataset:
     """Build BERT next-sentence-prediction pairs from a dataset of documents (one per row).
 
@@ -456,7 +429,8 @@ def build_nsp_pairs(
     whatever `num_proc` is. `dupe_factor` repeats the pass over the documents with fresh random choices.
     Results are cached next to `documents`' cache files when it has any.
 
-    Raises ValueError when no pair can be built, e.g. from a single document of one sentence.
+    Raises ValueError when no pair can be built, e.g. from a single document of one sentence; `source` (e.g.
+    "--train_file corpus.txt") names the documents in that message.
     """
     if max_seq_length < 5:
         raise ValueError(f"max_seq_length={max_seq_length!r} is too short: a pair needs [CLS] A [SEP] B [SEP]")
@@ -499,7 +473,8 @@ def build_nsp_pairs(
     )
     if len(pairs) == 0:
         raise ValueError(
-            f"No sentence pairs could be built from {len(documents)} document(s): next-sentence prediction needs "
+            f"No sentence pairs could be built from {f'{source}: ' if source else ''}{len(documents)} document(s): "
+            "next-sentence prediction needs "
             "at least two documents, or a document with at least two sentences. Separate documents with blank "
             "lines (txt) or rows (csv/json), and end sentences with '.', '!' or '?' or put them on separate lines."
         )

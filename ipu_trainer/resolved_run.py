@@ -178,6 +178,8 @@ class ResolvedRun:
         loop.bf16 = self.precision.mixed_precision == "bf16"
         loop.mixed_precision = self.precision.mixed_precision
         loop.dataloader_num_workers = self.dataloader_num_workers
+        # Old checkpoints are rotated by IPUTrainer once the new one is complete, never before (checkpoints.py).
+        loop.save_total_limit = None
         if loop.device.type == "cpu":
             loop.dataloader_pin_memory = False  # pinning needs an accelerator; spare the warning
         elif loop.dataloader_pin_memory and hasattr(loop.accelerator_config, "non_blocking"):

@@ -3,22 +3,32 @@ results files, and turning bad input into one clear error line."""
 
 from __future__ import annotations
 
+import atexit
+import datetime
+import json
 import logging
 import math
 import os
 import sys
+import tempfile
 from typing import Any, Callable, Optional
 
 import datasets
+import torch
 import transformers
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.modelcard import TrainingSummary
 
+from .checkpoints import CHECKPOINT_PATTERN, TRAINER_STATE_NAME, last_resumable_checkpoint, list_checkpoints
+from .hub import HubError, check_push_to_hub, one_line
 from .ipu_config import IncompatibleIPUConfigError
+from .run_control import LOCK_NAME, CheckpointWriteError, RunFinished, RunLock, TrainingInterrupted
 
 logger = logging.getLogger(__name__)
 
 # Errors that mean "the input was wrong", reported as one line; anything else is a bug and keeps its traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, IncompatibleIPUConfigError, NotADirectoryError, IsADirectoryError)
+USER_ERRORS = (
+    ValueError, FileNotFoundError, IncompatibleIPUConfigError, NotADirectoryError, IsADirectoryError, HubError,
+)
 
 
 def setup_logging(training_args: Any) -> None:
@@ -38,24 +48,106 @@ def setup_logging(training_args: Any) -> None:
     logger.info("Training/evaluation parameters %s", training_args)
 
 
-def find_checkpoint_to_resume(training_args: Any) -> Optional[str]:
-    """SPEC §8: a non-empty output_dir without a checkpoint is refused unless --overwrite_output_dir;
-    one with a checkpoint resumes from it unless --resume_from_checkpoint names another."""
+_held_locks: list[RunLock] = []
+
+
+def _release_locks() -> None:
+    while _held_locks:
+        _held_locks.pop().release()
+
+
+atexit.register(_release_locks)
+
+
+def _on_every_process(first_process: Callable[[], Optional[str]], training_args: Any) -> None:
+    """Run `first_process` on process 0 only and raise its error (a message, or None) on every process, so that
+    all processes of a torchrun stop together instead of waiting for one that gave up."""
+    message = first_process() if training_args.process_index == 0 else None
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        shared = [message]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        message = shared[0]
+    if message is not None:
+        raise ValueError(message)
+
+
+def _finished_run(training_args: Any) -> Optional[str]:
+    """The message for an output folder that already holds this run, trained to its last step; else None."""
     output_dir = training_args.output_dir
-    if not (os.path.isdir(output_dir) and training_args.do_train and not training_args.overwrite_output_dir):
+    state_file = os.path.join(output_dir, TRAINER_STATE_NAME)
+    if not os.path.isfile(os.path.join(output_dir, "train_results.json")) or not os.path.isfile(state_file):
         return None
-    last_checkpoint = get_last_checkpoint(output_dir)
-    if last_checkpoint is None and len(os.listdir(output_dir)) > 0:
+    try:
+        with open(state_file, encoding="utf-8") as handle:
+            state = json.load(handle)
+        global_step, max_steps = int(state["global_step"]), int(state["max_steps"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    same_length = (training_args.max_steps == max_steps if training_args.max_steps > 0
+                   else training_args.num_train_epochs == state.get("num_train_epochs"))
+    if global_step < max_steps or not same_length:
+        return None
+    return (f"{output_dir} already holds this run, trained to its last step ({global_step} of {max_steps}): nothing to "
+            "do. Pass --overwrite_output_dir to train again from scratch, or a larger --max_steps to train further.")
+
+
+def _set_aside_checkpoints(output_dir: str) -> None:
+    """--overwrite_output_dir: the overwritten run's checkpoints move to a folder of their own, so no later resume
+    picks them up; nothing is deleted."""
+    checkpoints = list_checkpoints(output_dir)
+    if not checkpoints:
+        return
+    aside = os.path.join(output_dir, "overwritten-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    os.makedirs(aside, exist_ok=True)
+    for path in checkpoints:
+        os.replace(path, os.path.join(aside, os.path.basename(path)))
+    logger.warning("--overwrite_output_dir: moved the previous run's %d checkpoint(s) to %s; this run starts afresh.",
+                   len(checkpoints), aside)
+
+
+def claim_output_dir(training_args: Any) -> Optional[str]:
+    """Take `--output_dir` for this run before anything heavy happens, and return the checkpoint to resume from.
+
+    - One run per output folder: a lock held until the script ends (see `run_control.RunLock`).
+    - The same command re-run on a finished run ends with `RunFinished`: nothing changes.
+    - `--overwrite_output_dir` starts afresh: the old run's checkpoints are moved aside (by `train_and_save`, once
+      every input has been checked), never resumed.
+    - Otherwise the newest complete checkpoint is resumed (`checkpoints.last_resumable_checkpoint`), unless
+      `--resume_from_checkpoint` names one; a non-empty folder without one is refused (SPEC §8).
+    """
+    output_dir = training_args.output_dir
+    if not training_args.do_train:
+        return None
+
+    def take_lock() -> Optional[str]:
+        lock = RunLock(output_dir)
+        try:
+            lock.acquire()
+        except ValueError as error:
+            return str(error)
+        _held_locks.append(lock)
+        return None
+
+    _on_every_process(take_lock, training_args)
+    finished = None if training_args.overwrite_output_dir else _finished_run(training_args)
+    if finished:
+        raise RunFinished(finished)
+    if training_args.overwrite_output_dir or training_args.resume_from_checkpoint is not None:
+        return None
+    checkpoint, skipped = last_resumable_checkpoint(output_dir, needs_optimizer=not training_args.save_only_model)
+    if skipped:
+        logger.warning("Skipped checkpoint(s) that cannot be resumed from: %s", "; ".join(map(str, skipped)))
+    # What an interrupted run of this command leaves (its lock, checkpoints it never completed) is no reason to
+    # refuse the folder: the run starts afresh and its saves replace them.
+    others = [name for name in os.listdir(output_dir) if name != LOCK_NAME and not CHECKPOINT_PATTERN.match(name)]
+    if checkpoint is None and others:
         raise ValueError(
-            f"Output directory ({output_dir}) already exists and is not empty. "
-            "Use --overwrite_output_dir to overwrite it, or choose another --output_dir."
+            f"--output_dir {output_dir} is not empty and holds no checkpoint to resume from: pass "
+            "--overwrite_output_dir to train afresh there, or choose another --output_dir"
         )
-    if last_checkpoint is not None and training_args.resume_from_checkpoint is None:
-        logger.info(
-            "Checkpoint detected, resuming training at %s. To avoid this behavior, change the --output_dir or add "
-            "--overwrite_output_dir to train from scratch.", last_checkpoint,
-        )
-    return last_checkpoint
+    if checkpoint is not None:
+        logger.info("Resuming training from %s (pass --overwrite_output_dir to train from scratch instead).", checkpoint)
+    return checkpoint
 
 
 def perplexity(loss: float) -> float:
@@ -67,6 +159,12 @@ def perplexity(loss: float) -> float:
 
 
 def train_and_save(trainer: Any, training_args: Any, last_checkpoint: Optional[str], num_train_samples: int) -> dict:
+    if training_args.overwrite_output_dir:
+        # Only now, when every input was accepted: a refused command leaves the folder as it was.
+        def set_aside() -> None:
+            _set_aside_checkpoints(training_args.output_dir)
+
+        _on_every_process(set_aside, training_args)
     checkpoint = training_args.resume_from_checkpoint or last_checkpoint
     train_result = trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_model()  # the model, the tokenizer and ipu_config.json
@@ -88,17 +186,33 @@ def evaluate_and_save(trainer: Any, num_eval_samples: int) -> dict:
     return metrics
 
 
+def _data_description(data_args: Any) -> tuple[Optional[str], Optional[str], Optional[str]]:
+    """(dataset name for the card, hub dataset tag, its config) from the data arguments."""
+    name = getattr(data_args, "dataset_name", None)
+    if name is not None:
+        config = getattr(data_args, "dataset_config_name", None)
+        return (f"{name} {config}" if config else name), name, config
+    local = getattr(data_args, "dataset_path", None) or getattr(data_args, "train_file", None)
+    return (os.path.basename(os.path.normpath(local)) if local else None), None, None
+
+
 def write_model_card(trainer: Any, model_args: Any, data_args: Any, tasks: str) -> None:
-    kwargs = {"finetuned_from": model_args.model_name_or_path, "tasks": tasks}
-    if getattr(data_args, "dataset_name", None) is not None:
-        kwargs["dataset_tags"] = data_args.dataset_name
-        if data_args.dataset_config_name is not None:
-            kwargs["dataset_args"] = data_args.dataset_config_name
-            kwargs["dataset"] = f"{data_args.dataset_name} {data_args.dataset_config_name}"
-        else:
-            kwargs["dataset"] = data_args.dataset_name
+    """The model card of the output folder, saying what the model was trained from and on.
+
+    Upstream's `create_model_card` names a model built from a config as fine-tuned from "" and local data as
+    "the None dataset"; the summary it builds is corrected here before the card is written.
+    """
+    if not trainer.is_world_process_zero():
+        return
+    dataset, dataset_tag, dataset_config = _data_description(data_args)
     try:
-        trainer.create_model_card(**kwargs)
+        summary = TrainingSummary.from_trainer(
+            trainer, finetuned_from=model_args.model_name_or_path or "", tasks=tasks,
+            dataset_tags=dataset_tag or [], dataset=dataset, dataset_args=dataset_config or [],
+        )
+        summary.finetuned_from = model_args.model_name_or_path or None  # None: "trained from scratch"
+        with open(os.path.join(trainer.args.output_dir, "README.md"), "w", encoding="utf-8") as handle:
+            handle.write(summary.to_model_card())
     except Exception as error:  # a model card is a courtesy: never fail a finished run over it
         logger.warning("Could not write the model card: %s", error)
 
@@ -119,14 +233,73 @@ def train_evaluate_and_report(
         write_model_card(trainer, model_args, data_args, tasks=tasks)
 
 
-def run_cli(main: Callable[[], Any]) -> int:
-    """Run a script's `main()`; bad input ends with one `error:` line and exit code 2, not a traceback."""
+def check_output_dir_writable(output_dir: str) -> None:
+    """Refuse, before anything is loaded, an --output_dir the results could not be written to: a file, a path
+    under a file, or a folder this process cannot create files in. Nothing is created; the probe file written
+    into the nearest existing folder is removed at once."""
+    existing = os.path.abspath(os.path.expanduser(output_dir))
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        where = "is a file" if existing == os.path.abspath(os.path.expanduser(output_dir)) else f"is under the file {existing}"
+        raise NotADirectoryError(f"--output_dir {output_dir} {where}: choose a folder (new or existing)")
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".write-test-", dir=existing)
+    except OSError as error:
+        raise ValueError(
+            f"--output_dir {output_dir}: cannot write in {existing} ({error.strerror or error}): choose a folder you "
+            "can write to"
+        ) from None
+    os.close(handle)
+    os.remove(probe)
+
+
+def check_outputs_before_loading(training_args: Any) -> None:
+    """Where the results go, checked before any data or weights are loaded: --output_dir is writable, and
+    --push_to_hub can reach the hub with a login."""
+    check_output_dir_writable(training_args.output_dir)
+    check_push_to_hub(training_args)
+
+
+def _reports_errors() -> bool:
+    """Under torchrun every process meets the same bad input: only the first process of each machine
+    (LOCAL_RANK 0) prints it, so a machine's log has the line once. The environment is read, not
+    torch.distributed, because most input is refused before the process group exists."""
+    rank = os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")).strip()
+    return rank in ("", "0")
+
+
+def error_line(error: BaseException) -> str:
+    """`error: <message>` on one line, whatever line breaks an upstream message carries."""
+    return f"error: {one_line(error)}"
+
+
+def run_cli(main: Callable[[], Any], user_errors: tuple[type[BaseException], ...] = USER_ERRORS) -> int:
+    """Run a script's `main()`; bad input (`user_errors`) ends with one `error:` line and exit code 2, not a
+    traceback. A run that was already finished exits 0 with one line; one stopped by a signal exits 128 + the
+    signal number with one line saying where to resume; a checkpoint that could not be written exits 1 with one
+    `error:` line. Under torchrun each line is printed by the first process of each machine only."""
     try:
         main()
-    except USER_ERRORS as error:
-        print(f"error: {error}", file=sys.stderr)
+    except RunFinished as finished:
+        if _reports_errors():
+            print(one_line(finished), file=sys.stderr)
+        return 0
+    except TrainingInterrupted as interrupted:
+        if _reports_errors():
+            print(one_line(interrupted), file=sys.stderr)
+        return interrupted.exit_code
+    except CheckpointWriteError as error:
+        if _reports_errors():
+            print(error_line(error), file=sys.stderr)
+        return 1
+    except user_errors as error:
+        if _reports_errors():
+            print(error_line(error), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("interrupted: the newest complete checkpoint (if any) resumes with the same command", file=sys.stderr)
         return 130
+    finally:
+        _release_locks()
     return 0

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
+import typing
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
-from transformers import HfArgumentParser
+from transformers import HfArgumentParser, TrainingArguments
 
+from .data import data_files_of
 from .training_args import IPUTrainingArguments
 
 
@@ -35,11 +38,68 @@ class ModelArguments:
     use_auth_token: bool = field(default=False, metadata={"help": "Use the token from `hf auth login` (private models)."})
 
 
+# The inherited transformers flags a run of these scripts usually needs; --help lists them after the script's own
+# flags and the IPU flags, and --help-all lists every one of the ~150 TrainingArguments flags.
+COMMON_TRAINING_FLAGS = (
+    "output_dir", "overwrite_output_dir", "do_train", "do_eval", "max_steps", "num_train_epochs", "learning_rate",
+    "lr_scheduler_type", "warmup_steps", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm",
+    "seed", "logging_steps", "eval_strategy", "eval_steps", "save_strategy", "save_steps", "save_total_limit",
+    "resume_from_checkpoint", "dataloader_num_workers", "dataloader_drop_last", "report_to", "torch_compile",
+    "fp16", "bf16", "gradient_checkpointing", "log_level",
+)
+
+
+def _subset_dataclass(name: str, source: type, names: list[str]) -> type:
+    """A dataclass holding `source`'s fields `names` (their types, defaults and help), for a help section."""
+    types = typing.get_type_hints(source)  # resolved in the module of the class that declared each field
+    spec = [(f.name, types[f.name], dataclasses.field(default=f.default, metadata=f.metadata))
+            for f in dataclasses.fields(source) if f.name in names]
+    return dataclasses.make_dataclass(name, spec)
+
+
+def short_help(model_arguments: type, data_arguments: type) -> str:
+    """--help: the script's own flags, the IPU flags and the common training flags, then where the rest are."""
+    inherited = {f.name for f in dataclasses.fields(TrainingArguments)}
+    own = [f.name for f in dataclasses.fields(IPUTrainingArguments)
+           if f.name not in inherited or f.name in IPUTrainingArguments.__dict__.get("__annotations__", {})]
+    common = [name for name in COMMON_TRAINING_FLAGS if name not in own]
+    sections = [
+        ("", HfArgumentParser((model_arguments, data_arguments))),
+        ("IPU flags (IPUTrainingArguments):", HfArgumentParser(_subset_dataclass("IPU", IPUTrainingArguments, own))),
+        ("Common training flags (transformers.TrainingArguments):",
+         HfArgumentParser(_subset_dataclass("Training", IPUTrainingArguments, common))),
+    ]
+    parts = []
+    for title, parser in sections:
+        text = parser.format_help()
+        if title:  # drop the usage line and the "options:" heading of the sub-parsers
+            text = title + "\n" + text.split("options:\n", 1)[1].split("\n", 1)[1]
+        parts.append(text.replace(os.path.basename(sys.argv[0] or "script"), os.path.basename(sys.argv[0])))
+    total = len(dataclasses.fields(IPUTrainingArguments))
+    parts.append(f"{total - len(own) - len(common)} more transformers.TrainingArguments flags: --help-all lists every flag.")
+    return "\n".join(parts)
+
+
 def parse_script_args(model_arguments: type, data_arguments: type) -> tuple[Any, Any, IPUTrainingArguments]:
-    """(model, data, training) arguments from the command line, or from a .json file given as the only argument."""
+    """(model, data, training) arguments from the command line, or from a .json file given as the only argument.
+
+    `--help` lists the script's flags, the IPU flags and the common training flags; `--help-all` all of them.
+    """
     parser = HfArgumentParser((model_arguments, data_arguments, IPUTrainingArguments))
-    if len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
-        return parser.parse_json_file(json_file=os.path.abspath(sys.argv[1]))
+    argv = sys.argv[1:]
+    if "--help-all" in argv:
+        parser.print_help()
+        raise SystemExit(0)
+    if "-h" in argv or "--help" in argv:
+        print(short_help(model_arguments, data_arguments))
+        raise SystemExit(0)
+    if argv and argv[0].endswith(".json"):
+        if len(argv) > 1:
+            raise ValueError(
+                f"{argv[0]} holds the arguments, and {' '.join(argv[1:])} was given after it: put every argument in the "
+                "json file, or give them all on the command line"
+            )
+        return parser.parse_json_file(json_file=os.path.abspath(argv[0]))
     return parser.parse_args_into_dataclasses()
 
 
@@ -61,11 +121,34 @@ class DataArguments:
     max_train_samples: Optional[int] = field(default=None, metadata={"help": "Use at most this many training samples."})
     max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Use at most this many evaluation samples."})
 
+    # The shortest --max_seq_length / --block_size a script can use (run_pretraining needs [CLS] A [SEP] B [SEP]).
+    shortest_sequence: ClassVar[int] = 1
+
     def __post_init__(self):
         sources = (self.dataset_name, getattr(self, "dataset_path", None), self.train_file, self.validation_file)
         if not any(sources):
             folder = ", --dataset_path (a save_to_disk folder)" if hasattr(self, "dataset_path") else ""
             raise ValueError(f"Need data: --dataset_name{folder}, or --train_file/--validation_file (csv, json or txt).")
+        self._check_ranges()
+        # Local data must exist (and be of a type the scripts read) before anything else is loaded.
+        data_files_of(self)
+        dataset_path = getattr(self, "dataset_path", None)
+        if dataset_path is not None and not os.path.isdir(dataset_path):
+            raise FileNotFoundError(f"--dataset_path {dataset_path}: no such folder (expected a Dataset.save_to_disk folder)")
+
+    def _check_ranges(self) -> None:
+        """Numeric flags out of range, refused before anything is loaded (the scripts' own fields included)."""
+        for name in ("max_seq_length", "block_size"):
+            value = getattr(self, name, None)
+            if value is not None and value < self.shortest_sequence:
+                raise ValueError(f"--{name}={value} is invalid: must be >= {self.shortest_sequence} (e.g. 128)")
+        for name in ("max_train_samples", "max_eval_samples", "preprocessing_num_workers"):
+            value = getattr(self, name, None)
+            if value is not None and value < 1:
+                raise ValueError(f"--{name}={value} is invalid: must be >= 1 (or left out)")
+        percentage = self.validation_split_percentage
+        if percentage is not None and not 0 <= percentage < 100:
+            raise ValueError(f"--validation_split_percentage={percentage} is invalid: must be in [0, 100)")
 
 
 @dataclass

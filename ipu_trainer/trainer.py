@@ -13,9 +13,13 @@ Everything the run's numbers depend on is resolved once, in `resolved_run`; this
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
+import inspect
 import logging
 import os
+import shutil
+import signal
 import time
 from typing import Any, Callable, Optional
 
@@ -23,9 +27,18 @@ import torch
 from accelerate.utils import send_to_device
 from accelerate.utils.memory import clear_device_cache
 from torch import nn
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback, TrainerState, set_seed
 from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import TrainOutput
+
+from .checkpoints import (
+    TRAINER_STATE_NAME,
+    checkpoint_problem,
+    folder_bytes,
+    last_resumable_checkpoint,
+    mark_complete,
+    rotate_checkpoints,
+)
 
 from .data_collators import pad_on_batch_axis
 from .ipu_config import IPUConfig
@@ -34,6 +47,8 @@ from .optimization import Lamb
 from .placement import HostOffloadedOptimizer, Placement, ShardedOptimizer, prepare_optimizer_for_checkpoint
 from .precision import Precision
 from .resolved_run import ResolvedRun, resolve_run
+from .run_control import CheckpointWriteError, StopOnSignal, StopOnSignalCallback, TrainingInterrupted
+from .throughput import ThroughputMeter
 from .training_args import IPUTrainingArguments
 
 logger = logging.getLogger(__name__)
@@ -55,6 +70,46 @@ def split_batch(batch: dict[str, Any], micro_batch_size: int) -> list[dict[str, 
     ]
 
 
+def _original_keywords(
+    processing_class: Any, tokenizer: Any, optimizers: tuple, scheduler_factory: Optional[SchedulerFactory],
+    model_init: Optional[Callable],
+) -> tuple[Any, tuple, Optional[functools.partial]]:
+    """The keywords of optimum-graphcore's IPUTrainer in upstream's terms: `tokenizer` is the processing class,
+    and a `functools.partial` in the scheduler slot of `optimizers` is kept aside to be called with the
+    trainer's optimizer (upstream would keep it as the scheduler object and fail at the first step)."""
+    if tokenizer is not None:
+        if processing_class is not None and processing_class is not tokenizer:
+            raise TypeError("IPUTrainer got both tokenizer= and processing_class=; pass one (they are the same thing)")
+        processing_class = tokenizer
+    optimizer, scheduler = optimizers
+    partial = None
+    if isinstance(scheduler, functools.partial):
+        partial, optimizers = scheduler, (optimizer, None)
+    if partial is not None and scheduler_factory is not None:
+        raise TypeError("IPUTrainer got a scheduler both in optimizers=(..., partial) and as scheduler_factory; pass one")
+    if model_init is not None and (optimizer is not None or scheduler is not None):
+        raise RuntimeError(
+            "Passing a `model_init` is incompatible with providing the `optimizers` argument: each train() builds a "
+            "new model, which the given optimizer does not hold"
+        )
+    return processing_class, optimizers, partial
+
+
+def _call_scheduler_partial(
+    partial: functools.partial, optimizer: torch.optim.Optimizer, num_warmup_steps: int, num_training_steps: int
+) -> Any:
+    """Build the scheduler from `optimizers=(None, functools.partial(schedule, ...))` as optimum-graphcore did,
+    `partial(optimizer)`, also passing the run's `num_warmup_steps` / `num_training_steps` where the schedule
+    requires them and the partial has not bound them (the call would fail without them)."""
+    parameters = inspect.signature(partial).parameters
+    run_values = {"num_warmup_steps": num_warmup_steps, "num_training_steps": num_training_steps}
+    missing = {
+        name: value for name, value in run_values.items()
+        if name in parameters and parameters[name].default is inspect.Parameter.empty
+    }
+    return partial(optimizer, **missing)
+
+
 class IPUTrainer(Trainer):
     """Trainer for IPU-config driven runs. Takes the same arguments as `transformers.Trainer` plus:
 
@@ -65,13 +120,20 @@ class IPUTrainer(Trainer):
         scheduler_factory: optional `(optimizer, num_warmup_steps=..., num_training_steps=...) -> scheduler`,
             used instead of `--lr_scheduler_type` (e.g. `get_groupbert_schedule`).
 
+    and the keywords of optimum-graphcore's `IPUTrainer`: `tokenizer` (the `processing_class`, also readable as
+    `trainer.tokenizer`), `eval_data_collator` (the collator of evaluation and prediction, default
+    `data_collator`), `model_init`, `optimizers=(None, functools.partial(schedule, ...))` (the partial is
+    called with the trainer's optimizer when the schedule is built, and given `num_warmup_steps` /
+    `num_training_steps` from the run if it needs them and has not bound them) and `force_to_pipelined`
+    (accepted; every model runs here as it is, so there is nothing to force).
+
     `self.args` are the arguments the upstream loop runs with (see `ResolvedRun.loop_arguments`); the
     user's own arguments are `self.run.args`, and those are what `training_args.bin` records.
     """
 
     def __init__(
         self,
-        model: nn.Module,
+        model: Optional[nn.Module] = None,
         ipu_config: Optional[IPUConfig] = None,
         args: Optional[IPUTrainingArguments] = None,
         data_collator: Optional[Callable] = None,
@@ -84,25 +146,45 @@ class IPUTrainer(Trainer):
         preprocess_logits_for_metrics: Optional[Callable] = None,
         scheduler_factory: Optional[SchedulerFactory] = None,
         run: Optional[ResolvedRun] = None,
+        eval_data_collator: Optional[Callable] = None,
+        tokenizer=None,
+        model_init: Optional[Callable[..., nn.Module]] = None,
+        force_to_pipelined: bool = False,
         **kwargs,
     ):
+        processing_class, optimizers, scheduler_partial = _original_keywords(
+            processing_class, tokenizer, optimizers, scheduler_factory, model_init
+        )
+        if args is None and run is None:
+            logger.info("No IPUTrainingArguments given: using output_dir=tmp_trainer")
+            args = IPUTrainingArguments(output_dir="tmp_trainer")
+        if model is None:
+            if model_init is None:
+                raise RuntimeError("IPUTrainer requires either a `model` or `model_init` argument")
+            set_seed((run.args if run is not None else args).seed)  # the model is built before upstream seeds
+            self.model_init = model_init
+            model = Trainer.call_model_init(self)
+        elif model_init is not None:
+            raise ValueError("IPUTrainer takes either a `model` or a `model_init` argument, not both")
         if run is None:
             if not isinstance(args, IPUTrainingArguments):
                 raise TypeError("IPUTrainer needs IPUTrainingArguments (the IPU config owns accumulation and precision)")
             if ipu_config is None:
                 raise TypeError("IPUTrainer needs an ipu_config (or a run resolved by resolve_run)")
+            if args.pod_type is not None:
+                ipu_config = ipu_config.for_pod_type(args.pod_type)  # per-POD-type values, as the 0.5 releases did
             run = resolve_run(ipu_config, args, getattr(model, "config", None))
         elif ipu_config is not None and ipu_config is not run.ipu_config:
             raise TypeError("pass either ipu_config or run (whose ipu_config is the effective one), not both")
         self.run = run
         self.ipu_config = run.ipu_config
         self.scheduler_factory = scheduler_factory
+        self._scheduler_partial = scheduler_partial
         self._scheduler_from_factory = False
+        self._eval_data_collator = eval_data_collator
+        self.force_to_pipelined = force_to_pipelined
 
-        if hasattr(model, "parallelize"):
-            model.parallelize(self.ipu_config)
-        elif self.ipu_config.recompute_checkpoint_every_layer:
-            set_recomputation(model, True)
+        self._prepare_model(model)
         if kwargs.get("optimizer_cls_and_kwargs") is None and optimizers[0] is None:
             kwargs["optimizer_cls_and_kwargs"] = self._optimizer_cls_and_kwargs(run.args, model)
         if self.ipu_config.executable_cache_dir and (run.args.torch_compile or run.args.compile_only):
@@ -126,10 +208,51 @@ class IPUTrainer(Trainer):
             preprocess_logits_for_metrics=preprocess_logits_for_metrics,
             **kwargs,
         )
+        # Set after upstream's own set-up, which would build the model a second time from it.
+        self.model_init = model_init
         # Each micro-batch loss is a mean over its own tokens and the update averages micro-batches, as on
         # the IPU; the upstream token-count normalisation across accumulation would change that.
         self.model_accepts_loss_kwargs = False
+        self._checkpoint_in_progress: Optional[str] = None
+        self._stop_on_signal = StopOnSignalCallback(self.args.device)
+        self.add_callback(_CheckpointCompletion(self))
+        self.add_callback(self._stop_on_signal)
+        self.throughput = ThroughputMeter.for_model(self.model, self.args.device, run.precision.compute_dtype)
+        self.add_callback(self.throughput)
         self._log_run_layout()
+
+    def _prepare_model(self, model: nn.Module) -> None:
+        """The IPU config's speed settings on the model: `parallelize` for the package's own models,
+        recomputation for any other."""
+        if hasattr(model, "parallelize"):
+            model.parallelize(self.ipu_config)
+        elif self.ipu_config.recompute_checkpoint_every_layer:
+            set_recomputation(model, True)
+
+    def call_model_init(self, trial: Any = None) -> nn.Module:
+        """A fresh model from `model_init` (each `train()` builds one), with the IPU config's settings."""
+        model = super().call_model_init(trial)
+        self._prepare_model(model)
+        return model
+
+    @property
+    def tokenizer(self) -> Any:
+        """The `processing_class`, under the name optimum-graphcore (and transformers 4) used."""
+        return self.processing_class
+
+    @tokenizer.setter
+    def tokenizer(self, value: Any) -> None:
+        self.processing_class = value
+
+    @property
+    def eval_data_collator(self) -> Callable:
+        """The collator of evaluation and prediction batches: the one given as `eval_data_collator`, else
+        `data_collator`."""
+        return self._eval_data_collator if self._eval_data_collator is not None else self.data_collator
+
+    @eval_data_collator.setter
+    def eval_data_collator(self, value: Optional[Callable]) -> None:
+        self._eval_data_collator = value
 
     @property
     def train_placement(self) -> Placement:
@@ -215,16 +338,22 @@ class IPUTrainer(Trainer):
 
     # ---- data ---------------------------------------------------------------------------------------
 
-    def _padded_on_batch_axis(self, batch_size: int, make_loader: Callable[[], Any]) -> Any:
-        """`make_loader()` with the collator wrapped by `pad_on_batch_axis` when --pad_on_batch_axis is set."""
-        if not self.args.pad_on_batch_axis:
+    def _padded_on_batch_axis(
+        self, batch_size: int, make_loader: Callable[[], Any], collator: Optional[Callable] = None
+    ) -> Any:
+        """`make_loader()` with `collator` (default `data_collator`) as the collator, wrapped by
+        `pad_on_batch_axis` when --pad_on_batch_axis is set."""
+        original = self.data_collator
+        collator = original if collator is None else collator
+        if self.args.pad_on_batch_axis:
+            collator = pad_on_batch_axis(batch_size, collator)
+        if collator is original:
             return make_loader()
-        collator = self.data_collator
-        self.data_collator = pad_on_batch_axis(batch_size, collator)
+        self.data_collator = collator
         try:
             return make_loader()
         finally:
-            self.data_collator = collator
+            self.data_collator = original
 
     def get_train_dataloader(self):
         batch_size = self.train_placement.process_batch_size
@@ -232,19 +361,112 @@ class IPUTrainer(Trainer):
 
     def get_eval_dataloader(self, eval_dataset=None):
         batch_size = self.eval_placement.process_batch_size
-        return self._padded_on_batch_axis(batch_size, lambda: super(IPUTrainer, self).get_eval_dataloader(eval_dataset))
+        return self._padded_on_batch_axis(
+            batch_size, lambda: super(IPUTrainer, self).get_eval_dataloader(eval_dataset), self.eval_data_collator
+        )
 
     def get_test_dataloader(self, test_dataset):
         batch_size = self.eval_placement.process_batch_size
-        return self._padded_on_batch_axis(batch_size, lambda: super(IPUTrainer, self).get_test_dataloader(test_dataset))
+        return self._padded_on_batch_axis(
+            batch_size, lambda: super(IPUTrainer, self).get_test_dataloader(test_dataset), self.eval_data_collator
+        )
 
     # ---- optimisation -------------------------------------------------------------------------------
 
-    def train(self, *args: Any, **kwargs: Any) -> TrainOutput:
+    def train(self, resume_from_checkpoint: Any = None, trial: Any = None, ignore_keys_for_eval: Any = None,
+              **kwargs: Any) -> TrainOutput:
+        """Upstream's training loop, made safe to stop and resume; with --compile_only, `compile_only()` instead
+        (compile, then stop).
+
+        `resume_from_checkpoint=True` takes the newest complete and loadable checkpoint of the output folder
+        (saying which newer ones it skipped), and a given checkpoint is checked the same way. A checkpoint that
+        already reached the last step is loaded without training again. SIGTERM / SIGINT save a checkpoint at the
+        end of the step and raise `TrainingInterrupted`; a checkpoint that cannot be written (a full disk) raises
+        `CheckpointWriteError`, its partial folder removed and the previous checkpoint left resumable.
+        """
+        if self.args.compile_only:
+            return self.compile_only()
         if self._scheduler_from_factory:
             # A schedule built for an earlier train() call is bound to that call's optimizer.
             self.lr_scheduler, self._scheduler_from_factory = None, False
-        return super().train(*args, **kwargs)
+        checkpoint = self._checkpoint_to_resume(resume_from_checkpoint)
+        if checkpoint is not None:
+            finished = self._already_finished(checkpoint)
+            if finished is not None:
+                return finished
+        with StopOnSignal() as stop:
+            self._stop_on_signal.stop = stop
+            try:
+                output = super().train(resume_from_checkpoint=checkpoint, trial=trial,
+                                       ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
+            except (OSError, RuntimeError) as error:
+                if self._checkpoint_in_progress is None:
+                    raise
+                raise self._checkpoint_write_error(error) from error
+            finally:
+                self._stop_on_signal.stop = None
+        if stop.signal_number is not None:
+            name = signal.Signals(stop.signal_number).name
+            raise TrainingInterrupted(
+                f"interrupted by {name} at step {self.state.global_step}: checkpoint-{self.state.global_step} is saved "
+                f"in {self.args.output_dir}; run the same command again to resume from it",
+                stop.signal_number,
+            )
+        return output
+
+    def _checkpoint_to_resume(self, requested: Any) -> Optional[str]:
+        """The checkpoint `train(resume_from_checkpoint=...)` resumes from, checked: True means the newest
+        complete one of the output folder; a path must be complete and loadable."""
+        if requested is None or requested is False:
+            return None
+        needs_optimizer = not self.args.save_only_model
+        if requested is True:
+            checkpoint, skipped = last_resumable_checkpoint(self.args.output_dir, needs_optimizer)
+            if skipped:
+                logger.warning("Skipped checkpoint(s) that cannot be resumed from: %s", "; ".join(map(str, skipped)))
+            if checkpoint is None:
+                raise ValueError(f"no complete checkpoint to resume from in {self.args.output_dir}")
+            return checkpoint
+        problem = checkpoint_problem(str(requested), needs_optimizer)
+        if problem is not None:
+            newest, _ = last_resumable_checkpoint(os.path.dirname(os.path.normpath(str(requested))), needs_optimizer)
+            hint = f"; the newest complete checkpoint there is {newest}" if newest else ""
+            raise ValueError(f"--resume_from_checkpoint {requested}: cannot resume from it: {problem}{hint}")
+        return str(requested)
+
+    def _already_finished(self, checkpoint: str) -> Optional[TrainOutput]:
+        """When `checkpoint` already reached the run's last step, load its weights and state instead of training:
+        upstream would train one step past the end."""
+        state = TrainerState.load_from_json(os.path.join(checkpoint, TRAINER_STATE_NAME))
+        max_steps = self.set_initial_training_values(self.args, self.get_train_dataloader())[-1]
+        if state.global_step < max_steps:
+            return None
+        logger.info("%s already reached the last step (%d of %d): loading it instead of training.",
+                    checkpoint, state.global_step, max_steps)
+        self._load_from_checkpoint(checkpoint)
+        self.state = state
+        losses = [entry["loss"] for entry in state.log_history if "loss" in entry]
+        training_loss = sum(losses) / len(losses) if losses else float("nan")
+        return TrainOutput(state.global_step, training_loss, {"train_loss": training_loss, "epoch": state.epoch})
+
+    def _checkpoint_write_error(self, error: BaseException) -> CheckpointWriteError:
+        """One line for a checkpoint that could not be written, after removing its partial folder."""
+        folder = self._checkpoint_in_progress
+        self._checkpoint_in_progress = None
+        output_dir = self.args.output_dir
+        previous, _ = last_resumable_checkpoint(output_dir, needs_optimizer=not self.args.save_only_model)
+        needed = folder_bytes(previous) if previous else folder_bytes(folder) if os.path.isdir(folder) else 0
+        if self.args.should_save and os.path.isdir(folder):
+            shutil.rmtree(folder, ignore_errors=True)  # written by this run, and unusable
+        free = shutil.disk_usage(output_dir).free
+        full = (isinstance(error, OSError) and error.errno == errno.ENOSPC) or free < needed
+        reason = "no space left on the device" if full else str(error).strip().splitlines()[0]
+        resume = (f"{os.path.basename(previous)} is complete: run the same command again to resume from it"
+                  if previous else "no earlier checkpoint exists, so a rerun starts afresh")
+        return CheckpointWriteError(
+            f"could not write {folder} ({reason}): {free / 1e9:.2f} GB free in {output_dir}, a checkpoint needs about "
+            f"{needed / 1e9:.2f} GB; free some space or choose another --output_dir. {resume}"
+        )
 
     def create_scheduler(self, num_training_steps: int, optimizer: Optional[torch.optim.Optimizer] = None):
         if self.lr_scheduler is None and self.scheduler_factory is not None:
@@ -252,6 +474,12 @@ class IPUTrainer(Trainer):
                 optimizer or self.optimizer,
                 num_warmup_steps=self.args.get_warmup_steps(num_training_steps),
                 num_training_steps=num_training_steps,
+            )
+            self._scheduler_from_factory = True
+        elif self.lr_scheduler is None and self._scheduler_partial is not None:
+            self.lr_scheduler = _call_scheduler_partial(
+                self._scheduler_partial, optimizer or self.optimizer,
+                num_warmup_steps=self.args.get_warmup_steps(num_training_steps), num_training_steps=num_training_steps,
             )
             self._scheduler_from_factory = True
         return super().create_scheduler(num_training_steps, optimizer)
@@ -296,11 +524,27 @@ class IPUTrainer(Trainer):
         self.optimizer.step()
         model.zero_grad()
 
+    # ---- throughput log -----------------------------------------------------------------------------
+
+    def floating_point_ops(self, inputs: dict[str, Any]) -> int:
+        """Upstream's FLOP estimate for `total_flos`. The loop calls it once per training batch, so the
+        throughput meter counts the batch here (without waiting for the device)."""
+        self.throughput.count_batch(inputs)
+        return super().floating_point_ops(inputs)
+
+    def log(self, logs: dict[str, float], start_time: Optional[float] = None) -> None:
+        """Upstream's log, with samples/s, tokens/s (and MFU on a known GPU) on each training log line."""
+        if "loss" in logs:  # a training step's line; evaluation and end-of-training metrics have other keys
+            logs.update(self.throughput.window_metrics())
+        super().log(logs, start_time)
+
     # ---- checkpoints --------------------------------------------------------------------------------
 
     def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
         """Upstream's model (and tokenizer) save, plus the run's `ipu_config.json`; `training_args.bin`
         records the user's arguments rather than the loop's copy."""
+        if _internal_call and output_dir is not None:
+            self._checkpoint_in_progress = output_dir  # a checkpoint save starts here; _CheckpointCompletion ends it
         super().save_model(output_dir, _internal_call=_internal_call)
         if self.args.should_save:
             folder = output_dir if output_dir is not None else self.args.output_dir
@@ -309,8 +553,9 @@ class IPUTrainer(Trainer):
 
     # ---- Private upstream touchpoints ---------------------------------------------------------------
     # Upstream writes optimizer.pt from process 0 alone, so ZeRO shards must be gathered (a collective on
-    # every process) before it does; no public hook runs at that moment. tests/test_trainer.py fails by
-    # name if upstream renames this method.
+    # every process) before it does; no public hook runs at that moment. `_already_finished` loads a
+    # checkpoint's weights through upstream's `_load_from_checkpoint`, the loader that knows every weight
+    # layout. tests/test_trainer.py fails by name if upstream renames either method.
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         prepare_optimizer_for_checkpoint(self.optimizer, self.args.device)  # a sharded state is gathered on process 0
@@ -341,3 +586,25 @@ class IPUTrainer(Trainer):
             "Stopping without training.", seconds, loss.item(), cache,
         )
         return TrainOutput(global_step=0, training_loss=float(loss.item()), metrics={"compile_seconds": seconds})
+
+
+class _CheckpointCompletion(TrainerCallback):
+    """After upstream has written `checkpoint-N` (every process its part), process 0 flushes it and writes the
+    completion marker, then rotates old checkpoints (`--save_total_limit`, applied here rather than by upstream so
+    that nothing is removed before the new checkpoint is complete)."""
+
+    def __init__(self, trainer: IPUTrainer) -> None:
+        self.trainer = trainer
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        trainer = self.trainer
+        folder = trainer._checkpoint_in_progress
+        if folder is None:
+            return control
+        trainer.accelerator.wait_for_everyone()  # every process's files (rng_state_<rank>.pth) are written
+        if args.should_save:
+            mark_complete(folder)
+            best = (state.best_model_checkpoint,) if state.best_model_checkpoint else ()
+            rotate_checkpoints(args.output_dir, trainer.run.args.save_total_limit, keep=best)
+        trainer._checkpoint_in_progress = None
+        return control

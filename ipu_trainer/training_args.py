@@ -8,17 +8,29 @@ it, and what the upstream training loop sees is derived from both, once, by `res
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 from transformers import TrainingArguments
+from transformers.integrations import INTEGRATION_TO_CALLBACK, get_available_reporting_integrations
 
+from .ipu_config import ALLOWED_POD_TYPES
 from .resolved_run import warmup_steps_for
 
+logger = logging.getLogger(__name__)
+
 VALID_N_IPU = (1, 2, 4, 8, 16, 32, 64)
+ALLOWED_N_IPU = list(VALID_N_IPU)  # the name optimum-graphcore code imports
 DATALOADER_MODES = ("sync", "async", "async_rebatched")
+# --report_to names whose pip package has another name.
+_REPORT_TO_PACKAGES = {"flyte": "flytekit"}
+# Integrations whose availability is not "the package is installed": azure_ml is listed as available only without
+# mlflow (though it works with it), kubeflow only inside a Kubeflow job. Not refused here.
+_REPORT_TO_NOT_CHECKED = ("azure_ml", "kubeflow")
 
 
 def _has_accelerator() -> bool:
@@ -116,6 +128,42 @@ class IPUTrainingArguments(TrainingArguments):
         default=1, metadata={"help": "Micro batch size in evaluation: samples per inference replica per device iteration."}
     )
 
+    # Flags of optimum-graphcore's IPUTrainingArguments that transformers 5 renamed or dropped. Each is mapped
+    # to its current form in __post_init__ and then cleared, so a copy (dataclasses.replace) that changes the
+    # current form is not overruled by the old one.
+    pod_type: Optional[str] = field(
+        default=None,
+        metadata={"help": "The IPU-POD the original run used (optimum-graphcore 0.3-0.6): podN means --n_ipu N, and "
+                  "picks the podN entries of an IPU config whose values are given per POD type.",
+                  "choices": list(ALLOWED_POD_TYPES)},
+    )
+    evaluation_strategy: Optional[str] = field(
+        default=None, metadata={"help": "The transformers 4 name of --eval_strategy (no, steps, epoch)."}
+    )
+    logging_dir: Optional[str] = field(
+        default=None,
+        metadata={"help": "TensorBoard log folder (transformers 4's flag; it sets TENSORBOARD_LOGGING_DIR unless that "
+                  "is already set)."},
+    )
+    past_index: int = field(
+        default=-1, metadata={"help": "Accepted for compatibility; only the default -1 (no past states) is supported."}
+    )
+    group_by_length: bool = field(
+        default=False, metadata={"help": "The transformers 4 name of --train_sampling_strategy group_by_length."}
+    )
+    include_inputs_for_metrics: bool = field(
+        default=False, metadata={"help": "The transformers 4 name of --include_for_metrics inputs."}
+    )
+    push_to_hub_model_id: Optional[str] = field(
+        default=None, metadata={"help": "Deprecated: the repository name for --push_to_hub; use --hub_model_id."}
+    )
+    push_to_hub_organization: Optional[str] = field(
+        default=None, metadata={"help": "Deprecated: the organization for --push_to_hub; use --hub_model_id org/name."}
+    )
+    push_to_hub_token: Optional[str] = field(
+        default=None, metadata={"help": "Deprecated: the token for --push_to_hub; use --hub_token."}
+    )
+
     def __post_init__(self):
         # Refused before upstream's set-up, which would otherwise start building the DeepSpeed/FSDP plugins.
         if self.deepspeed or _environment_flag("ACCELERATE_USE_DEEPSPEED"):
@@ -135,6 +183,7 @@ class IPUTrainingArguments(TrainingArguments):
                 "weight update that the IPU config fixes; set --per_device_train_batch_size (and raise "
                 "--gradient_accumulation_steps to keep the update size)"
             )
+        self._map_original_flags()
         if self.n_ipu is not None and self.n_ipu not in VALID_N_IPU:
             raise ValueError(
                 f"--n_ipu={self.n_ipu} is invalid: must be one of {', '.join(map(str, VALID_N_IPU))}"
@@ -159,11 +208,93 @@ class IPUTrainingArguments(TrainingArguments):
                 raise ValueError(f"--{name}={getattr(self, name)} is invalid: must be >= 1")
         if self.fp32 and (self.fp16 or self.bf16):
             raise ValueError(f"--fp32 and --{'fp16' if self.fp16 else 'bf16'} contradict each other: pick one")
+        self._check_training_length()
+        for name in ("learning_rate", "weight_decay"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"--{name}={value} is invalid: must be a number >= 0")
 
         if not self.use_cpu and not _has_accelerator():
             # Lets accelerate set up gloo data parallelism when torchrun starts several CPU processes.
             self.use_cpu = True
         super().__post_init__()
+        self._check_report_to()
+
+    def _check_training_length(self) -> None:
+        # A NaN epoch count fails deep in the trainer ("cannot convert float NaN to integer"); zero epochs without
+        # --max_steps trains nothing and would still write the untrained model over a previous one.
+        epochs = self.num_train_epochs
+        if not (math.isfinite(epochs) and epochs >= 0):
+            raise ValueError(f"--num_train_epochs={epochs} is invalid: must be a number >= 0 (e.g. 3)")
+        if self.do_train and self.max_steps <= 0 and epochs == 0:
+            raise ValueError(
+                f"--num_train_epochs 0 with --max_steps {self.max_steps} trains nothing: give --num_train_epochs > 0 "
+                "or --max_steps > 0 (or leave out --do_train to only evaluate)"
+            )
+
+    def _check_report_to(self) -> None:
+        """Each --report_to integration must be known and installed; upstream finds out only when the trainer is
+        built, after the data and the model are loaded."""
+        available = set(get_available_reporting_integrations())
+        for name in self.report_to or []:
+            if name not in INTEGRATION_TO_CALLBACK:
+                raise ValueError(
+                    f"--report_to {name} is not a known integration: use none or one of {', '.join(INTEGRATION_TO_CALLBACK)}"
+                )
+            if name not in available and name not in _REPORT_TO_NOT_CHECKED:
+                raise ValueError(
+                    f"--report_to {name}: the {name} package is not installed. To fix: pip install "
+                    f"{_REPORT_TO_PACKAGES.get(name, name)}, or pass --report_to none"
+                )
+
+    def _map_original_flags(self) -> None:
+        """The flags of optimum-graphcore code in their transformers 5 form (see the field comment)."""
+        if self.pod_type is not None:
+            if self.pod_type not in ALLOWED_POD_TYPES:
+                raise ValueError(
+                    f"--pod_type={self.pod_type!r} is invalid: choose one of {', '.join(ALLOWED_POD_TYPES)}"
+                )
+            pod_ipus = int(self.pod_type[len("pod"):])
+            if self.n_ipu is not None and self.n_ipu != pod_ipus:
+                raise ValueError(
+                    f"--pod_type {self.pod_type} means --n_ipu {pod_ipus}, which contradicts --n_ipu {self.n_ipu}: "
+                    "give one of them"
+                )
+            self.n_ipu = pod_ipus  # what the 0.6.1 release did with --pod_type
+        if self.evaluation_strategy is not None:
+            legacy = str(getattr(self.evaluation_strategy, "value", self.evaluation_strategy))
+            current = str(getattr(self.eval_strategy, "value", self.eval_strategy))
+            if current not in ("no", legacy):
+                raise ValueError(
+                    f"--evaluation_strategy {legacy} and --eval_strategy {current} contradict each other: give "
+                    "--eval_strategy only"
+                )
+            self.eval_strategy, self.evaluation_strategy = legacy, None
+        if self.logging_dir is not None:
+            # transformers 5's TensorBoard callback reads its folder from the environment only.
+            os.environ.setdefault("TENSORBOARD_LOGGING_DIR", os.path.expanduser(self.logging_dir))
+        if self.past_index != -1:
+            raise ValueError(
+                f"--past_index={self.past_index} is not supported: transformers 5 no longer feeds past states "
+                "back to the model; leave it at -1"
+            )
+        if self.group_by_length:
+            if self.train_sampling_strategy not in ("random", "group_by_length"):
+                raise ValueError(
+                    f"--group_by_length and --train_sampling_strategy {self.train_sampling_strategy} contradict each "
+                    "other: give --train_sampling_strategy only"
+                )
+            self.train_sampling_strategy, self.group_by_length = "group_by_length", False
+        if self.include_inputs_for_metrics:
+            if "inputs" not in self.include_for_metrics:
+                self.include_for_metrics = [*self.include_for_metrics, "inputs"]
+            self.include_inputs_for_metrics = False
+        if self.push_to_hub_model_id is not None and self.hub_model_id is None:
+            organization = self.push_to_hub_organization
+            self.hub_model_id = f"{organization}/{self.push_to_hub_model_id}" if organization else self.push_to_hub_model_id
+        if self.push_to_hub_token is not None and self.hub_token is None:
+            self.hub_token = self.push_to_hub_token
+        self.push_to_hub_model_id = self.push_to_hub_organization = self.push_to_hub_token = None
 
     @property
     def uses_lamb(self) -> bool:

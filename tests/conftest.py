@@ -1,6 +1,11 @@
+import importlib
+import os
+import sys
+
 import pytest
 
 from ipu_trainer.offline_assets import english_text_documents, train_wordpiece_tokenizer, write_quickstart_assets
+from ipu_trainer.run_utils import run_cli
 
 
 @pytest.fixture(scope="session")
@@ -28,3 +33,67 @@ def assets(tmp_path_factory):
     """The README quick starts' assets: WordPiece and byte-level BPE (1000-token) tokenizers and a
     train/validation corpus of English documents, as `python -m ipu_trainer.offline_assets` writes them."""
     return write_quickstart_assets(str(tmp_path_factory.mktemp("assets")), bpe=True)
+
+
+# ---- the example scripts, run in-process ------------------------------------------------------------------
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_BERT = ("vocab_size=2000,hidden_size=32,num_hidden_layers=2,num_attention_heads=2,intermediate_size=64,"
+             "max_position_embeddings=64")
+TINY_GPT2 = "vocab_size=1000,n_embd=32,n_layer=2,n_head=2,n_positions=64,bos_token_id=0,eos_token_id=0"
+ONE_CPU = "layers_per_ipu=[-1],ipus_per_replica=1,replication_factor=1,gradient_accumulation_steps=2"
+
+
+def quickstart_argv(script: str, assets: dict, output_dir, *extra: str) -> list[str]:
+    """The README quick start's command for `script` ("run_mlm", "run_clm" or "run_pretraining") on the tiny
+    assets: a two-step training run of a tiny model on one CPU into `output_dir` (which it may overwrite)."""
+    if script == "run_clm":
+        model = ["--model_type", "gpt2", "--config_overrides", TINY_GPT2, "--tokenizer_name", assets["bpe_tokenizer"],
+                 "--block_size", "64"]
+    else:
+        model = ["--model_type", "bert", "--config_overrides", TINY_BERT, "--tokenizer_name", assets["tokenizer"],
+                 "--max_seq_length", "64"]
+    return [
+        f"{script}.py", *model, "--train_file", assets["train_file"], "--validation_file", assets["validation_file"],
+        "--ipu_config_name", REPO, "--ipu_config_overrides", ONE_CPU, "--per_device_train_batch_size", "8",
+        "--per_device_eval_batch_size", "16", "--max_train_samples", "64", "--max_eval_samples", "16",
+        "--do_train", "--max_steps", "2", "--save_strategy", "no", "--output_dir", str(output_dir),
+        "--overwrite_output_dir", "--report_to", "none", "--disable_tqdm", "true", "--seed", "7", "--fp32", *extra,
+    ]
+
+
+def script_module(script: str):
+    """The top-level script (run_mlm, run_clm, run_pretraining, prepare_dataset) as a module."""
+    if REPO not in sys.path:
+        sys.path.insert(0, REPO)
+    return importlib.import_module(script)
+
+
+@pytest.fixture(scope="session")
+def trained_output(assets, tmp_path_factory):
+    """The output folder of a finished quick-start run_mlm training (model, tokenizer, results, checkpoint-2),
+    built once."""
+    output_dir = tmp_path_factory.mktemp("trained") / "out"
+    monkeypatch = pytest.MonkeyPatch()
+    try:
+        monkeypatch.setattr(sys, "argv", quickstart_argv("run_mlm", assets, output_dir, "--save_strategy", "steps",
+                                                         "--save_steps", "2"))
+        assert run_cli(script_module("run_mlm").main) == 0  # run_cli also releases the run lock
+    finally:
+        monkeypatch.undo()
+    return output_dir
+
+
+def snapshot_files(folder, skip: tuple[str, ...] = ()) -> dict[str, bytes]:
+    """Every file under `folder` (relative path -> bytes), leaving out the top-level entries in `skip`."""
+    files = {}
+    for root, directories, names in os.walk(folder):
+        if root == str(folder):
+            directories[:] = [d for d in directories if d not in skip]
+        for name in names:
+            path = os.path.join(root, name)
+            if root == str(folder) and name in skip:
+                continue
+            with open(path, "rb") as handle:
+                files[os.path.relpath(path, folder)] = handle.read()
+    return files

@@ -1,7 +1,7 @@
 """A training run for the multi-process tests, started with `python -m torch.distributed.run`.
 
-Trains the tiny BERT with IPUTrainer and writes, per process, the rows it trained on in each step and
-the bytes of optimizer state it holds; process 0 also saves the model.
+Trains the tiny BERT with IPUTrainer and writes, per process, the rows it trained on in each step, the
+bytes of optimizer state it holds and the throughput meter's last window; process 0 also saves the model.
 
 With --resume_matrix it checks resuming instead: for every optimizer-state layout and optimizer, a run
 of 4 steps that checkpoints every 2, then, in the same processes, a fresh run resumed from its
@@ -10,6 +10,7 @@ resumes the sharded runs of an earlier matrix (started with another number of pr
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -109,7 +110,8 @@ def main():
     trainer = train(options.output_dir, options, options.sharding, options.offload, options.lamb,
                     resume=True if options.resume else None, crash_at_step=options.crash_at_step)
     report = {"rows_per_step": trainer.rows_per_step, "optimizer_state_bytes": optimizer_state_bytes(trainer.optimizer),
-              "world_size": trainer.args.world_size}
+              "world_size": trainer.args.world_size,
+              "throughput_window": dataclasses.asdict(trainer.throughput.last_window)}
     with open(os.path.join(options.output_dir, f"rank{trainer.args.process_index}.json"), "w") as f:
         json.dump(report, f)
 

@@ -105,7 +105,7 @@ def test_save_load_round_trip(tmp_path):
         layers_per_ipu=[1, -1],
         inference_layers_per_ipu=[-1],
         matmul_proportion=[0.1, 0.3],
-        serialized_embedding_splits_per_ipu=[0, 3, 2, 0],
+        serialized_embedding_splits_per_ipu=[3, 2],  # one entry per IPU of the 2-IPU pipeline
         seed=7,
         parallelize_kwargs={"use_cache": True},
     )
@@ -122,7 +122,7 @@ def test_save_load_round_trip(tmp_path):
 def test_from_pretrained_overrides_and_missing_files(seed_dir, tmp_path):
     config = IPUConfig.from_pretrained(str(seed_dir), device_iterations=3)
     assert config.device_iterations == 3
-    with pytest.raises(ValueError, match="device_iterations=0 is invalid"):
+    with pytest.raises(ValueError, match="`device_iterations` must be >= 1. You provided device_iterations=0"):
         IPUConfig.from_pretrained(str(seed_dir), device_iterations=0)
     with pytest.raises(ValueError, match="unknown IPU config key 'bogus'"):
         IPUConfig.from_pretrained(str(seed_dir), bogus=1)
@@ -176,10 +176,10 @@ def test_update_from_string_rejects_bad_input_atomically():
     unknown = r"unknown IPU config key 'foo' in override 'foo=1'; valid keys: .*replication_factor"
     with pytest.raises(ValueError, match=unknown):
         config.update_from_string("device_iterations=4,foo=1")
-    with pytest.raises(ValueError, match=r"replication_factor=-2 is invalid: must be an integer >= 1"):
+    with pytest.raises(ValueError, match=r"`replication_factor` must be >= 1. You provided replication_factor=-2"):
         config.update_from_string("device_iterations=4,replication_factor=-2")
     assert config.device_iterations == 1  # nothing applied from a failing string
-    with pytest.raises(ValueError, match="gradient_accumulation_steps=2.5 is invalid"):
+    with pytest.raises(TypeError, match="must be an integer. You provided gradient_accumulation_steps=2.5"):
         config.update_from_string("gradient_accumulation_steps=2.5")
     with pytest.raises(ValueError, match="malformed IPU config override 'device_iterations'"):
         config.update_from_string("device_iterations")
@@ -188,42 +188,55 @@ def test_update_from_string_rejects_bad_input_atomically():
 @pytest.mark.parametrize(
     "field, value, message",
     [
-        ("replication_factor", -2, r"replication_factor=-2 is invalid: must be an integer >= 1"),
-        ("replication_factor", True, r"replication_factor=True is invalid"),
-        ("gradient_accumulation_steps", 2.5, r"gradient_accumulation_steps=2.5 is invalid"),
-        ("ipus_per_replica", 0, r"ipus_per_replica=0 is invalid"),
-        ("embedding_serialization_factor", 0, r"embedding_serialization_factor=0 is invalid"),
-        ("inference_device_iterations", 0, r"inference_device_iterations=0 is invalid"),
-        ("matmul_proportion", -0.1, r"matmul_proportion=-0.1 is invalid"),
-        ("matmul_proportion", [0.2, -0.1], r"matmul_proportion=\[0.2, -0.1\] is invalid"),
-        ("layers_per_ipu", [1, -2], r"layers_per_ipu=\[1, -2\] is invalid"),
-        ("serialized_embedding_splits_per_ipu", [3, 0, 2, 0], r"splits_per_ipu=\[3, 0, 2, 0\] is invalid"),
-        ("serialized_projection_splits_per_ipu", [0, 0], r"serialized_projection_splits_per_ipu=\[0, 0\] is invalid"),
-        ("serialized_projection_splits_per_ipu", [1, -1], r"serialized_projection_splits_per_ipu=\[1, -1\] is invalid"),
-        ("output_mode", "bogus", r"output_mode='bogus' is invalid: must be one of all, sum, final, default"),
-        ("enable_half_partials", "yes", r"enable_half_partials='yes' is invalid"),
+        ("replication_factor", -2, r"`replication_factor` must be >= 1. You provided replication_factor=-2"),
+        ("replication_factor", True, r"`replication_factor` must be an integer. You provided replication_factor=True"),
+        ("gradient_accumulation_steps", 2.5, r"gradient_accumulation_steps=2.5 \(float\)"),
+        ("ipus_per_replica", 0, r"`ipus_per_replica` must be >= 1. You provided ipus_per_replica=0"),
+        ("embedding_serialization_factor", 0, r"embedding_serialization_factor=0"),
+        ("inference_device_iterations", 0, r"inference_device_iterations=0"),
+        ("matmul_proportion", -0.1, r"`matmul_proportion` must be >= 0. You provided matmul_proportion=-0.1"),
+        ("matmul_proportion", [0.2, -0.1], r"must have all elements >= 0. You provided matmul_proportion=\[0.2, -0.1\]"),
+        ("layers_per_ipu", [1, -2], r"must have all elements >= -1. You provided layers_per_ipu=\[1, -2\]"),
+        ("serialized_embedding_splits_per_ipu", [3, 0, 2, 0],
+         r"splits_per_ipu=\[3, 0, 2, 0\]` must have its splits on consecutive IPUs"),
+        ("serialized_projection_splits_per_ipu", [0, 0],
+         r"serialized_projection_splits_per_ipu=\[0, 0\]` must have atleast 1 split"),
+        ("serialized_projection_splits_per_ipu", [1, -1], r"serialized_projection_splits_per_ipu=\[1, -1\]"),
+        ("output_mode", "bogus", r"`output_mode` can only take values in .*You provided output_mode='bogus'"),
+        ("enable_half_partials", "yes", r"`enable_half_partials` must be true or false. You provided enable_half_partials='yes'"),
     ],
 )
 def test_field_validators(field, value, message):
     with pytest.raises(ValueError, match=message) as info:
         IPUConfig(**{field: value})
     assert "\n" not in str(info.value)
+    # Assignment is checked too (the original's semantics), and a refused value leaves the field alone.
     config = IPUConfig()
-    setattr(config, field, value)
+    before = config.to_dict()
     with pytest.raises(ValueError, match=message):
-        config.validate()
+        setattr(config, field, value)
+    assert config.to_dict() == before
+
+
+def test_type_errors_are_type_errors_and_value_errors():
+    with pytest.raises(TypeError):
+        IPUConfig(device_iterations={"a": 1})
+    with pytest.raises(ValueError):
+        IPUConfig(device_iterations={"a": 1})
 
 
 def test_valid_edge_values_and_coercion():
     config = IPUConfig(
         serialized_embedding_splits_per_ipu=[0, 3, 2, 0],
+        layers_per_ipu=[-1, -1, -1, -1],
         replication_factor=2.0,
         matmul_proportion=0,
-        embedding_serialization_factor=None,
+        projection_serialization_factor=None,
     )
     assert config.replication_factor == 2 and isinstance(config.replication_factor, int)
     assert config.matmul_proportion == 0.0
-    assert config.embedding_serialization_factor == 1
+    assert config.projection_serialization_factor == 1  # null: not serialized
+    assert config.embedding_serialization_factor is None  # the splits decide
 
 
 def test_batch_size_factor():
@@ -252,7 +265,8 @@ def test_get_falls_back_to_training_value():
     [
         ([-1], [12]),
         ([0, -1, -1, -1], [0, 4, 4, 4]),
-        ([1, -1, -1], [1, 6, 5]),  # the remainder goes to the earliest wildcards
+        ([1, -1, -1], [1, 5, 6]),  # the remainder goes to the last wildcard, as in the original
+        ([-1, -1, -1], [4, 4, 4]),
         ([0, 4, 4, 4], [0, 4, 4, 4]),
         ([-1, -1, 12], [0, 0, 12]),
     ],
@@ -265,11 +279,15 @@ def test_incompatible_layers():
     too_few = r"layers_per_ipu=\[1, 2\] places 3 layers but the model has 12 \(num_hidden_layers\)"
     with pytest.raises(IncompatibleIPUConfigError, match=too_few):
         IPUConfig(layers_per_ipu=[1, 2]).resolved_layers_per_ipu(12)
-    mismatch = IPUConfig(layers_per_ipu=[0, 4, 4, 4], ipus_per_replica=2)
-    with pytest.raises(IncompatibleIPUConfigError, match=r"layers_per_ipu has 4 entries but ipus_per_replica=2"):
-        mismatch.resolved_layers_per_ipu(12)
-    with pytest.raises(IncompatibleIPUConfigError, match="ipus_per_replica=2"):
-        mismatch.validate()
+    # A pipeline length that contradicts ipus_per_replica is refused when the config is built (the original's
+    # semantics), and by validate() after an override.
+    mismatch = r"layers_per_ipu=\[0, 4, 4, 4\] should use the same number of IPUs as ipus_per_replica=2"
+    with pytest.raises(IncompatibleIPUConfigError, match=mismatch):
+        IPUConfig(layers_per_ipu=[0, 4, 4, 4], ipus_per_replica=2)
+    config = IPUConfig(ipus_per_replica=2)
+    config.update_from_string("layers_per_ipu=[0 4 4 4]")
+    with pytest.raises(IncompatibleIPUConfigError, match=mismatch):
+        config.validate()
     with pytest.raises(IncompatibleIPUConfigError, match=r"fixes 16 layers .* the model has 12"):
         IPUConfig(layers_per_ipu=[8, 8, -1]).resolved_layers_per_ipu(12)
     assert issubclass(IncompatibleIPUConfigError, ValueError)

@@ -210,7 +210,7 @@ def test_csv_and_json_one_document_per_row(tmp_path):
 def test_empty_missing_and_unsupported_files(tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n\n")
-    with pytest.raises(ValueError, match=r"empty\.txt is empty: nothing to pretrain on"):
+    with pytest.raises(ValueError, match=r"empty\.txt is empty \(or only blank lines\): nothing to train on"):
         load_text_documents({"train": str(empty)})
     with pytest.raises(FileNotFoundError, match="missing.txt"):
         load_text_documents({"train": str(tmp_path / "missing.txt")})

@@ -17,7 +17,6 @@ from ipu_trainer import IPUConfig, IPUTrainingArguments
 from ipu_trainer.resolved_run import effective_ipu_config
 from ipu_trainer.data import load_raw_datasets, tokenize_for_causal_lm
 from ipu_trainer.metrics import causal_lm_predictions, masked_accuracy
-from ipu_trainer.run_utils import run_cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -177,49 +176,3 @@ def test_readme_command_parses(monkeypatch):
     # A 4-IPU pipeline like Graphcore/gpt2-small-ipu: --n_ipu 16 makes 4 replicas, the flag sets the accumulation.
     effective = effective_ipu_config(IPUConfig(layers_per_ipu=[-1, -1, -1, -1]), training_args)
     assert (effective.replication_factor, effective.gradient_accumulation_steps) == (4, 128)
-
-
-# ---- bad input: one clear line, exit code 2 ---------------------------------------------------------------
-
-
-def error_line(monkeypatch, capsys, argv):
-    monkeypatch.setattr(sys, "argv", argv)
-    assert run_cli(run_clm.main) == 2
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
-
-
-def test_block_size_larger_than_the_positions_is_one_clear_line(assets, tmp_path, monkeypatch, capsys):
-    argv = clm_argv(assets, tmp_path, "--do_train")
-    argv[argv.index("--block_size") + 1] = "128"
-    line = error_line(monkeypatch, capsys, argv)
-    assert f"--block_size 128 is larger than the model's {BLOCK} positions" in line
-
-
-def test_unknown_model_type_is_one_clear_line(assets, tmp_path, monkeypatch, capsys):
-    line = error_line(monkeypatch, capsys, clm_argv(assets, tmp_path, "--do_train", model=("--model_type", "gpt-2")))
-    assert "'gpt-2' is not a model type" in line and "gpt2" in line
-
-
-def test_unsupported_or_empty_train_file_is_one_clear_line(assets, tmp_path, monkeypatch, capsys):
-    markdown = tmp_path / "train.md"
-    markdown.write_text("# some text\n")
-    argv = clm_argv(assets, tmp_path / "a", "--do_train")
-    argv[argv.index("--train_file") + 1] = str(markdown)
-    assert "unsupported file type '.md'" in error_line(monkeypatch, capsys, argv)
-
-    empty = tmp_path / "empty.txt"
-    empty.write_text("")
-    argv = clm_argv(assets, tmp_path / "b", "--do_train")
-    argv[argv.index("--train_file") + 1] = str(empty)
-    assert "is empty" in error_line(monkeypatch, capsys, argv)
-
-
-def test_text_shorter_than_one_block_is_one_clear_line(assets, tmp_path, monkeypatch, capsys):
-    short = tmp_path / "short.txt"
-    short.write_text("Too short for a block.\n")
-    argv = clm_argv(assets, tmp_path / "out", "--do_train")
-    argv[argv.index("--train_file") + 1] = str(short)
-    assert "shorter than one block of 64 tokens" in error_line(monkeypatch, capsys, argv)

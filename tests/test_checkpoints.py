@@ -1,0 +1,303 @@
+"""Checkpoints that survive crashes, resume that never needs a hand, and one run per output folder."""
+
+import errno
+import json
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import default_data_collator
+from transformers.trainer_utils import TrainOutput
+
+from ipu_trainer import IPUConfig, IPUTrainer, IPUTrainingArguments
+from ipu_trainer.checkpoints import (
+    COMPLETION_MARKER,
+    checkpoint_problem,
+    last_resumable_checkpoint,
+    list_checkpoints,
+    rotate_checkpoints,
+)
+from ipu_trainer.run_control import CheckpointWriteError, RunFinished, RunLock
+from ipu_trainer.run_utils import claim_output_dir, run_cli, train_and_save
+from tiny import masked_pairs, tiny_bert
+
+STEPS = 6
+
+
+def make_args(output_dir, **values):
+    defaults = dict(output_dir=str(output_dir), per_device_train_batch_size=2, learning_rate=1e-3, weight_decay=0.01,
+                    lr_scheduler_type="linear", max_steps=STEPS, fp32=True, report_to=[], save_strategy="steps",
+                    save_steps=2, seed=0, disable_tqdm=True, use_cpu=True, logging_steps=1)
+    return IPUTrainingArguments(**{**defaults, **values})
+
+
+def train(output_dir, resume=None, **values):
+    trainer = IPUTrainer(model=tiny_bert(), ipu_config=IPUConfig(layers_per_ipu=[-1], gradient_accumulation_steps=2),
+                         args=make_args(output_dir, **values), data_collator=default_data_collator,
+                         train_dataset=masked_pairs(64))
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer
+
+
+def weights(trainer):
+    return {name: value.detach().clone() for name, value in trainer.model.state_dict().items()}
+
+
+def assert_same_weights(first, second):
+    assert first.keys() == second.keys()
+    for name in first:
+        torch.testing.assert_close(first[name], second[name], rtol=0, atol=0, msg=name)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """A complete run: checkpoints 2, 4 and 6, and its final weights."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    return out, weights(train(out))
+
+
+# ---- what a complete checkpoint is --------------------------------------------------------------------------
+
+
+def copy_checkpoints(source, target):
+    target.mkdir(parents=True, exist_ok=True)
+    for path in list_checkpoints(str(source)):
+        subprocess.run(["cp", "-r", path, str(target)], check=True)
+
+
+def test_every_saved_checkpoint_is_marked_complete_and_resumable(uninterrupted):
+    out, _ = uninterrupted
+    assert [os.path.basename(p) for p in list_checkpoints(str(out))] == ["checkpoint-6", "checkpoint-4", "checkpoint-2"]
+    for path in list_checkpoints(str(out)):
+        marker = json.loads(open(os.path.join(path, COMPLETION_MARKER)).read())
+        assert {"model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json"} <= marker["files"].keys()
+        assert checkpoint_problem(path) is None
+
+
+@pytest.mark.parametrize("damage, reason", [
+    ([("remove", "optimizer.pt")], "optimizer.pt is missing"),
+    ([("remove", "scheduler.pt")], "scheduler.pt is missing"),
+    ([("truncate", "optimizer.pt")], "optimizer.pt has"),
+    ([("flip", "model.safetensors")], "model.safetensors is corrupt"),
+    ([("flip", "rng_state.pth")], "rng_state.pth is corrupt"),
+    ([("remove", COMPLETION_MARKER), ("truncate", "optimizer.pt")], "optimizer.pt is not a readable torch file"),
+    ([("remove", COMPLETION_MARKER), ("remove", "trainer_state.json")], "no trainer_state.json"),
+], ids=["no-optimizer", "no-scheduler", "truncated-optimizer", "corrupt-weights", "corrupt-rng", "legacy-truncated",
+        "legacy-no-state"])
+def test_a_damaged_checkpoint_is_skipped_for_the_previous_complete_one(uninterrupted, tmp_path, damage, reason):
+    out, _ = uninterrupted
+    copy_checkpoints(out, tmp_path)
+    for action, name in damage:
+        path = tmp_path / "checkpoint-6" / name
+        data = path.read_bytes()
+        if action == "remove":
+            os.remove(path)
+        elif action == "truncate":
+            path.write_bytes(data[: len(data) // 2])
+        else:  # flip one byte: same size, different content
+            changed = bytearray(data)
+            changed[len(changed) // 2] ^= 0xFF
+            path.write_bytes(bytes(changed))
+    checkpoint, skipped = last_resumable_checkpoint(str(tmp_path))
+    assert checkpoint == str(tmp_path / "checkpoint-4")
+    assert len(skipped) == 1 and reason in skipped[0].reason
+
+
+def test_a_legacy_checkpoint_without_marker_resumes_when_complete(uninterrupted, tmp_path):
+    out, _ = uninterrupted
+    copy_checkpoints(out, tmp_path)
+    os.remove(tmp_path / "checkpoint-6" / COMPLETION_MARKER)
+    assert last_resumable_checkpoint(str(tmp_path)) == (str(tmp_path / "checkpoint-6"), [])
+
+
+def test_rotation_keeps_the_newest_complete_checkpoint_and_the_best(tmp_path):
+    for step in (1, 2, 3, 4, 5):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        if step != 5:  # checkpoint-5 is an interrupted save: newer than every complete one
+            (folder / COMPLETION_MARKER).write_text("{}")
+    (tmp_path / "checkpoint-0").mkdir()  # an interrupted save older than the newest complete one
+    deleted = rotate_checkpoints(str(tmp_path), save_total_limit=1, keep=(str(tmp_path / "checkpoint-2"),))
+    remaining = sorted(os.listdir(tmp_path))
+    assert remaining == ["checkpoint-2", "checkpoint-4", "checkpoint-5"]
+    assert len(deleted) == 3
+    assert rotate_checkpoints(str(tmp_path), save_total_limit=None) == []
+
+
+# ---- resuming in the trainer -------------------------------------------------------------------------------
+
+
+def test_resume_falls_back_past_damaged_checkpoints_and_matches_an_uninterrupted_run(uninterrupted, tmp_path, caplog):
+    out, expected = uninterrupted
+    copy_checkpoints(out, tmp_path)
+    for step in (6, 4):  # the two newest are unusable: missing optimizer, and a half-written checkpoint
+        subprocess.run(["rm", "-rf", str(tmp_path / f"checkpoint-{step}")], check=True)
+    (tmp_path / "checkpoint-4").mkdir()
+    (tmp_path / "checkpoint-4" / "config.json").write_text("{}")
+    resumed = train(tmp_path, resume=True)
+    assert_same_weights(weights(resumed), expected)
+    assert any("checkpoint-4" in r.getMessage() and "Skipped" in r.getMessage() for r in caplog.records)
+    assert checkpoint_problem(str(tmp_path / "checkpoint-4")) is None  # saved again, complete this time
+
+
+def test_an_explicit_incomplete_checkpoint_is_refused_in_one_line(uninterrupted, tmp_path):
+    out, _ = uninterrupted
+    copy_checkpoints(out, tmp_path)
+    os.remove(tmp_path / "checkpoint-6" / "optimizer.pt")
+    with pytest.raises(ValueError, match=r"cannot resume from it: optimizer.pt is missing; the newest complete "
+                                         r"checkpoint there is .*checkpoint-4"):
+        train(tmp_path / "elsewhere", resume=str(tmp_path / "checkpoint-6"))
+
+
+def test_a_checkpoint_at_the_last_step_is_loaded_not_trained_past(uninterrupted, tmp_path):
+    out, expected = uninterrupted
+    copy_checkpoints(out, tmp_path)
+    trainer = train(tmp_path, resume=True)
+    assert trainer.state.global_step == STEPS
+    assert_same_weights(weights(trainer), expected)
+    assert not (tmp_path / f"checkpoint-{STEPS + 1}").exists()
+
+
+def test_a_full_disk_while_saving_is_one_line_and_leaves_the_previous_checkpoint(uninterrupted, tmp_path, monkeypatch):
+    _, expected = uninterrupted
+    original_save = torch.save
+
+    def save_until_the_disk_fills(obj, path, *args, **kwargs):
+        if "checkpoint-4" in str(path) and str(path).endswith("optimizer.pt"):
+            with open(path, "wb") as handle:
+                handle.write(b"PK\x03\x04 partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save_until_the_disk_fills)
+    with pytest.raises(CheckpointWriteError, match=r"could not write .*checkpoint-4 \(no space left on the device\).*"
+                                                   r"GB free.*checkpoint-2 is complete"):
+        train(tmp_path)
+    assert not (tmp_path / "checkpoint-4").exists()
+    assert checkpoint_problem(str(tmp_path / "checkpoint-2")) is None
+    monkeypatch.setattr(torch, "save", original_save)
+    assert_same_weights(weights(train(tmp_path, resume=True)), expected)
+
+
+# ---- the output folder: lock, finished runs, --overwrite_output_dir ---------------------------------------------
+
+
+def dead_pid():
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_one_run_per_output_folder(tmp_path, caplog):
+    first = RunLock(str(tmp_path))
+    first.acquire()
+    owner = json.loads((tmp_path / "run.lock").read_text())
+    assert owner["pid"] == os.getpid()
+    # Another live process holds it: refused with its pid.
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        (tmp_path / "run.lock").write_text(json.dumps({**owner, "pid": sleeper.pid}))
+        with pytest.raises(ValueError, match=rf"in use by another run \(process {sleeper.pid} on"):
+            RunLock(str(tmp_path)).acquire()
+    finally:
+        sleeper.kill()
+    # A dead owner on this host: taken over, with a line saying so.
+    stale = dead_pid()
+    (tmp_path / "run.lock").write_text(json.dumps({**owner, "pid": stale}))
+    second = RunLock(str(tmp_path))
+    second.acquire()
+    assert any(f"from process {stale}, which is no longer running" in r.getMessage() for r in caplog.records)
+    second.release()
+    assert not (tmp_path / "run.lock").exists()
+    # Another host cannot be checked: refused.
+    (tmp_path / "run.lock").write_text(json.dumps({**owner, "host": "elsewhere"}))
+    with pytest.raises(ValueError, match="on elsewhere"):
+        RunLock(str(tmp_path)).acquire()
+
+
+def test_a_finished_run_rerun_unchanged_changes_nothing(uninterrupted, tmp_path):
+    out, _ = uninterrupted
+    copy_checkpoints(out, tmp_path)
+    (tmp_path / "train_results.json").write_text("{}")
+    (tmp_path / "trainer_state.json").write_text((out / "checkpoint-6" / "trainer_state.json").read_text())
+    files = [name for name in os.listdir(tmp_path) if os.path.isfile(tmp_path / name)]
+    before = {name: (tmp_path / name).read_bytes() for name in files}
+    with pytest.raises(RunFinished, match=r"trained to its last step \(6 of 6\): nothing to do"):
+        claim_output_dir(make_args(tmp_path, do_train=True))
+    after = {name: (tmp_path / name).read_bytes() for name in files}
+    assert after == before and len(list_checkpoints(str(tmp_path))) == 3
+    # A longer run of the same folder goes on from the last checkpoint.
+    assert claim_output_dir(make_args(tmp_path, do_train=True, max_steps=8)) == str(tmp_path / "checkpoint-6")
+
+
+def test_overwrite_output_dir_sets_the_old_checkpoints_aside(uninterrupted, tmp_path, monkeypatch):
+    out, _ = uninterrupted
+    copy_checkpoints(out, tmp_path)
+    args = make_args(tmp_path, do_train=True, overwrite_output_dir=True)
+    assert claim_output_dir(args) is None
+    assert len(list_checkpoints(str(tmp_path))) == 3  # nothing moves before every input was accepted
+    trained = []
+    monkeypatch.setattr(IPUTrainer, "train", lambda self, resume_from_checkpoint=None: trained.append(
+        (resume_from_checkpoint, list_checkpoints(str(tmp_path)))) or TrainOutput(0, 0.0, {}))
+    trainer = IPUTrainer(model=tiny_bert(), ipu_config=IPUConfig(layers_per_ipu=[-1]), args=args,
+                         data_collator=default_data_collator, train_dataset=masked_pairs(8))
+    train_and_save(trainer, args, None, 8)
+    assert trained == [(None, [])]  # moved aside before training started, and not resumed
+    assert list_checkpoints(str(tmp_path)) == []
+    aside = [name for name in os.listdir(tmp_path) if name.startswith("overwritten-")]
+    assert len(aside) == 1 and sorted(os.listdir(tmp_path / aside[0])) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+    # A later plain run does not resume from the overwritten run (here: nothing of the new run was saved yet).
+    with pytest.raises(ValueError, match="holds no checkpoint"):
+        claim_output_dir(make_args(tmp_path, do_train=True))
+
+
+def test_run_cli_releases_the_lock_and_reports_a_finished_run(tmp_path, capsys):
+    (tmp_path / "run.lock").parent.mkdir(exist_ok=True)
+
+    def main():
+        claim_output_dir(make_args(tmp_path, do_train=True))
+        assert (tmp_path / "run.lock").exists()
+        raise RunFinished("already finished")
+
+    assert run_cli(main) == 0
+    assert capsys.readouterr().err.strip() == "already finished"
+    assert not (tmp_path / "run.lock").exists()
+
+
+def test_the_saved_weights_are_the_final_checkpoints(uninterrupted):
+    out, expected = uninterrupted
+    saved = load_file(str(out / "checkpoint-6" / "model.safetensors"))
+    for name, value in saved.items():
+        torch.testing.assert_close(value, expected[name], rtol=0, atol=0)
+
+
+def test_torchs_own_disk_full_error_is_recognised_by_the_free_space(uninterrupted, tmp_path, monkeypatch):
+    """torch.save reports a full disk as a RuntimeError from its zip writer, not as ENOSPC."""
+    original_save = torch.save
+
+    def save_until_the_disk_fills(obj, path, *args, **kwargs):
+        if "checkpoint-4" in str(path) and str(path).endswith("optimizer.pt"):
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1024 vs 512")
+        return original_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save_until_the_disk_fills)
+    monkeypatch.setattr("ipu_trainer.trainer.shutil.disk_usage", lambda path: SimpleNamespace(total=10**9, used=10**9 - 1000, free=1000))
+    with pytest.raises(CheckpointWriteError, match=r"no space left on the device\): 0.00 GB free"):
+        train(tmp_path)
+    assert checkpoint_problem(str(tmp_path / "checkpoint-2")) is None
+
+
+def test_a_signal_seen_by_any_process_stops_every_process(monkeypatch):
+    """Processes receive a signal at different moments; the flag is all-reduced so all stop at the same step
+    (simulated: this process got no signal, another one did)."""
+    from ipu_trainer.run_control import StopOnSignal
+
+    stop = StopOnSignal()
+    assert not stop.requested(torch.device("cpu"))
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda flag, op=None: flag.fill_(1))
+    assert stop.requested(torch.device("cpu"))
