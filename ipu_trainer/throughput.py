@@ -3,9 +3,10 @@
 At every logging step of training `IPUTrainer.log` adds the rates of the window that ends there (the steps
 since the previous log line) to the line, so they also land in `trainer_state.json`'s `log_history`:
 
-- `samples_per_second`: samples trained in the window by all processes together, per second.
-- `tokens_per_second`: the tokens of those samples that are not padding (the ones of the attention mask;
-  every token of a batch without one), per second.
+- `samples_per_second`: samples trained in the window by all processes together, per second (with
+  `--packing`, sequences rather than packed rows).
+- `tokens_per_second`: the tokens of those samples that are not padding (the ones of the attention mask, or
+  of a sequence in packed rows; every token of a batch without either), per second.
 - `mfu` (only on a CUDA GPU listed in `ipu_trainer.mfu`): model FLOPs per second over the datasheet peak of
   all the processes' GPUs for the run's compute dtype. A batch of B rows padded to length S counts
   B x `transformer_training_flops_per_sequence(S)`, with the vocabulary projection at the masked positions
@@ -142,6 +143,7 @@ class ThroughputMeter(TrainerCallback):
         self._flops = 0.0
         self._host_tokens = 0
         self._device_tokens: Optional[torch.Tensor] = None
+        self._device_packed: Optional[torch.Tensor] = None  # (sequences, tokens) of packed rows
 
     def count_batch(self, inputs: Mapping[str, Any]) -> None:
         """Count one training batch: its rows and padded length from its shape, its tokens on its own device."""
@@ -149,6 +151,15 @@ class ThroughputMeter(TrainerCallback):
         if not isinstance(ids, torch.Tensor) or ids.dim() < 2:
             return
         rows, length = ids.shape[0], ids.shape[-1]
+        sequence_ids = inputs.get("sequence_ids")
+        if isinstance(sequence_ids, torch.Tensor):
+            # Packed rows (ipu_trainer.packing): a sample is a sequence (ids 1..n in each row), a token one that
+            # belongs to a sequence (id > 0); counted on the device like the attention mask's tokens.
+            counts = torch.stack([sequence_ids.amax(dim=1).sum(), (sequence_ids > 0).sum()])
+            self._device_packed = counts if self._device_packed is None else self._device_packed + counts
+            if self.flops_per_sequence is not None:
+                self._flops += rows * self.flops_per_sequence(length)
+            return
         self._samples += rows
         mask = inputs.get("attention_mask")
         if isinstance(mask, torch.Tensor):
@@ -165,6 +176,8 @@ class ThroughputMeter(TrainerCallback):
         counts = torch.tensor([self._samples, self._host_tokens, self._flops], dtype=torch.float64, device=self.device)
         if self._device_tokens is not None:
             counts[1] += self._device_tokens.to(self.device)
+        if self._device_packed is not None:
+            counts[:2] += self._device_packed.to(self.device)
         processes = 1
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(counts)  # every process logs at the same steps

@@ -452,3 +452,24 @@ def test_run_mlm_packing_needs_line_by_line(assets, tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", mlm_argv(assets, tmp_path / "out", "--do_train"))
     with pytest.raises(ValueError, match="--packing needs --line_by_line"):
         run_mlm.main()
+
+
+def test_the_training_log_counts_sequences_and_their_tokens_in_packed_rows():
+    from ipu_trainer.throughput import ThroughputMeter
+
+    class Clock:
+        now = 0.0
+
+        def __call__(self):
+            return self.now
+
+    meter = ThroughputMeter(torch.device("cpu"), clock=Clock())
+    meter.window_metrics()  # the warm-up window ends
+    packed = {"input_ids": torch.ones(2, 8, dtype=torch.long),
+              "sequence_ids": torch.tensor([[1, 1, 2, 2, 2, 3, 0, 0], [1, 1, 1, 1, 1, 1, 1, 0]])}
+    with pytest.MonkeyPatch.context() as patch:  # counting stays on the device, as for unpacked batches
+        for method in ("item", "tolist", "__bool__", "__int__", "__float__", "cpu"):
+            patch.setattr(torch.Tensor, method, lambda *a, **k: pytest.fail("counting a batch synced the host"))
+        meter.count_batch(packed)
+    meter.clock.now += 2.0
+    assert meter.window_metrics() == {"samples_per_second": 2.0, "tokens_per_second": 6.5}  # 4 sequences, 13 tokens
