@@ -23,7 +23,10 @@ slows a round down), the mean over rounds next to it. p is the padding fraction 
 in its timed batches; packing can at best turn it into a speedup of 1/(1-p) over (a0): the table prints
 that bound and the fraction of it that (a) achieved, and what the packing itself reaches on the data,
 (1 - padding left in the packed rows) / (1 - p): below the bound when many sequences are longer than half
-a row, since no two of those share one.
+a row, since no two of those share one. The bound assumes all work scales with positions; the ratio of
+model FLOPs per sequence shows how much less it can be when part of the work does not (the MLM head at the
+masked tokens, the same on both sides). Rates per CPU-second of the side's process (all threads) are
+printed too: on a machine shared with other jobs they move less than wall-clock rates.
 
     python bench/packing.py [--lengths 128 512] [--kinds pairs lines] [--steps N] [--batch-size B] [--tiny]
 
@@ -112,7 +115,7 @@ def build_data(kind: str, length: int, tokenizer, num_sequences: int, seed: int)
 
 class CountingCollator:
     """Wraps a collator and records, per batch in the order the loop consumes them: sequences, positions
-    computed (rows x padded length) and real tokens."""
+    computed (rows x padded length), real tokens and rows."""
 
     def __init__(self, collator, packed: bool) -> None:
         self.collator = collator
@@ -127,7 +130,7 @@ class CountingCollator:
         else:
             sequences = len(examples)
             real = int(batch["attention_mask"].sum())
-        self.batches.append((sequences, batch["input_ids"].numel(), real))
+        self.batches.append((sequences, batch["input_ids"].numel(), real, batch["input_ids"].shape[0]))
         return batch
 
 
@@ -181,16 +184,17 @@ def run_side(args: argparse.Namespace) -> dict:
                   logging_steps=args.steps, save_strategy="no", report_to=[], disable_tqdm=True,
                   dataloader_num_workers=0)
     stamps: dict[int, float] = {}
+    cpu_stamps: dict[int, float] = {}
 
     class StepTimer(TrainerCallback):
         def on_train_begin(self, _args, state, _control, **kwargs):
-            stamps[0] = time.perf_counter()
+            stamps[0], cpu_stamps[0] = time.perf_counter(), time.process_time()
 
         def on_step_end(self, _args, state, _control, **kwargs):
             if state.global_step >= args.warmup_steps:
                 if torch.cuda.is_available():
                     torch.cuda.synchronize()
-                stamps[state.global_step] = time.perf_counter()
+                stamps[state.global_step], cpu_stamps[state.global_step] = time.perf_counter(), time.process_time()
 
     if args.side == "stock":
         trainer = Trainer(model=model, args=TrainingArguments(**common, bf16=torch.cuda.is_available()),
@@ -207,9 +211,11 @@ def run_side(args: argparse.Namespace) -> dict:
         "side": args.side,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu, {torch.get_num_threads()} threads",
         "step_seconds": [stamps[i] - stamps[i - 1] for i in range(args.warmup_steps + 1, args.steps + 1)],
+        "cpu_seconds": [cpu_stamps[i] - cpu_stamps[i - 1] for i in range(args.warmup_steps + 1, args.steps + 1)],
         "sequences": [b[0] for b in timed],
         "positions": sum(b[1] for b in timed),
         "real_tokens": sum(b[2] for b in timed),
+        "attended_positions": sum(b[1] * b[1] / b[3] for b in timed),  # rows x length^2 summed over batches
         "batch_size": batch_size,
         "train_loss": result.training_loss,
         **packing,
@@ -237,7 +243,22 @@ def summarize(runs: list[dict]) -> dict:
     row["samples_per_s"] = max(rates)
     row["mean_samples_per_s"] = sum(sum(r["sequences"]) for r in runs) / sum(sum(r["step_seconds"]) for r in runs)
     row["padding"] = 1 - sum(r["real_tokens"] for r in runs) / sum(r["positions"] for r in runs)
+    # CPU time of the process (all its threads): what the side itself computed, less sensitive to other load.
+    row["samples_per_cpu_s"] = max(sum(run["sequences"]) / sum(run["cpu_seconds"]) for run in runs)
+    for key in ("sequences", "positions", "real_tokens", "attended_positions"):
+        row[f"total_{key}"] = sum(sum(r[key]) if isinstance(r[key], list) else r[key] for r in runs)
     return row
+
+
+def model_flops_per_sequence(model: dict, row: dict) -> float:
+    """Training FLOPs (3 x forward) per sequence of a side: encoder matmuls at every computed position,
+    attention over each row's length, and the MLM head (transform + vocabulary projection) at the masked
+    tokens only (MLM_PROBABILITY of the real ones), as this project's masked-position models compute it."""
+    h, layers, inter, vocab = (model[k] for k in ("hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size"))
+    dense = 6 * layers * (4 * h * h + 2 * h * inter) * row["total_positions"]
+    attention = 12 * layers * h * row["total_attended_positions"]
+    head = 6 * (h * h + h * vocab) * MLM_PROBABILITY * row["total_real_tokens"]
+    return (dense + attention + head) / row["total_sequences"]
 
 
 def main(argv=None) -> int:
@@ -265,36 +286,38 @@ def main(argv=None) -> int:
                     for side in SIDES:
                         runs[side].append(run_subprocess(args, side, kind, length, data))
                 rows = {side: summarize(side_runs) for side, side_runs in runs.items()}
-                speedups.append(report(kind, length, rows))
+                speedups.append(report(kind, length, rows, args.model))
     print(f"load average at end {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     print(f"speedup: {min(speedups):.2f}x")
     return 0
 
 
-def report(kind: str, length: int, rows: dict[str, dict]) -> float:
+def report(kind: str, length: int, rows: dict[str, dict], model: dict) -> float:
     packed, unpacked, stock = rows["packed"], rows["unpacked"], rows["stock"]
     p = unpacked["padding"]
     bound = 1 / (1 - p)
     speedup = packed["samples_per_s"] / unpacked["samples_per_s"]
+    cpu_speedup = packed["samples_per_cpu_s"] / unpacked["samples_per_cpu_s"]
     print()
     print(f"{kind} at {length} ({packed['device']}): padding carried by (a0) p = {p:.1%}, bound 1/(1-p) = {bound:.2f}x; "
           f"packing {packed['sequences_per_row']:.2f} sequences per row, efficiency {packed['efficiency']:.1%}, "
           f"micro-batch {packed['rows']} rows")
-    print(f"{'side':<46} {'seq/s':>8} {'(mean)':>8} {'padding':>8} {'micro-batch':>12}")
+    print(f"{'side':<46} {'seq/s':>8} {'(mean)':>8} {'seq/CPU-s':>10} {'padding':>8} {'micro-batch':>12}")
     for side, row in rows.items():
         print(f"{LABELS[side]:<46} {row['samples_per_s']:>8.1f} {row['mean_samples_per_s']:>8.1f} "
-              f"{row['padding']:>8.1%} {row['batch_size']:>12}")
+              f"{row['samples_per_cpu_s']:>10.1f} {row['padding']:>8.1%} {row['batch_size']:>12}")
     # What packing can deliver on this data: sequences per computed position, packed over padded. Below the
     # bound when sequences longer than half a row cannot share one (any packing leaves their gaps).
     reachable = (1 - packed["padding"]) / (1 - p)
+    # And in model FLOPs: work that does not shrink with padding (the MLM head at the masked tokens) lowers it.
+    flops = model_flops_per_sequence(model, unpacked) / model_flops_per_sequence(model, packed)
     print(f"packing reaches {reachable:.2f}x of the bound's {bound:.2f}x on this data (padding left in packed rows "
-          f"{packed['padding']:.1%})")
+          f"{packed['padding']:.1%}); model FLOPs per sequence (a0) / (a): {flops:.2f}x")
     print(f"(a) over (a0): {speedup:.2f}x = {speedup / bound:.0%} of the bound ({speedup / reachable:.0%} of what "
-          f"the packing reaches); (a) over (b): "
+          f"the packing reaches); in CPU time {cpu_speedup:.2f}x = {cpu_speedup / bound:.0%} of the bound; (a) over (b): "
           f"{packed['samples_per_s'] / stock['samples_per_s']:.2f}x; (a0) over (b): "
           f"{unpacked['samples_per_s'] / stock['samples_per_s']:.2f}x")
     return speedup
-
 
 if __name__ == "__main__":
     sys.exit(main())
