@@ -25,10 +25,11 @@ that bound and the fraction of it that (a) achieved, and what the packing itself
 (1 - padding left in the packed rows) / (1 - p): below the bound when many sequences are longer than half
 a row, since no two of those share one. The bound assumes all work scales with positions; the ratio of
 model FLOPs per sequence shows how much less it can be when part of the work does not (the MLM head at the
-masked tokens, the same on both sides). Rates per CPU-second of the side's process (all threads) are
-printed too: on a machine shared with other jobs they move less than wall-clock rates.
+masked tokens, the same on both sides). Rates per CPU-second of the side's process are printed too: with
+`--threads 1` they count the side's own work whatever else runs on the machine (with several threads, time
+spent waiting on each other counts as well, and on a shared machine that grows with the number of small ops).
 
-    python bench/packing.py [--lengths 128 512] [--kinds pairs lines] [--steps N] [--batch-size B] [--tiny]
+    python bench/packing.py [--lengths 128 512] [--kinds pairs lines] [--steps N] [--batch-size B] [--threads T] [--tiny]
 
 The last line is `speedup: X.XXx`: samples/s of (a) over (a0), the lowest over the data kinds and lengths run.
 """
@@ -67,6 +68,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--warmup-steps", type=int, default=2, help="steps left out of the timing")
     parser.add_argument("--rounds", type=int, default=2, help="alternating runs per side: a, a0, b, a, a0, b, ...")
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--threads", type=int,
+                        help="torch threads per side (default: torch's, one per core). On a machine shared with other "
+                        "jobs, 1 avoids threads waiting on each other's descheduled partners")
     parser.add_argument("--tiny", action="store_true", help="shrink the model and vocabulary (smoke test)")
     parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
@@ -149,6 +153,8 @@ def run_side(args: argparse.Namespace) -> dict:
     from ipu_trainer.training_args import IPUTrainingArguments
 
     hf_logging.set_verbosity_error()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     kind, length = args.kind, args.length
     tokenizer = BertTokenizer.from_pretrained(os.path.dirname(args.data))
     dataset = load_from_disk(args.data)
@@ -229,6 +235,7 @@ def run_subprocess(args: argparse.Namespace, side: str, kind: str, length: int, 
                "--length", str(length), "--steps", str(args.steps),
                "--warmup-steps", str(args.warmup_steps), "--batch-size", str(args.batch_size), "--seed", str(args.seed)]
     command += ["--tiny"] if args.tiny else []
+    command += ["--threads", str(args.threads)] if args.threads else []
     done = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if done.returncode != 0:
         sys.stderr.write(done.stderr)
