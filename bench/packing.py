@@ -252,6 +252,9 @@ def summarize(runs: list[dict]) -> dict:
     row["padding"] = 1 - sum(r["real_tokens"] for r in runs) / sum(r["positions"] for r in runs)
     # CPU time of the process (all its threads): what the side itself computed, less sensitive to other load.
     row["samples_per_cpu_s"] = max(sum(run["sequences"]) / sum(run["cpu_seconds"]) for run in runs)
+    # Real tokens/s: over a short run the sampled rows hold longer or shorter sequences by chance, which moves
+    # sequences/s but not tokens/s (over a whole epoch both sides train the same sequences, and the two agree).
+    row["tokens_per_s"] = max(run["real_tokens"] / sum(run["step_seconds"]) for run in runs)
     for key in ("sequences", "positions", "real_tokens", "attended_positions"):
         row[f"total_{key}"] = sum(sum(r[key]) if isinstance(r[key], list) else r[key] for r in runs)
     return row
@@ -309,10 +312,10 @@ def report(kind: str, length: int, rows: dict[str, dict], model: dict) -> float:
     print(f"{kind} at {length} ({packed['device']}): padding carried by (a0) p = {p:.1%}, bound 1/(1-p) = {bound:.2f}x; "
           f"packing {packed['sequences_per_row']:.2f} sequences per row, efficiency {packed['efficiency']:.1%}, "
           f"micro-batch {packed['rows']} rows")
-    print(f"{'side':<46} {'seq/s':>8} {'(mean)':>8} {'seq/CPU-s':>10} {'padding':>8} {'micro-batch':>12}")
+    print(f"{'side':<46} {'seq/s':>8} {'(mean)':>8} {'seq/CPU-s':>10} {'tokens/s':>9} {'padding':>8} {'micro-batch':>12}")
     for side, row in rows.items():
         print(f"{LABELS[side]:<46} {row['samples_per_s']:>8.1f} {row['mean_samples_per_s']:>8.1f} "
-              f"{row['samples_per_cpu_s']:>10.1f} {row['padding']:>8.1%} {row['batch_size']:>12}")
+              f"{row['samples_per_cpu_s']:>10.1f} {row['tokens_per_s']:>9.0f} {row['padding']:>8.1%} {row['batch_size']:>12}")
     # What packing can deliver on this data: sequences per computed position, packed over padded. Below the
     # bound when sequences longer than half a row cannot share one (any packing leaves their gaps).
     reachable = (1 - packed["padding"]) / (1 - p)
@@ -321,7 +324,9 @@ def report(kind: str, length: int, rows: dict[str, dict], model: dict) -> float:
     print(f"packing reaches {reachable:.2f}x of the bound's {bound:.2f}x on this data (padding left in packed rows "
           f"{packed['padding']:.1%}); model FLOPs per sequence (a0) / (a): {flops:.2f}x")
     print(f"(a) over (a0): {speedup:.2f}x = {speedup / bound:.0%} of the bound ({speedup / reachable:.0%} of what "
-          f"the packing reaches); in CPU time {cpu_speedup:.2f}x = {cpu_speedup / bound:.0%} of the bound; (a) over (b): "
+          f"the packing reaches, {speedup / flops:.0%} of the FLOPs ratio); in CPU time {cpu_speedup:.2f}x; in real tokens/s "
+          f"{packed['tokens_per_s'] / unpacked['tokens_per_s']:.2f}x = "
+          f"{packed['tokens_per_s'] / unpacked['tokens_per_s'] / bound:.0%} of the bound; (a) over (b): "
           f"{packed['samples_per_s'] / stock['samples_per_s']:.2f}x; (a0) over (b): "
           f"{unpacked['samples_per_s'] / stock['samples_per_s']:.2f}x")
     return speedup

@@ -19,7 +19,7 @@ def test_bench_prints_the_three_sides_the_bound_and_the_speedup():
     assert done.returncode == 0, done.stderr[-3000:]
     lines = [line for line in done.stdout.splitlines() if line.strip()]
     assert any(re.match(r"lines at 64 .*p = \d+\.\d%, bound 1/\(1-p\) = \d+\.\d\dx", line) for line in lines), done.stdout
-    row = r"\s+\d+\.\d\s+\d+\.\d\s+\d+\.\d\s+\d+\.\d%\s+\d+$"  # seq/s, (mean), seq/CPU-s, padding, micro-batch
+    row = r"\s+\d+\.\d\s+\d+\.\d\s+\d+\.\d\s+\d+\s+\d+\.\d%\s+\d+$"  # seq/s, (mean), seq/CPU-s, tokens/s, padding, micro-batch
     for label in ("(a) packed", "(a0) padded", "(b) padded"):
         assert any(line.startswith(label) and re.search(row, line) for line in lines), (label, done.stdout)
     assert any(re.match(r"\(a\) over \(a0\): \d+\.\d\dx = \d+% of the bound", line) for line in lines), done.stdout
