@@ -29,7 +29,7 @@ masked tokens, the same on both sides). Rates per CPU-second of the side's proce
 `--threads 1` they count the side's own work whatever else runs on the machine (with several threads, time
 spent waiting on each other counts as well, and on a shared machine that grows with the number of small ops).
 
-    python bench/packing.py [--lengths 128 512] [--kinds pairs lines] [--steps N] [--batch-size B] [--threads T] [--tiny]
+    python bench/packing.py [--preset cpu|bert-base] [--lengths 128 512] [--kinds pairs lines] [--steps N] [--batch-size B] [--threads T] [--tiny]
 
 The last line is `speedup: X.XXx`: samples/s of (a) over (a0), the lowest over the data kinds and lengths run.
 """
@@ -61,6 +61,8 @@ LABELS = {
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
+                        help="model size, as in bench/pretrain.py: cpu (small BERT) or bert-base")
     parser.add_argument("--lengths", type=int, nargs="+", default=[128, 512], help="sequence lengths (max_seq_length)")
     parser.add_argument("--kinds", nargs="+", choices=["pairs", "lines"], default=["pairs", "lines"])
     parser.add_argument("--batch-size", type=int, default=16, help="sequences per micro-batch of the padded sides")
@@ -79,7 +81,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not 0 <= args.warmup_steps < args.steps:
         parser.error(f"--warmup-steps={args.warmup_steps} must be in [0, --steps={args.steps})")
-    settings = dict(PRESETS["cpu"])
+    settings = dict(PRESETS[args.preset])
     if args.tiny:
         settings.update(TINY)
         settings["batch_size"] = min(settings["batch_size"], args.batch_size)
@@ -234,7 +236,7 @@ def run_subprocess(args: argparse.Namespace, side: str, kind: str, length: int, 
     command = [sys.executable, os.path.abspath(__file__), "--side", side, "--data", data, "--kind", kind,
                "--length", str(length), "--steps", str(args.steps),
                "--warmup-steps", str(args.warmup_steps), "--batch-size", str(args.batch_size), "--seed", str(args.seed)]
-    command += ["--tiny"] if args.tiny else []
+    command += ["--preset", args.preset] + (["--tiny"] if args.tiny else [])
     command += ["--threads", str(args.threads)] if args.threads else []
     done = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if done.returncode != 0:
@@ -279,7 +281,7 @@ def main(argv=None) -> int:
 
     load = os.getloadavg()
     m = args.model
-    print(f"model: hidden {m['hidden_size']}, {m['num_hidden_layers']} layers, {m['num_attention_heads']} heads, "
+    print(f"model ({args.preset} preset): hidden {m['hidden_size']}, {m['num_hidden_layers']} layers, {m['num_attention_heads']} heads, "
           f"intermediate {m['intermediate_size']}, vocab {m['vocab_size']}{' (tiny)' if args.tiny else ''}; "
           f"padded micro-batch {args.batch_size} sequences; {args.rounds} x {args.steps} steps per side, "
           f"first {args.warmup_steps} untimed; load average at start {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
