@@ -137,7 +137,7 @@ def load_raw_datasets(
     (pretraining reads them as documents); `text_builder_kwargs` go to the text builder (e.g. keep_linebreaks).
     """
     cache_dir = getattr(model_args, "cache_dir", None)
-    token = getattr(model_args, "use_auth_token", False) or None
+    token = hub.hub_token(model_args)
     dataset_path = getattr(data_args, "dataset_path", None)
     if data_args.dataset_name is not None:
         raw = load_hub_dataset(

@@ -15,6 +15,9 @@ from .data import data_files_of
 from .training_args import IPUTrainingArguments
 
 
+WEIGHT_DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
 @dataclass
 class ModelArguments:
     """Which model, config and tokenizer to start from. Each script adds its own fields to these."""
@@ -36,6 +39,29 @@ class ModelArguments:
     use_fast_tokenizer: bool = field(default=True, metadata={"help": "Use a fast (tokenizers-backed) tokenizer."})
     model_revision: str = field(default="main", metadata={"help": "Model version: a branch name, tag or commit id."})
     use_auth_token: bool = field(default=False, metadata={"help": "Use the token from `hf auth login` (private models)."})
+    token: Optional[str] = field(
+        default=None,
+        metadata={"help": "Hub token for private models and datasets (default: the one `hf auth login` saved, when "
+                  "--use_auth_token is given)."},
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={"help": "Allow config, tokenizer and model classes defined by code in their hub repository; that code "
+                  "runs on this machine, so only for repositories you trust."},
+    )
+    torch_dtype: Optional[str] = field(
+        default=None,
+        metadata={"help": "Load the model's weights in this dtype (auto: the checkpoint's own). Default float32: mixed "
+                  "precision during training is autocast (see --fp32), on float32 weights.",
+                  "choices": list(WEIGHT_DTYPES)},
+    )
+    dtype: Optional[str] = field(
+        default=None, metadata={"help": "transformers 5's name for --torch_dtype.", "choices": list(WEIGHT_DTYPES)}
+    )
+
+    def __post_init__(self):
+        if self.torch_dtype and self.dtype and self.torch_dtype != self.dtype:
+            raise ValueError(f"--torch_dtype {self.torch_dtype} and --dtype {self.dtype} disagree: give one of them")
 
 
 # The inherited transformers flags a run of these scripts usually needs; --help lists them after the script's own
