@@ -31,21 +31,28 @@ USER_ERRORS = (
 )
 
 
+LOG_FORMAT = "%(asctime)s - %(levelname)s - %(name)s - %(message)s"
+
+
 def setup_logging(training_args: Any) -> None:
-    logging.basicConfig(
-        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
-        datefmt="%m/%d/%Y %H:%M:%S",
-        handlers=[logging.StreamHandler(sys.stdout)],
-    )
+    """One stream of log lines in one format: this package's, transformers' and datasets' loggers all write
+    through the root handler (stdout), each line once. transformers and datasets otherwise each add a handler
+    of their own, and datasets also propagates to the root, which printed its lines twice. The full argument
+    dump is logged at debug level (`--log_level debug`); the start-up block states what the run uses."""
+    logging.basicConfig(format=LOG_FORMAT, datefmt="%m/%d/%Y %H:%M:%S", handlers=[logging.StreamHandler(sys.stdout)])
     if training_args.should_log:
         transformers.utils.logging.set_verbosity_info()
     level = training_args.get_process_log_level()
     logging.getLogger("ipu_trainer").setLevel(level)
-    datasets.utils.logging.set_verbosity(level)
     transformers.utils.logging.set_verbosity(level)
-    transformers.utils.logging.enable_default_handler()
-    transformers.utils.logging.enable_explicit_format()
-    logger.info("Training/evaluation parameters %s", training_args)
+    transformers.utils.logging.disable_default_handler()
+    transformers.utils.logging.enable_propagation()
+    datasets.utils.logging.set_verbosity(level)
+    datasets_logger = logging.getLogger("datasets")
+    for handler in list(datasets_logger.handlers):
+        datasets_logger.removeHandler(handler)
+    datasets.utils.logging.enable_propagation()
+    logger.debug("Training/evaluation parameters %s", training_args)
 
 
 _held_locks: list[RunLock] = []
