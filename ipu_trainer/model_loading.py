@@ -19,7 +19,7 @@ from transformers import CONFIG_MAPPING, AutoConfig, AutoTokenizer, PretrainedCo
 
 from .hub import HubError, hub_token, load_local_or_hub
 from .ipu_config import CONFIG_NAME as IPU_CONFIG_NAME
-from .ipu_config import IPUConfig
+from .ipu_config import IPUConfig, parse_scalar
 from .training_args import IPUTrainingArguments
 
 logger = logging.getLogger(__name__)
@@ -86,26 +86,12 @@ def apply_config_overrides(config: PretrainedConfig, overrides: str) -> None:
         items.append((key, text))
     for key, text in items:
         if getattr(config, key) is None:
-            setattr(config, key, _value_from_text(text))
+            setattr(config, key, parse_scalar(text))  # no current value to take the type from
             continue
         try:
             config.update_from_string(f"{key}={text}")
         except (ValueError, TypeError) as error:
             raise ValueError(f"--config_overrides: {key}={text}: {error} (current value: {getattr(config, key)!r})") from None
-
-
-def _value_from_text(text: str) -> Any:
-    lowered = text.lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    if lowered in ("none", "null"):
-        return None
-    for parse in (int, float):
-        try:
-            return parse(text)
-        except ValueError:
-            pass
-    return text
 
 
 def _common_model_types() -> str:

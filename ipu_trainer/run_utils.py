@@ -288,25 +288,19 @@ def run_cli(main: Callable[[], Any], user_errors: tuple[type[BaseException], ...
     `error:` line. Under torchrun each line is printed by the first process of each machine only."""
     try:
         main()
-    except RunFinished as finished:
-        if _reports_errors():
-            print(one_line(finished), file=sys.stderr)
         return 0
+    except RunFinished as finished:
+        line, code = one_line(finished), 0
     except TrainingInterrupted as interrupted:
-        if _reports_errors():
-            print(one_line(interrupted), file=sys.stderr)
-        return interrupted.exit_code
+        line, code = one_line(interrupted), interrupted.exit_code
     except CheckpointWriteError as error:
-        if _reports_errors():
-            print(error_line(error), file=sys.stderr)
-        return 1
+        line, code = error_line(error), 1
     except user_errors as error:
-        if _reports_errors():
-            print(error_line(error), file=sys.stderr)
-        return 2
+        line, code = error_line(error), 2
     except KeyboardInterrupt:
-        print("interrupted: the newest complete checkpoint (if any) resumes with the same command", file=sys.stderr)
-        return 130
+        line, code = "interrupted: the newest complete checkpoint (if any) resumes with the same command", 130
     finally:
         _release_locks()
-    return 0
+    if _reports_errors():
+        print(line, file=sys.stderr)
+    return code
