@@ -16,6 +16,7 @@ from typing import Any, Callable, Optional
 import datasets
 import torch
 import transformers
+from transformers import TrainerCallback
 from transformers.modelcard import TrainingSummary
 
 from .checkpoints import CHECKPOINT_PATTERN, TRAINER_STATE_NAME, last_resumable_checkpoint, list_checkpoints
@@ -165,6 +166,27 @@ def perplexity(loss: float) -> float:
         return float("inf")
 
 
+class StreamResumeNote(TrainerCallback):
+    """Says what resuming a --streaming run does with the stream. The upstream loop cannot seek in a stream: it reads
+    it again from its start and drops the step batches already trained on (on the first process, which reads every
+    process's batches), so training goes on with exactly the samples it would have had; reading them costs time."""
+
+    def __init__(self, samples_per_step: int) -> None:
+        self.samples_per_step = samples_per_step
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        steps = state.global_step
+        if steps == 0:
+            return
+        if args.ignore_data_skip:
+            logger.warning("Resuming a --streaming run at step %d with --ignore_data_skip: the stream starts again from "
+                           "its first sample, so the samples of the first %d steps are trained on again.", steps, steps)
+            return
+        logger.info("Resuming a --streaming run at step %d: the stream is read again from its start and the %d step "
+                    "batches already trained on (%d samples) are skipped, so training goes on where it stopped.",
+                    steps, steps, steps * self.samples_per_step)
+
+
 def train_and_save(trainer: Any, training_args: Any, last_checkpoint: Optional[str], num_train_samples: int) -> dict:
     if training_args.overwrite_output_dir:
         # Only now, when every input was accepted: a refused command leaves the folder as it was.
@@ -233,7 +255,13 @@ def train_evaluate_and_report(
         trainer.compile_only()
         return
     if training_args.do_train:
-        train_and_save(trainer, training_args, last_checkpoint, len(train_dataset))
+        if isinstance(train_dataset, datasets.IterableDataset):  # --streaming: a stream has no length
+            samples_per_step = trainer.run.train_placement.samples_per_step
+            trainer.add_callback(StreamResumeNote(samples_per_step))
+            num_train_samples = samples_per_step * training_args.max_steps
+        else:
+            num_train_samples = len(train_dataset)
+        train_and_save(trainer, training_args, last_checkpoint, num_train_samples)
     if training_args.do_eval:
         evaluate_and_save(trainer, len(eval_dataset))
     if training_args.do_train:

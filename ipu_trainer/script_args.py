@@ -11,7 +11,7 @@ from typing import Any, ClassVar, Optional
 
 from transformers import HfArgumentParser, TrainingArguments
 
-from .data import data_files_of
+from .data import data_files_of, require_eval_holdout
 from .training_args import IPUTrainingArguments
 
 
@@ -125,8 +125,28 @@ def parse_script_args(model_arguments: type, data_arguments: type) -> tuple[Any,
                 f"{argv[0]} holds the arguments, and {' '.join(argv[1:])} was given after it: put every argument in the "
                 "json file, or give them all on the command line"
             )
-        return parser.parse_json_file(json_file=os.path.abspath(argv[0]))
-    return parser.parse_args_into_dataclasses()
+        parsed = parser.parse_json_file(json_file=os.path.abspath(argv[0]))
+    else:
+        parsed = parser.parse_args_into_dataclasses()
+    check_streaming_args(parsed[1], parsed[2])
+    return parsed
+
+
+def check_streaming_args(data_args: Any, training_args: Any) -> None:
+    """What --streaming needs from the other flags, refused before anything is loaded: a stream has no length, so
+    training needs --max_steps, and evaluation without validation data needs --max_eval_samples (the rows held out).
+    Whether a hub dataset or a --dataset_path folder has a validation split is known once it is opened
+    (`data.train_and_eval_splits` checks it then)."""
+    if not getattr(data_args, "streaming", False):
+        return
+    if training_args.do_train and training_args.max_steps <= 0:
+        raise ValueError(
+            "--streaming with --do_train needs --max_steps N (> 0): a stream has no length, so the number of steps "
+            "cannot come from --num_train_epochs"
+        )
+    local_train_only = data_args.train_file is not None and data_args.validation_file is None
+    if training_args.do_eval and local_train_only:
+        require_eval_holdout(data_args)
 
 
 @dataclass
@@ -146,6 +166,13 @@ class DataArguments:
     preprocessing_num_workers: Optional[int] = field(default=None, metadata={"help": "Processes for preprocessing."})
     max_train_samples: Optional[int] = field(default=None, metadata={"help": "Use at most this many training samples."})
     max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Use at most this many evaluation samples."})
+    streaming: bool = field(
+        default=False,
+        metadata={"help": "Read the data as a stream (hub datasets and local files), preprocessed on the fly as it is "
+                  "trained on: nothing is downloaded or written in advance. Needs --max_steps; the stream is read in "
+                  "order and starts again when it ends. Evaluation without validation data holds out the first "
+                  "--max_eval_samples samples."},
+    )
 
     # The shortest --max_seq_length / --block_size a script can use (run_pretraining needs [CLS] A [SEP] B [SEP]).
     shortest_sequence: ClassVar[int] = 1

@@ -244,6 +244,7 @@ def test_defaults_match_the_original():
         "overwrite_cache": False, "validation_split_percentage": 5, "max_seq_length": None,
         "preprocessing_num_workers": None, "mlm_probability": 0.15, "line_by_line": False,
         "pad_to_max_length": False, "max_train_samples": None, "max_eval_samples": None, "whole_word_mask": False,
+        "streaming": False,  # the transformers examples' flag, beyond the original's
     }
 
 
