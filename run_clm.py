@@ -29,7 +29,6 @@ from ipu_trainer.model_loading import (
     load_model_config,
     load_tokenizer,
     max_positions_of,
-    torch_dtype_of,
 )
 from ipu_trainer.models import causal_lm_model_for
 from ipu_trainer.resolved_run import resolve_run
@@ -52,14 +51,6 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class ModelArguments(SharedModelArguments):
-    torch_dtype: Optional[str] = field(
-        default=None,
-        metadata={
-            "help": "Load the model's weights in this dtype; auto takes the checkpoint's own. Mixed precision during "
-            "training is chosen separately (see --fp32).",
-            "choices": ["auto", "bfloat16", "float16", "float32"],
-        },
-    )
     low_cpu_mem_usage: bool = field(
         default=False,
         metadata={"help": "Accepted for compatibility: transformers 5 always loads checkpoints without an extra copy in memory."},
@@ -88,7 +79,6 @@ def main():
     config = load_model_config(model_args)
     run = resolve_run(load_ipu_config(training_args, model_args.model_name_or_path), training_args, config)
     tokenizer = load_tokenizer(model_args)
-    dtype = torch_dtype_of(model_args.torch_dtype)
 
     # Data: all texts concatenated and cut into block_size blocks; labels are the inputs (shifted in the model)
     block_size = resolve_block_size(data_args.block_size, tokenizer, max_positions_of(config))
@@ -102,7 +92,7 @@ def main():
     train_dataset, eval_dataset = train_and_eval_splits(lm_datasets, training_args, data_args, too_short, run)
 
     # Model: GPT-2 gets recomputation and a chunked (still tied) LM head from the IPU config
-    model = load_model(AutoModelForCausalLM, model_args, config, tokenizer, model_class=causal_lm_model_for(config), dtype=dtype)
+    model = load_model(AutoModelForCausalLM, model_args, config, tokenizer, model_class=causal_lm_model_for(config))
 
     # Trainer
     trainer = IPUTrainer(

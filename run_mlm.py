@@ -22,7 +22,13 @@ import transformers
 from transformers import AutoModelForMaskedLM, set_seed
 
 from ipu_trainer import DataCollatorForLanguageModelingWithMaxTokensMasked, IPUTrainer
-from ipu_trainer.data import load_raw_datasets, resolve_max_seq_length, tokenize_for_masked_lm, train_and_eval_splits
+from ipu_trainer.data import (
+    load_raw_datasets,
+    pad_lines_to_max_length,
+    resolve_max_seq_length,
+    tokenize_for_masked_lm,
+    train_and_eval_splits,
+)
 from ipu_trainer.data_collators import max_num_masked_tokens, pad_to_multiple_of_for
 from ipu_trainer.metrics import AccuracyMetric, masked_lm_predictions, token_accuracy_metrics
 from ipu_trainer.model_loading import load_ipu_config, load_model, load_model_config, load_tokenizer, max_positions_of
@@ -103,7 +109,8 @@ def main():
     max_seq_length = resolve_max_seq_length(data_args.max_seq_length, tokenizer, max_positions_of(config))
     with training_args.main_process_first(desc="tokenizing the dataset"):
         tokenized_datasets = tokenize_for_masked_lm(
-            raw_datasets, tokenizer, max_seq_length, data_args.line_by_line, data_args.pad_to_max_length,
+            raw_datasets, tokenizer, max_seq_length, data_args.line_by_line,
+            pad_lines_to_max_length(data_args, training_args.world_size),
             num_proc=data_args.preprocessing_num_workers, overwrite_cache=data_args.overwrite_cache,
         )
     too_short = "the text is empty or shorter than one max_seq_length block (try --line_by_line or a smaller --max_seq_length)"

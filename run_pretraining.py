@@ -25,9 +25,12 @@ from ipu_trainer import (
     IPUTrainer,
 )
 from ipu_trainer.data import (
+    column_names_of,
     data_source_of,
+    first_example,
     load_raw_datasets,
     require_columns,
+    require_eval_holdout,
     resolve_max_seq_length,
     split_source,
     text_column_of,
@@ -46,7 +49,13 @@ from ipu_trainer.model_loading import (
 from ipu_trainer.models import masked_positions_model_for
 from ipu_trainer.optimization import get_groupbert_schedule
 from ipu_trainer.packing import pack_for_training
-from ipu_trainer.pretraining_data import build_nsp_pairs, load_text_documents
+from ipu_trainer.pretraining_data import (
+    NO_PAIRS_HINT,
+    build_nsp_pairs,
+    hold_out_nsp_pairs,
+    load_text_documents,
+    stream_nsp_pairs,
+)
 from ipu_trainer.resolved_run import resolve_run
 from ipu_trainer.run_utils import (
     check_outputs_before_loading,
@@ -130,14 +139,14 @@ def main():
     file_loader = None if data_args.is_already_preprocessed else load_text_documents
     raw_datasets = load_raw_datasets(data_args, model_args, file_loader=file_loader)
     first_split = next(iter(raw_datasets.values()))
-    already_pairs = data_args.is_already_preprocessed or "next_sentence_label" in first_split.column_names
+    already_pairs = data_args.is_already_preprocessed or "next_sentence_label" in column_names_of(first_split)
     if already_pairs:
         hint = ("BERT pretraining needs sentence pairs with a next_sentence_label: give raw text (--train_file corpus.txt) "
                 "to build them, or build a dataset with prepare_dataset.py.")
         for split in raw_datasets.values():
             require_columns(split, PRETRAINING_COLUMNS + (["labels"] if data_args.is_already_masked else []), hint,
                             data_source_of(data_args))
-        data_length = len(first_split[0]["input_ids"])
+        data_length = len(first_example(first_split)["input_ids"])
         max_seq_length = data_args.max_seq_length or data_length
         if max_seq_length != data_length:
             raise ValueError(f"--max_seq_length {max_seq_length} does not match the data's sequence length {data_length}")
@@ -147,6 +156,19 @@ def main():
         if data_args.is_already_masked:
             raise ValueError("--is_already_masked needs pre-built, masked data (input_ids ... labels), not raw text.")
         max_seq_length = resolve_max_seq_length(data_args.max_seq_length, tokenizer, max_positions_of(config))
+    if not already_pairs and data_args.streaming:
+        # Pairs built block by block as the stream is read. Without validation data, evaluation takes the pairs of the
+        # first blocks of documents, and training starts after them (no document in both)
+        text_columns = {name: text_column_of(split, split_source(data_args, name)) for name, split in raw_datasets.items()}
+        pair_options = dict(tokenizer=tokenizer, max_seq_length=max_seq_length, seed=training_args.seed)
+        tokenized_datasets = {name: stream_nsp_pairs(split, text_column=text_columns[name], **pair_options)
+                              for name, split in raw_datasets.items()}
+        if training_args.do_train and training_args.do_eval and "validation" not in raw_datasets:
+            require_eval_holdout(data_args)
+            tokenized_datasets["validation"], tokenized_datasets["train"] = hold_out_nsp_pairs(
+                raw_datasets["train"], data_args.max_eval_samples, text_column=text_columns["train"],
+                source=split_source(data_args, "train"), **pair_options)
+    elif not already_pairs:
         with training_args.main_process_first(desc="building sentence pairs"):
             tokenized_datasets = {
                 name: build_nsp_pairs(split, tokenizer, max_seq_length,
@@ -158,7 +180,8 @@ def main():
                 for name, split in raw_datasets.items()
             }
 
-    train_dataset, eval_dataset = train_and_eval_splits(tokenized_datasets, training_args, data_args, "the data is empty", run)
+    empty_hint = NO_PAIRS_HINT if data_args.streaming and not already_pairs else "the data is empty"
+    train_dataset, eval_dataset = train_and_eval_splits(tokenized_datasets, training_args, data_args, empty_hint, run)
 
     # Model: MLM logits only at the masked positions, at most max_num_masked_tokens per sequence (one cap, for the
     # model here and the masking collator below)

@@ -2,6 +2,11 @@
 
 Data comes from the hub (`--dataset_name`), a `save_to_disk` folder (`--dataset_path`) or local
 csv/json/txt files; a validation split is carved out of train when the data has none.
+
+With `--streaming` every split is a `datasets.IterableDataset`, read and preprocessed as the run iterates it: the
+functions here take either kind. A stream has no length, so what needs one works from its first rows instead
+(`first_example`, `column_names_of`), the evaluation set is read into memory (`materialise`), and the training
+stream is read in order, again from its start whenever it ends (`train_and_eval_splits`).
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from itertools import chain
 from typing import Any, Callable, Optional
 
 import datasets
-from datasets import DatasetDict, load_dataset, load_from_disk
+from datasets import DatasetDict, IterableDatasetDict, load_dataset, load_from_disk
 from datasets.exceptions import DataFilesNotFoundError, DatasetNotFoundError
 
 from . import hub
@@ -23,15 +28,23 @@ logger = logging.getLogger(__name__)
 
 FILE_BUILDERS = {"csv": "csv", "json": "json", "jsonl": "json", "txt": "text"}
 MAX_DEFAULT_SEQ_LENGTH = 1024
+# How much of a local file a streaming run checks before training (empty? UTF-8?): a stream is there so that a
+# large corpus is not read before the first step.
+STREAM_SCAN_BYTES = 64 << 20
+# Rows per in-memory table when a stream is read into a Dataset (`materialise`).
+MATERIALISE_ROWS = 1000
 
 
-def scan_text_file(path: str) -> tuple[bool, bool]:
-    """`(has_text, is_valid_utf8)` of a file, read once in blocks (stops early once both are known)."""
+def scan_text_file(path: str, max_bytes: Optional[int] = None) -> tuple[bool, bool]:
+    """`(has_text, is_valid_utf8)` of a file, read once in blocks (stops early once both are known), or of its
+    first `max_bytes` bytes when given (it reads on until it finds text)."""
     has_text = False
     valid = True
     decoder = codecs.getincrementaldecoder("utf-8")(errors="strict")
+    read = 0
     with open(path, "rb") as handle:
         while block := handle.read(1 << 20):
+            read += len(block)
             try:
                 text = decoder.decode(block)
             except UnicodeDecodeError:
@@ -40,20 +53,21 @@ def scan_text_file(path: str) -> tuple[bool, bool]:
                 text = decoder.decode(block)
             if not has_text and text.strip():
                 has_text = True
-            if has_text and not valid:
+            if has_text and (not valid or (max_bytes is not None and read >= max_bytes)):
                 break
     return has_text, valid
 
 
-def check_text_file(path: str, label: str) -> bool:
+def check_text_file(path: str, label: str, max_bytes: Optional[int] = None) -> bool:
     """Refuse a data file with nothing to train on; return whether its bytes are valid UTF-8.
 
     `label` names it in messages (e.g. "--train_file corpus.txt"). Empty and whitespace-only files, and csv
     files with a header but no rows, are refused. Bytes that are not UTF-8 are read as U+FFFD with a warning
     naming the file, in every script alike: a few stray bytes in a large scraped corpus should not stop a
-    run, and the replacement character keeps the damage visible in the data.
+    run, and the replacement character keeps the damage visible in the data. With `max_bytes` (streaming runs)
+    only the file's beginning is checked for UTF-8.
     """
-    has_text, valid = scan_text_file(path)
+    has_text, valid = scan_text_file(path, max_bytes)
     if not has_text:
         raise ValueError(f"{label} is empty (or only blank lines): nothing to train on")
     if path.lower().endswith(".csv"):
@@ -104,7 +118,9 @@ def data_source_of(data_args: Any) -> str:
     return "the data"
 
 
-def load_hub_dataset(flag: str, name: str, config_name: Optional[str] = None, **kwargs: Any) -> DatasetDict:
+def load_hub_dataset(
+    flag: str, name: str, config_name: Optional[str] = None, **kwargs: Any
+) -> DatasetDict | IterableDatasetDict:
     """`datasets.load_dataset(name, config_name, **kwargs)` for a dataset given as `flag`: a local folder, or a hub
     dataset, with one-line errors. Offline (HF_HUB_OFFLINE=1) datasets uses its cache without asking the hub.
     When the hub cannot be reached and offline mode is not set, datasets would retry for half a minute before
@@ -135,20 +151,29 @@ def load_raw_datasets(
 
     `file_loader(data_files, cache_dir=...)` replaces the datasets csv/json/text builders for local files
     (pretraining reads them as documents); `text_builder_kwargs` go to the text builder (e.g. keep_linebreaks).
+
+    With `--streaming` it is an IterableDatasetDict of streams (and `file_loader` is given `streaming=True`): hub
+    datasets and local files are read as they are iterated, a `--dataset_path` folder row by row. No validation
+    split is carved out of a stream (its size is unknown): see `train_and_eval_splits`.
     """
     cache_dir = getattr(model_args, "cache_dir", None)
-    token = getattr(model_args, "use_auth_token", False) or None
+    token = hub.hub_token(model_args)
     dataset_path = getattr(data_args, "dataset_path", None)
+    streaming = bool(getattr(data_args, "streaming", False))
+    if streaming and getattr(data_args, "preprocessing_num_workers", None):
+        logger.info("--streaming: --preprocessing_num_workers is not used; the stream is preprocessed as it is read")
     if data_args.dataset_name is not None:
         raw = load_hub_dataset(
             "--dataset_name", data_args.dataset_name, data_args.dataset_config_name, cache_dir=cache_dir, token=token,
-            data_dir=getattr(data_args, "data_dir", None),
+            data_dir=getattr(data_args, "data_dir", None), **({"streaming": True} if streaming else {}),
         )
     elif dataset_path is not None:
         if not os.path.isdir(dataset_path):
             raise FileNotFoundError(f"--dataset_path {dataset_path}: no such folder (expected a Dataset.save_to_disk folder)")
         loaded = load_from_disk(dataset_path)
         raw = loaded if isinstance(loaded, DatasetDict) else DatasetDict({"train": loaded})
+        if streaming:
+            raw = IterableDatasetDict({name: split.to_iterable_dataset() for name, split in raw.items()})
     else:
         files = data_files_of(data_args)
         if not files:
@@ -158,15 +183,16 @@ def load_raw_datasets(
         builder = FILE_BUILDERS[next(iter(files.values())).rsplit(".", 1)[-1].lower()]
         kwargs = dict(text_builder_kwargs or {}) if builder == "text" else {}
         if file_loader is not None:  # it checks its files itself
-            raw = file_loader(files, cache_dir=cache_dir)
+            raw = file_loader(files, cache_dir=cache_dir, **({"streaming": True} if streaming else {}))
         else:
-            all_utf8 = all([check_text_file(path, f"--{split}_file {path}") for split, path in files.items()])
-            if not all_utf8:
+            max_bytes = STREAM_SCAN_BYTES if streaming else None
+            all_utf8 = all([check_text_file(path, f"--{split}_file {path}", max_bytes) for split, path in files.items()])
+            if not all_utf8 or streaming:  # a stream is checked only at its start: replace wherever they are
                 kwargs.update(replacing_undecodable_bytes(builder))
-            raw = load_dataset(builder, data_files=files, cache_dir=cache_dir, **kwargs)
+            raw = load_dataset(builder, data_files=files, cache_dir=cache_dir, streaming=streaming, **kwargs)
             for split, path in files.items():
                 text_column_of(raw[split], f"--{split}_file {path}")
-    if "validation" not in raw and "train" in raw:
+    if "validation" not in raw and "train" in raw and not streaming:
         raw = _split_validation(raw, data_args.validation_split_percentage)
     return raw
 
@@ -191,7 +217,85 @@ def _split_validation(raw: DatasetDict, percentage: Optional[int]) -> DatasetDic
 def limit_samples(dataset: datasets.Dataset, max_samples: Optional[int]) -> datasets.Dataset:
     if max_samples is None:
         return dataset
+    if is_stream(dataset):
+        return dataset.take(max_samples)
     return dataset.select(range(min(max_samples, len(dataset))))
+
+
+# ---- streams -------------------------------------------------------------------------------------------------
+
+
+def is_stream(dataset: Any) -> bool:
+    """Whether `dataset` (a split, or a dict of splits) is read as a stream (--streaming)."""
+    if isinstance(dataset, (dict, DatasetDict, IterableDatasetDict)):
+        return any(is_stream(split) for split in dataset.values())
+    return isinstance(dataset, datasets.IterableDataset)
+
+
+def first_example(dataset: Any) -> Optional[dict[str, Any]]:
+    """The first row of a dataset or a stream (None when it has none). A stream is read up to its first row, through
+    its preprocessing, so this also says whether preprocessing leaves it any row."""
+    if not is_stream(dataset):
+        return dataset[0] if len(dataset) else None
+    return next(iter(dataset), None)
+
+
+def column_names_of(dataset: Any) -> list[str]:
+    """A dataset's columns; those of its first row for a stream whose columns are not known before it is read (csv,
+    json and text files, and streams after a `map`)."""
+    if dataset.column_names is not None:
+        return list(dataset.column_names)
+    example = first_example(dataset)
+    return list(example) if example is not None else []
+
+
+def map_data(
+    data: Any, function: Callable, num_proc: Optional[int] = None, overwrite_cache: bool = False,
+    desc: Optional[str] = None, **kwargs: Any,
+) -> Any:
+    """`data.map(function, **kwargs)` for a dataset or a stream (or a dict of either). A stream is mapped as it is
+    read, so the options of a materialised dataset's map (processes, cache, progress bar) do not apply to it."""
+    if is_stream(data):
+        return data.map(function, **kwargs)
+    return data.map(function, num_proc=num_proc, load_from_cache_file=not overwrite_cache, desc=desc, **kwargs)
+
+
+def materialise(dataset: Any, max_samples: Optional[int] = None) -> datasets.Dataset:
+    """A stream's first `max_samples` rows (all of them without a limit) read into an in-memory Dataset, so that
+    evaluation and its metrics see a sized dataset; a Dataset is only cut to `max_samples`."""
+    if not is_stream(dataset):
+        return limit_samples(dataset, max_samples)
+    stream = dataset.take(max_samples) if max_samples is not None else dataset
+    tables = [datasets.Dataset.from_dict(batch, features=dataset.features)
+              for batch in stream.iter(batch_size=MATERIALISE_ROWS)]
+    if not tables:
+        return datasets.Dataset.from_dict({name: [] for name in column_names_of(dataset)}, features=dataset.features)
+    return datasets.concatenate_datasets(tables)
+
+
+def require_eval_holdout(data_args: Any) -> None:
+    """--streaming --do_eval without validation data evaluates on the first --max_eval_samples samples of the training
+    data (and trains on the rest): refused without that number, since a percentage of a stream of unknown size
+    cannot be taken."""
+    if data_args.max_eval_samples is None:
+        raise ValueError(
+            "--streaming with --do_eval and no validation data (no validation split, no --validation_file) needs "
+            "--max_eval_samples N: the first N samples are held out for evaluation (a --validation_split_percentage "
+            "of a stream of unknown size cannot be taken)"
+        )
+
+
+def pad_lines_to_max_length(data_args: Any, world_size: int) -> bool:
+    """Whether --line_by_line samples are padded to max_seq_length when tokenized: with --pad_to_max_length, and for
+    a stream read by several processes. The first process reads the batches of every process for a step and hands
+    each its slice of their concatenation, which needs one shape for all of them."""
+    if data_args.pad_to_max_length or not data_args.line_by_line:
+        return data_args.pad_to_max_length
+    if getattr(data_args, "streaming", False) and world_size > 1:
+        logger.info("--streaming --line_by_line with %d processes: samples are padded to max_seq_length, so that every "
+                    "process's batch has one shape", world_size)
+        return True
+    return False
 
 
 def resolve_max_seq_length(requested: Optional[int], tokenizer: Any, model_max_positions: Optional[int] = None) -> int:
@@ -213,14 +317,22 @@ def resolve_max_seq_length(requested: Optional[int], tokenizer: Any, model_max_p
     return min(requested, tokenizer_max)
 
 
-def text_column_of(dataset: datasets.Dataset, source: str = "the dataset") -> str:
+def text_column_of(dataset: datasets.Dataset | datasets.IterableDataset, source: str = "the dataset") -> str:
     """The column holding the text: "text", else the first column (as the original scripts); refused when it
-    does not hold strings, since tokenizing it would fail with a message naming neither the data nor the flag."""
-    names = dataset.column_names
+    does not hold strings, since tokenizing it would fail with a message naming neither the data nor the flag.
+    A stream whose column types are not known before it is read is judged by its first row."""
+    names = column_names_of(dataset)
+    if not names:
+        raise ValueError(f"{source} has no rows: nothing to train on")
     column = "text" if "text" in names else names[0]
-    feature = dataset.features[column]
-    if not (isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")):
+    if dataset.features is not None and column in dataset.features:
+        feature = dataset.features[column]
+        is_text = isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
         kind = feature.dtype if isinstance(feature, datasets.Value) else type(feature).__name__
+    else:
+        value = first_example(dataset)[column]
+        is_text, kind = value is None or isinstance(value, str), type(value).__name__
+    if not is_text:
         raise ValueError(
             f"{source} has no 'text' column, and its first column {column!r} holds {kind}, not text (columns: "
             f"{', '.join(names)}): put the text in a column named 'text'"
@@ -244,7 +356,7 @@ def tokenize_for_masked_lm(
     remainder dropped. Special-token masks are kept so masking never picks [CLS]/[SEP].
     """
     column = text_column_of(raw["train"] if "train" in raw else next(iter(raw.values())))
-    remove = list(next(iter(raw.values())).column_names)
+    remove = column_names_of(next(iter(raw.values())))
 
     if line_by_line:
         padding = "max_length" if pad_to_max_length else False
@@ -257,21 +369,19 @@ def tokenize_for_masked_lm(
             )
             return encoded if lines else {key: [] for key in encoded}
 
-        return raw.map(
-            tokenize_lines, batched=True, num_proc=num_proc, remove_columns=remove,
-            load_from_cache_file=not overwrite_cache, desc="Tokenizing lines",
+        return map_data(
+            raw, tokenize_lines, num_proc, overwrite_cache, "Tokenizing lines", batched=True, remove_columns=remove,
         )
 
     def tokenize_all(examples):
         return tokenizer(examples[column], return_special_tokens_mask=True)
 
-    tokenized = raw.map(
-        tokenize_all, batched=True, num_proc=num_proc, remove_columns=remove,
-        load_from_cache_file=not overwrite_cache, desc="Tokenizing texts",
+    tokenized = map_data(
+        raw, tokenize_all, num_proc, overwrite_cache, "Tokenizing texts", batched=True, remove_columns=remove,
     )
-    return tokenized.map(
-        lambda examples: group_texts(examples, max_seq_length), batched=True, num_proc=num_proc,
-        load_from_cache_file=not overwrite_cache, desc=f"Grouping texts in blocks of {max_seq_length}",
+    return map_data(
+        tokenized, group_texts, num_proc, overwrite_cache, f"Grouping texts in blocks of {max_seq_length}",
+        batched=True, fn_kwargs={"block_size": max_seq_length},
     )
 
 
@@ -286,11 +396,12 @@ def group_texts(examples: dict[str, list], block_size: int) -> dict[str, list]:
 
 
 def require_columns(dataset: datasets.Dataset, columns: list[str], hint: str, source: str = "the dataset") -> None:
-    missing = [c for c in columns if c not in dataset.column_names]
+    present = column_names_of(dataset)
+    missing = [c for c in columns if c not in present]
     if missing:
         raise ValueError(
             f"{source} has no {', '.join(repr(c) for c in missing)} column{'s' if len(missing) > 1 else ''} "
-            f"(it has {dataset.column_names}). {hint}"
+            f"(it has {present}). {hint}"
         )
 
 
@@ -337,18 +448,17 @@ def tokenize_for_causal_lm(
     Face run_clm.py; line breaks are whatever the loader kept (`--keep_linebreaks`).
     """
     column = text_column_of(raw["train"] if "train" in raw else next(iter(raw.values())))
-    remove = list(next(iter(raw.values())).column_names)
+    remove = column_names_of(next(iter(raw.values())))
 
     def tokenize_all(examples):
         return tokenizer(examples[column])
 
-    tokenized = raw.map(
-        tokenize_all, batched=True, num_proc=num_proc, remove_columns=remove,
-        load_from_cache_file=not overwrite_cache, desc="Tokenizing texts",
+    tokenized = map_data(
+        raw, tokenize_all, num_proc, overwrite_cache, "Tokenizing texts", batched=True, remove_columns=remove,
     )
-    return tokenized.map(
-        _blocks_with_labels, batched=True, num_proc=num_proc, fn_kwargs={"block_size": block_size},
-        load_from_cache_file=not overwrite_cache, desc=f"Grouping texts in blocks of {block_size}",
+    return map_data(
+        tokenized, _blocks_with_labels, num_proc, overwrite_cache, f"Grouping texts in blocks of {block_size}",
+        batched=True, fn_kwargs={"block_size": block_size},
     )
 
 
@@ -359,8 +469,9 @@ def _blocks_with_labels(examples: dict[str, list], block_size: int) -> dict[str,
 
 
 def require_samples(dataset: datasets.Dataset, split: str, what: str, source: str = "") -> None:
-    """A split that preprocessing left empty is a user error, not a crash deep in the trainer."""
-    if len(dataset) == 0:
+    """A split that preprocessing left empty is a user error, not a crash deep in the trainer. A stream is read up to
+    its first sample to know."""
+    if first_example(dataset) is None:
         raise ValueError(f"the {split} data{f' ({source})' if source else ''} yields no samples: {what}")
 
 
@@ -389,20 +500,42 @@ def require_full_step(num_samples: int, placement: Any, max_train_samples: Optio
 
 def train_and_eval_splits(
     datasets_by_split: Any, training_args: Any, data_args: Any, empty_hint: str, run: Any = None
-) -> tuple[Optional[datasets.Dataset], Optional[datasets.Dataset]]:
+) -> tuple[Optional[datasets.Dataset | datasets.IterableDataset], Optional[datasets.Dataset]]:
     """The train split for --do_train and the validation split for --do_eval, cut to --max_*_samples. Given the
-    `run` (a ResolvedRun), training data smaller than one step's batch is refused (`require_full_step`)."""
+    `run` (a ResolvedRun), training data smaller than one step's batch is refused (`require_full_step`).
+
+    Streams (--streaming): the training stream is cut with `take`, checked to yield a sample, and repeated, so that
+    --max_steps steps always find full step batches and a resumed run can skip the batches already trained on
+    whatever the number of passes; its size stays unknown, so the one-step check is left out. The evaluation set is
+    read into memory (`materialise`): the validation split, or without one the first --max_eval_samples training
+    samples, which training then skips (`require_eval_holdout`).
+    """
     train_dataset = eval_dataset = None
+    train_source = datasets_by_split.get("train")
+    held_out = None
+    if is_stream(datasets_by_split) and training_args.do_eval and "validation" not in datasets_by_split:
+        require_eval_holdout(data_args)
+        if train_source is not None:
+            held_out = materialise(train_source, data_args.max_eval_samples)
+            train_source = train_source.skip(data_args.max_eval_samples)
+            logger.info("--streaming: the first %d samples of the training data are held out for evaluation (and not "
+                        "trained on)", len(held_out))
     if training_args.do_train:
-        if "train" not in datasets_by_split:
+        if train_source is None:
             raise ValueError("--do_train requires a train split (--train_file, --dataset_name or --dataset_path)")
-        train_dataset = limit_samples(datasets_by_split["train"], data_args.max_train_samples)
+        train_dataset = limit_samples(train_source, data_args.max_train_samples)
         require_samples(train_dataset, "train", empty_hint, split_source(data_args, "train"))
-        if run is not None:
+        if is_stream(train_dataset):
+            train_dataset = train_dataset.repeat(None)
+            logger.info("--streaming: the training data is read in order, and again from its start whenever it ends "
+                        "before --max_steps")
+        elif run is not None:
             require_full_step(len(train_dataset), run.train_placement, data_args.max_train_samples)
     if training_args.do_eval:
-        if "validation" not in datasets_by_split:
+        if held_out is None and "validation" not in datasets_by_split:
             raise ValueError("--do_eval requires a validation split (--validation_file or --validation_split_percentage)")
-        eval_dataset = limit_samples(datasets_by_split["validation"], data_args.max_eval_samples)
+        eval_dataset = held_out if held_out is not None else materialise(
+            datasets_by_split["validation"], data_args.max_eval_samples
+        )
         require_samples(eval_dataset, "validation", empty_hint, split_source(data_args, "validation"))
     return train_dataset, eval_dataset

@@ -36,6 +36,13 @@ class HubError(OSError):
     """A name that is neither a usable local path nor loadable from the hub; the message is one line."""
 
 
+def hub_token(model_args: Any) -> Optional[str | bool]:
+    """The token for hub requests from the scripts' model arguments: --token, else True (the saved login) with
+    --use_auth_token, else None (the hub libraries' default)."""
+    token = getattr(model_args, "token", None)
+    return token or (True if getattr(model_args, "use_auth_token", False) else None)
+
+
 def is_offline() -> bool:
     """HF_HUB_OFFLINE=1 (or TRANSFORMERS_OFFLINE=1): the hub libraries make no requests at all."""
     return huggingface_hub.is_offline_mode()

@@ -380,7 +380,8 @@ def _resolve_pod_type(name: str, value: Any, pod_type: str | None) -> Any:
 _OVERRIDE_SPLIT = re.compile(r",(?![^\[]*\])")
 
 
-def _parse_scalar(text: str) -> Any:
+def parse_scalar(text: str) -> Any:
+    """A value written in an override string: true/false, none/null, an int, a float, else the text itself."""
     lowered = text.lower()
     if lowered in ("true", "false"):
         return lowered == "true"
@@ -398,11 +399,11 @@ def _parse_value(text: str, like: Any) -> Any:
     """Parse one override value; `like` (the current or default value) settles ambiguities."""
     text = text.strip()
     if text.startswith("[") and text.endswith("]"):
-        return [_parse_scalar(t) for t in re.split(r"[\s,]+", text[1:-1].strip()) if t]
+        return [parse_scalar(t) for t in re.split(r"[\s,]+", text[1:-1].strip()) if t]
     if isinstance(like, str):
         # A path or mode stays text even when it looks like a number.
         return text
-    value = _parse_scalar(text)
+    value = parse_scalar(text)
     if isinstance(like, float) and _is_int(value):
         return float(value)
     return value

@@ -17,20 +17,22 @@ from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import RemoteEntryNotFoundError
 from transformers import CONFIG_MAPPING, AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
-from .hub import HubError, load_local_or_hub
+from .hub import HubError, hub_token, load_local_or_hub
 from .ipu_config import CONFIG_NAME as IPU_CONFIG_NAME
-from .ipu_config import IPUConfig
+from .ipu_config import IPUConfig, parse_scalar
 from .training_args import IPUTrainingArguments
 
 logger = logging.getLogger(__name__)
 
 
 def _hub_kwargs(model_args: Any) -> dict[str, Any]:
-    token = getattr(model_args, "use_auth_token", False)
+    """What transformers' from_pretrained takes from the model arguments: cache, revision, --token and
+    --trust_remote_code."""
     return {
         "cache_dir": getattr(model_args, "cache_dir", None),
         "revision": getattr(model_args, "model_revision", "main"),
-        "token": True if token is True else (token or None),
+        "token": hub_token(model_args),
+        "trust_remote_code": getattr(model_args, "trust_remote_code", False),
     }
 
 
@@ -47,7 +49,7 @@ def load_model_config(model_args: Any) -> PretrainedConfig:
         if model_args.model_type not in CONFIG_MAPPING:
             raise ValueError(
                 f"--model_type {model_args.model_type!r} is not a model type. Valid model types include: "
-                f"{_common_model_types()} (all {len(CONFIG_MAPPING.keys())} are listed in transformers.CONFIG_MAPPING). To start from a named checkpoint's architecture use "
+                f"{_common_model_types()} (all {len(list(CONFIG_MAPPING.keys()))} are listed in transformers.CONFIG_MAPPING). To start from a named checkpoint's architecture use "
                 f"--config_name {model_args.model_type} instead."
             )
         config = CONFIG_MAPPING[model_args.model_type]()
@@ -84,26 +86,12 @@ def apply_config_overrides(config: PretrainedConfig, overrides: str) -> None:
         items.append((key, text))
     for key, text in items:
         if getattr(config, key) is None:
-            setattr(config, key, _value_from_text(text))
+            setattr(config, key, parse_scalar(text))  # no current value to take the type from
             continue
         try:
             config.update_from_string(f"{key}={text}")
         except (ValueError, TypeError) as error:
             raise ValueError(f"--config_overrides: {key}={text}: {error} (current value: {getattr(config, key)!r})") from None
-
-
-def _value_from_text(text: str) -> Any:
-    lowered = text.lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    if lowered in ("none", "null"):
-        return None
-    for parse in (int, float):
-        try:
-            return parse(text)
-        except ValueError:
-            pass
-    return text
 
 
 def _common_model_types() -> str:
@@ -133,7 +121,7 @@ def load_tokenizer(model_args: Any) -> PreTrainedTokenizerBase:
     if not name:
         raise ValueError(
             "No tokenizer given: this script does not train tokenizers. Pass --tokenizer_name (a folder saved with "
-            "save_pretrained or a hub id); to build one offline see make_quickstart_assets.py."
+            "save_pretrained or a hub id); to build one offline: python -m ipu_trainer.offline_assets quickstart."
         )
     flag = "--tokenizer_name" if model_args.tokenizer_name else "--model_name_or_path"
     _require_file_in_folder(flag, name, TOKENIZER_FILES, "a tokenizer",
@@ -250,6 +238,8 @@ def load_model(
     the checkpoint's.
     """
     model_class = model_class or auto_class
+    if dtype is None:
+        dtype = torch_dtype_of(getattr(model_args, "dtype", None) or getattr(model_args, "torch_dtype", None))
     dtype = torch.float32 if dtype is None else dtype
     if getattr(model_args, "low_cpu_mem_usage", False):
         logger.info("--low_cpu_mem_usage: transformers 5 always loads checkpoints without a throwaway copy; nothing to change.")
@@ -268,7 +258,11 @@ def load_model(
                 model_args.model_name_or_path, len(missing), type(model).__name__, ", ".join(missing),
             )
     else:
-        model = model_class.from_config(config, dtype=dtype) if model_class is auto_class else model_class(config)
+        if model_class is auto_class:
+            model = model_class.from_config(config, dtype=dtype,
+                                            trust_remote_code=getattr(model_args, "trust_remote_code", False))
+        else:
+            model = model_class(config)
         if isinstance(dtype, torch.dtype) and model_class is not auto_class:
             model = model.to(dtype)
         logger.info("New %s model from scratch: %.1fM parameters.", config.model_type,

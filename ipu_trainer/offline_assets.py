@@ -1,14 +1,18 @@
 """Small, real assets built offline from text that ships with CPython.
 
 The quick start and the tests need a tokenizer and some English text without touching a hub.
-CPython's `pydoc_data` holds ~460 KB of English documentation: enough to train a WordPiece
-vocabulary and to give a tiny BERT something learnable.
+CPython's `pydoc_data` holds ~460 KB of English documentation (61 topics long enough to be documents):
+enough to train a WordPiece vocabulary and to give a tiny BERT something learnable. The quick start adds
+the docstrings of the standard library's modules (~300 more documents, read from the source files, no
+module imported), so that next-sentence prediction is learned across topics rather than memorised.
 """
 
 from __future__ import annotations
 
+import ast
 import os
 import re
+import sysconfig
 
 from tokenizers import BertWordPieceTokenizer, ByteLevelBPETokenizer
 from transformers import BertTokenizer, GPT2Tokenizer, PreTrainedTokenizerBase
@@ -44,6 +48,48 @@ def _topic_paragraphs() -> list[list[str]]:
     return result
 
 
+# Standard-library folders whose docstrings are tests, demos or vendored code rather than documentation.
+_SKIPPED_STDLIB_FOLDERS = {"test", "tests", "idlelib", "site-packages", "lib2to3", "__pycache__", "turtledemo",
+                           "ensurepip", "venv", "tkinter", "pydoc_data"}
+
+
+def _prose_paragraphs(text: str) -> list[str]:
+    """The paragraphs of `text` that read as prose: blank-line separated, indented and doctest lines dropped,
+    at least eight words."""
+    paragraphs = []
+    for paragraph in re.split(r"\n\s*\n", text):
+        lines = [line.strip() for line in paragraph.splitlines()
+                 if line.strip() and not line.startswith("  ") and not line.strip().startswith((">>>", "..."))]
+        joined = " ".join(lines)
+        if len(joined.split()) >= 8:
+            paragraphs.append(joined)
+    return paragraphs
+
+
+def stdlib_docstring_documents() -> list[str]:
+    """One document per standard-library module with at least three prose paragraphs in its docstrings (the
+    module's, its classes' and functions'), in a fixed order. Read with `ast` from the source files."""
+    root = sysconfig.get_paths()["stdlib"]
+    documents = []
+    for folder, subfolders, files in os.walk(root):
+        subfolders[:] = sorted(name for name in subfolders if name not in _SKIPPED_STDLIB_FOLDERS)
+        for name in sorted(files):
+            if not name.endswith(".py"):
+                continue
+            try:
+                with open(os.path.join(folder, name), encoding="utf-8") as handle:
+                    tree = ast.parse(handle.read())
+            except (SyntaxError, UnicodeDecodeError, ValueError):
+                continue
+            paragraphs = []
+            for node in ast.walk(tree):
+                if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                    paragraphs += _prose_paragraphs(ast.get_docstring(node) or "")
+            if len(paragraphs) >= 3:
+                documents.append(" ".join(paragraphs))
+    return documents
+
+
 def train_wordpiece_tokenizer(
     texts: list[str], output_dir: str, vocab_size: int = 2000, model_max_length: int = 512
 ) -> PreTrainedTokenizerBase:
@@ -57,13 +103,16 @@ def train_wordpiece_tokenizer(
     return tokenizer
 
 
-def write_quickstart_assets(output_dir: str, validation_fraction: float = 0.1, bpe: bool = False) -> dict[str, str]:
+def write_quickstart_assets(
+    output_dir: str, validation_fraction: float = 0.1, bpe: bool = False, with_docstrings: bool = False
+) -> dict[str, str]:
     """Write a WordPiece tokenizer (BERT-style), optionally a byte-level BPE tokenizer (GPT-2-style), and a
-    train/validation text corpus (one sentence per line, documents separated by blank lines).
+    train/validation text corpus (one sentence per line, documents separated by blank lines): the pydoc topics,
+    and with `with_docstrings` the standard library's docstrings too (the quick start's corpus).
 
     Returns the paths: {"tokenizer": ..., "train_file": ..., "validation_file": ...[, "bpe_tokenizer": ...]}.
     """
-    documents = english_text_topics()
+    documents = english_text_topics() + (stdlib_docstring_documents() if with_docstrings else [])
     n_validation = max(2, int(len(documents) * validation_fraction))
     # Every n-th topic goes to validation, so both parts cover the whole documentation.
     step = max(1, len(documents) // n_validation)
@@ -117,5 +166,5 @@ if __name__ == "__main__":
 
     # python -m ipu_trainer.offline_assets [folder]: everything the README quick starts use.
     target = sys.argv[1] if len(sys.argv) > 1 else "quickstart"
-    for name, path in write_quickstart_assets(target, bpe=True).items():
+    for name, path in write_quickstart_assets(target, bpe=True, with_docstrings=True).items():
         print(f"{name}: {path}")

@@ -17,7 +17,8 @@ Determinism: documents are processed in `len(documents) // DOCUMENTS_PER_BLOCK` 
 documents (near-equal sizes, each at least `DOCUMENTS_PER_BLOCK` when there are that many documents),
 each with its own random generator seeded from `seed` and the block's index. The random "other
 document" for a label-1 pair is drawn from the same block, so blocks are independent and the result
-depends only on the seed and the data, not on `num_proc`.
+depends only on the seed and the data, not on `num_proc`. A stream of documents (--streaming) is cut into
+blocks of exactly `DOCUMENTS_PER_BLOCK` documents as it is read, with the same recipe and seeds (`stream_nsp_pairs`).
 
 Storage: token-id sequences are int32 (half the disk of int64 for corpora of tens of millions of
 pairs), `next_sentence_label` is int64. Collators turn both into int64 tensors.
@@ -41,7 +42,13 @@ import torch
 from datasets.fingerprint import Hasher
 from transformers import PreTrainedTokenizerBase
 
-from ipu_trainer.data import check_text_file, replacing_undecodable_bytes
+from ipu_trainer.data import (
+    STREAM_SCAN_BYTES,
+    check_text_file,
+    column_names_of,
+    first_example,
+    replacing_undecodable_bytes,
+)
 from ipu_trainer.data_collators import DataCollatorForLanguageModelingWithMaxTokensMasked
 
 logger = logging.getLogger(__name__)
@@ -94,8 +101,9 @@ def _extension(path: str) -> str:
     return os.path.splitext(path)[1].lstrip(".").lower()
 
 
-def _check_files(files: Sequence[str]) -> list[str]:
-    """Validate paths; return the files that are not valid UTF-8 (after warning about each)."""
+def _check_files(files: Sequence[str], max_bytes: int | None = None) -> list[str]:
+    """Validate paths; return the files that are not valid UTF-8 (after warning about each), judged from their first
+    `max_bytes` bytes when given (see `data.check_text_file`)."""
     non_utf8 = []
     for path in files:
         if not os.path.isfile(path):
@@ -105,7 +113,7 @@ def _check_files(files: Sequence[str]) -> list[str]:
             raise ValueError(
                 f"{path} has an unsupported extension {extension!r}: use one of {', '.join(SUPPORTED_EXTENSIONS)}"
             )
-        if not check_text_file(path, path):
+        if not check_text_file(path, path, max_bytes=max_bytes):
             non_utf8.append(path)
     return non_utf8
 
@@ -128,9 +136,10 @@ def _blank_line_documents(paths: list[str], stamps: list[tuple[int, int]]) -> It
 
 
 def load_text_documents(
-    data_files: dict[str, list[str] | str], cache_dir: str | None = None
-) -> datasets.DatasetDict:
-    """Load pretraining documents, one split per key of `data_files`, into a single "text" column.
+    data_files: dict[str, list[str] | str], cache_dir: str | None = None, streaming: bool = False
+) -> datasets.DatasetDict | datasets.IterableDatasetDict:
+    """Load pretraining documents, one split per key of `data_files`, into a single "text" column; with `streaming`,
+    as streams read from the files as they are iterated (the same documents, in the same order).
 
     - txt: documents are blocks of lines separated by blank lines (BERT's format); line breaks inside a
       document are kept (they are sentence boundaries for `split_sentences`).
@@ -138,43 +147,47 @@ def load_text_documents(
     All files of one split must share an extension. Missing files raise FileNotFoundError, unsupported
     extensions and empty (or whitespace-only) files raise ValueError naming the file. Bytes that are not
     UTF-8 are decoded as U+FFFD with a warning naming the file, in the main process, before any worker
-    starts.
+    starts (for streams: a warning when the first `data.STREAM_SCAN_BYTES` hold any, U+FFFD wherever they are).
     """
     splits = {}
     for split, files in data_files.items():
         files = [files] if isinstance(files, str) else list(files)
         if not files:
             raise ValueError(f"No files given for the {split!r} split")
-        non_utf8 = _check_files(files)
+        non_utf8 = _check_files(files, max_bytes=STREAM_SCAN_BYTES if streaming else None)
         extensions = {_extension(path) for path in files}
         if len(extensions) > 1:
             raise ValueError(f"The {split!r} split mixes file types {sorted(extensions)}: use one type per split")
         extension = extensions.pop()
         if extension == "txt":
             stamps = [(os.stat(path).st_size, os.stat(path).st_mtime_ns) for path in files]
-            documents = datasets.Dataset.from_generator(
-                _blank_line_documents,
+            generator_options = dict(
                 gen_kwargs={"paths": [os.path.abspath(path) for path in files], "stamps": stamps},
                 features=datasets.Features({"text": datasets.Value("string")}),
-                cache_dir=cache_dir,
                 split=datasets.NamedSplit(split),
             )
+            if streaming:
+                documents = datasets.IterableDataset.from_generator(_blank_line_documents, **generator_options)
+            else:
+                documents = datasets.Dataset.from_generator(_blank_line_documents, cache_dir=cache_dir, **generator_options)
         else:
             builder = "json" if extension in ("json", "jsonl") else "csv"
             documents = datasets.load_dataset(
                 builder,
                 data_files={split: files},
                 cache_dir=cache_dir,
-                **(replacing_undecodable_bytes(builder) if non_utf8 else {}),
+                streaming=streaming,
+                **(replacing_undecodable_bytes(builder) if non_utf8 or streaming else {}),
             )[split]
-            if "text" not in documents.column_names:
+            columns = column_names_of(documents)
+            if "text" not in columns:
                 raise ValueError(
-                    f"{files[0]} has no 'text' column (columns: {documents.column_names}): put one document "
+                    f"{files[0]} has no 'text' column (columns: {columns}): put one document "
                     "per row in a column named 'text'"
                 )
             documents = documents.select_columns(["text"])
         splits[split] = documents
-    return datasets.DatasetDict(splits)
+    return datasets.IterableDatasetDict(splits) if streaming else datasets.DatasetDict(splits)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -306,24 +319,19 @@ def _tokenize_sentences(tokenizer: PreTrainedTokenizerBase, sentences: list[str]
     return tokenizer(sentences, add_special_tokens=False, return_attention_mask=False)["input_ids"]
 
 
-def _build_block(
-    batch: dict[str, list],
-    documents: datasets.Dataset,
+def nsp_pairs_from_texts(
+    texts: Sequence[str | None],
     tokenizer: PreTrainedTokenizerBase,
-    text_column: str,
-    num_blocks: int,
     max_seq_length: int,
     short_seq_prob: float,
     seed: int,
-    dupe_factor: int,
-) -> dict[str, Any]:
-    if multiprocess.current_process().name != "MainProcess":
-        # One process per core already: a Rust thread pool per worker would only oversubscribe the CPUs.
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    block = batch["block"][0]
-    start, end = _block_bounds(len(documents), block, num_blocks)
-    texts = documents[start:end][text_column]
-
+    block: int,
+    dupe_factor: int = 1,
+) -> dict[str, np.ndarray]:
+    """The NSP pairs of one block of documents (`texts`, one document each), with the block's own random generator
+    (from `seed` and `block`): random B segments come from the other documents of `texts`. Columns as
+    `PAIR_FEATURES`. The one recipe of both `build_nsp_pairs` (blocks of a dataset) and `stream_nsp_pairs` (blocks of
+    a stream)."""
     sentences, owners = [], []
     for position, text in enumerate(texts):
         for sentence in split_sentences(text or ""):
@@ -369,6 +377,26 @@ def _build_block(
     }
 
 
+def _build_block(
+    batch: dict[str, list],
+    documents: datasets.Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    text_column: str,
+    num_blocks: int,
+    max_seq_length: int,
+    short_seq_prob: float,
+    seed: int,
+    dupe_factor: int,
+) -> dict[str, Any]:
+    if multiprocess.current_process().name != "MainProcess":
+        # One process per core already: a Rust thread pool per worker would only oversubscribe the CPUs.
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    block = batch["block"][0]
+    start, end = _block_bounds(len(documents), block, num_blocks)
+    texts = documents[start:end][text_column]
+    return nsp_pairs_from_texts(texts, tokenizer, max_seq_length, short_seq_prob, seed, block, dupe_factor)
+
+
 def _cache_file_name(dataset: datasets.Dataset, fingerprint: str) -> str | None:
     if not dataset.cache_files:
         return None
@@ -406,6 +434,35 @@ def _map_blocks(
     )
 
 
+NO_PAIRS_HINT = (
+    "next-sentence prediction needs at least two documents, or a document with at least two sentences. Separate "
+    "documents with blank lines (txt) or rows (csv/json), and end sentences with '.', '!' or '?' or put them on "
+    "separate lines."
+)
+
+
+def _check_pair_options(
+    documents: datasets.Dataset | datasets.IterableDataset,
+    tokenizer: PreTrainedTokenizerBase,
+    max_seq_length: int,
+    text_column: str,
+    short_seq_prob: float,
+    dupe_factor: int,
+) -> None:
+    if max_seq_length < 5:
+        raise ValueError(f"max_seq_length={max_seq_length!r} is too short: a pair needs [CLS] A [SEP] B [SEP]")
+    if not 0.0 <= short_seq_prob <= 1.0:
+        raise ValueError(f"short_seq_prob={short_seq_prob!r} must be in [0, 1]")
+    if dupe_factor < 1:
+        raise ValueError(f"dupe_factor={dupe_factor!r} must be >= 1")
+    columns = column_names_of(documents)
+    if text_column not in columns:
+        raise ValueError(f"text_column={text_column!r} is not a column of the documents: {columns}")
+    for name in ("cls_token_id", "sep_token_id", "pad_token_id"):
+        if getattr(tokenizer, name) is None:
+            raise ValueError(f"The tokenizer has no {name[:-3]}: NSP pairs need [CLS], [SEP] and [PAD] tokens")
+
+
 def build_nsp_pairs(
     documents: datasets.Dataset,
     tokenizer: PreTrainedTokenizerBase,
@@ -432,17 +489,7 @@ def build_nsp_pairs(
     Raises ValueError when no pair can be built, e.g. from a single document of one sentence; `source` (e.g.
     "--train_file corpus.txt") names the documents in that message.
     """
-    if max_seq_length < 5:
-        raise ValueError(f"max_seq_length={max_seq_length!r} is too short: a pair needs [CLS] A [SEP] B [SEP]")
-    if not 0.0 <= short_seq_prob <= 1.0:
-        raise ValueError(f"short_seq_prob={short_seq_prob!r} must be in [0, 1]")
-    if dupe_factor < 1:
-        raise ValueError(f"dupe_factor={dupe_factor!r} must be >= 1")
-    if text_column not in documents.column_names:
-        raise ValueError(f"text_column={text_column!r} is not a column of the documents: {documents.column_names}")
-    for name in ("cls_token_id", "sep_token_id", "pad_token_id"):
-        if getattr(tokenizer, name) is None:
-            raise ValueError(f"The tokenizer has no {name[:-3]}: NSP pairs need [CLS], [SEP] and [PAD] tokens")
+    _check_pair_options(documents, tokenizer, max_seq_length, text_column, short_seq_prob, dupe_factor)
     if len(documents) == 0:
         raise ValueError("There are no documents: nothing to pretrain on")
 
@@ -474,9 +521,7 @@ def build_nsp_pairs(
     if len(pairs) == 0:
         raise ValueError(
             f"No sentence pairs could be built from {f'{source}: ' if source else ''}{len(documents)} document(s): "
-            "next-sentence prediction needs "
-            "at least two documents, or a document with at least two sentences. Separate documents with blank "
-            "lines (txt) or rows (csv/json), and end sentences with '.', '!' or '?' or put them on separate lines."
+            f"{NO_PAIRS_HINT}"
         )
     random_fraction = pyarrow.compute.mean(pairs.data.column("next_sentence_label")).as_py()
     logger.info(
@@ -491,6 +536,114 @@ def build_nsp_pairs(
             100 * random_fraction, max_seq_length,
         )
     return pairs
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sentence pairs from a stream of documents (--streaming)
+# ---------------------------------------------------------------------------------------------------
+
+
+def _build_streamed_block(
+    batch: dict[str, list],
+    indices: list[int],
+    tokenizer: PreTrainedTokenizerBase,
+    text_column: str,
+    max_seq_length: int,
+    short_seq_prob: float,
+    seed: int,
+    dupe_factor: int,
+    first_block: int,
+) -> dict[str, Any]:
+    block = first_block + indices[0] // DOCUMENTS_PER_BLOCK
+    pairs = nsp_pairs_from_texts(batch[text_column], tokenizer, max_seq_length, short_seq_prob, seed, block, dupe_factor)
+    return {name: values.tolist() for name, values in pairs.items()}  # rows as a Dataset gives them: lists, not arrays
+
+
+def stream_nsp_pairs(
+    documents: datasets.IterableDataset,
+    tokenizer: PreTrainedTokenizerBase,
+    max_seq_length: int,
+    text_column: str = "text",
+    short_seq_prob: float = 0.1,
+    seed: int = 42,
+    dupe_factor: int = 1,
+    first_block: int = 0,
+) -> datasets.IterableDataset:
+    """`build_nsp_pairs` for a stream of documents: the pairs are built as the stream is read, one block of
+    `DOCUMENTS_PER_BLOCK` consecutive documents at a time, with the same recipe and per-block seeds
+    (`nsp_pairs_from_texts`); `first_block` numbers the stream's first block (for a stream that starts after the
+    blocks held out by `hold_out_nsp_pairs`).
+
+    The stream's size is unknown, so its blocks are exactly `DOCUMENTS_PER_BLOCK` documents (the last one shorter),
+    where `build_nsp_pairs` spreads the remainder over its blocks: the pairs are the same when the number of
+    documents is at most `DOCUMENTS_PER_BLOCK` or a multiple of it; otherwise the block boundaries, and so the pools of
+    random B segments, differ. A stream without a single pair is found when it is first read (see
+    `data.require_samples`), with `NO_PAIRS_HINT`.
+    """
+    _check_pair_options(documents, tokenizer, max_seq_length, text_column, short_seq_prob, dupe_factor)
+    return documents.map(
+        _build_streamed_block,
+        batched=True,
+        batch_size=DOCUMENTS_PER_BLOCK,
+        with_indices=True,
+        remove_columns=column_names_of(documents),
+        features=PAIR_FEATURES,
+        fn_kwargs={
+            "tokenizer": tokenizer,
+            "text_column": text_column,
+            "max_seq_length": max_seq_length,
+            "short_seq_prob": short_seq_prob,
+            "seed": seed,
+            "dupe_factor": dupe_factor,
+            "first_block": first_block,
+        },
+    )
+
+
+def hold_out_nsp_pairs(
+    documents: datasets.IterableDataset,
+    num_pairs: int,
+    tokenizer: PreTrainedTokenizerBase,
+    max_seq_length: int,
+    text_column: str = "text",
+    short_seq_prob: float = 0.1,
+    seed: int = 42,
+    dupe_factor: int = 1,
+    source: str = "the documents",
+) -> tuple[datasets.Dataset, datasets.IterableDataset]:
+    """Evaluation pairs held out of a stream of documents that has no validation split: the first `num_pairs` pairs
+    of `stream_nsp_pairs(documents)` as a Dataset, and the stream of pairs for training, which starts after the
+    blocks those came from. Whole blocks are held out because a block's pairs share its documents (their random B
+    segments too): no document is both evaluated and trained on. Raises ValueError, naming `source` and
+    --max_eval_samples, when that leaves no document to train on."""
+    _check_pair_options(documents, tokenizer, max_seq_length, text_column, short_seq_prob, dupe_factor)
+    held_out: list[dict[str, np.ndarray]] = []
+    count = blocks = num_documents = 0
+    for batch in documents.iter(batch_size=DOCUMENTS_PER_BLOCK):
+        pairs = nsp_pairs_from_texts(batch[text_column], tokenizer, max_seq_length, short_seq_prob, seed, blocks,
+                                     dupe_factor)
+        held_out.append(pairs)
+        count += len(pairs["next_sentence_label"])
+        blocks += 1
+        num_documents += len(batch[text_column])
+        if count >= num_pairs:
+            break
+    if num_documents < blocks * DOCUMENTS_PER_BLOCK or first_example(documents.skip(num_documents)) is None:
+        raise ValueError(
+            f"--max_eval_samples {num_pairs} with --streaming and no validation data holds out all {num_documents} "
+            f"documents of {source} ({count} pairs; pairs are held out in whole blocks of {DOCUMENTS_PER_BLOCK} "
+            "documents, so that no document is both evaluated and trained on): nothing is left to train on. Give "
+            "--validation_file, more documents, or a smaller --max_eval_samples"
+        )
+    columns = {name: np.concatenate([pairs[name] for pairs in held_out])[:num_pairs] if held_out else []
+               for name in PAIR_FEATURES}
+    evaluation = datasets.Dataset.from_dict({name: list(values) for name, values in columns.items()},
+                                            features=PAIR_FEATURES)
+    logger.info("--streaming: %d sentence pairs of the first %d block(s) of %d documents are held out for evaluation; "
+                "training starts after them", len(evaluation), blocks, DOCUMENTS_PER_BLOCK)
+    training = stream_nsp_pairs(documents.skip(blocks * DOCUMENTS_PER_BLOCK), tokenizer, max_seq_length, text_column,
+                                short_seq_prob, seed, dupe_factor, first_block=blocks)
+    return evaluation, training
 
 
 # ---------------------------------------------------------------------------------------------------

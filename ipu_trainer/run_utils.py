@@ -16,6 +16,7 @@ from typing import Any, Callable, Optional
 import datasets
 import torch
 import transformers
+from transformers import TrainerCallback
 from transformers.modelcard import TrainingSummary
 
 from .checkpoints import CHECKPOINT_PATTERN, TRAINER_STATE_NAME, last_resumable_checkpoint, list_checkpoints
@@ -31,21 +32,28 @@ USER_ERRORS = (
 )
 
 
+LOG_FORMAT = "%(asctime)s - %(levelname)s - %(name)s - %(message)s"
+
+
 def setup_logging(training_args: Any) -> None:
-    logging.basicConfig(
-        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
-        datefmt="%m/%d/%Y %H:%M:%S",
-        handlers=[logging.StreamHandler(sys.stdout)],
-    )
+    """One stream of log lines in one format: this package's, transformers' and datasets' loggers all write
+    through the root handler (stdout), each line once. transformers and datasets otherwise each add a handler
+    of their own, and datasets also propagates to the root, which printed its lines twice. The full argument
+    dump is logged at debug level (`--log_level debug`); the start-up block states what the run uses."""
+    logging.basicConfig(format=LOG_FORMAT, datefmt="%m/%d/%Y %H:%M:%S", handlers=[logging.StreamHandler(sys.stdout)])
     if training_args.should_log:
         transformers.utils.logging.set_verbosity_info()
     level = training_args.get_process_log_level()
     logging.getLogger("ipu_trainer").setLevel(level)
-    datasets.utils.logging.set_verbosity(level)
     transformers.utils.logging.set_verbosity(level)
-    transformers.utils.logging.enable_default_handler()
-    transformers.utils.logging.enable_explicit_format()
-    logger.info("Training/evaluation parameters %s", training_args)
+    transformers.utils.logging.disable_default_handler()
+    transformers.utils.logging.enable_propagation()
+    datasets.utils.logging.set_verbosity(level)
+    datasets_logger = logging.getLogger("datasets")
+    for handler in list(datasets_logger.handlers):
+        datasets_logger.removeHandler(handler)
+    datasets.utils.logging.enable_propagation()
+    logger.debug("Training/evaluation parameters %s", training_args)
 
 
 _held_locks: list[RunLock] = []
@@ -158,6 +166,27 @@ def perplexity(loss: float) -> float:
         return float("inf")
 
 
+class StreamResumeNote(TrainerCallback):
+    """Says what resuming a --streaming run does with the stream. The upstream loop cannot seek in a stream: it reads
+    it again from its start and drops the step batches already trained on (on the first process, which reads every
+    process's batches), so training goes on with exactly the samples it would have had; reading them costs time."""
+
+    def __init__(self, samples_per_step: int) -> None:
+        self.samples_per_step = samples_per_step
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        steps = state.global_step
+        if steps == 0:
+            return
+        if args.ignore_data_skip:
+            logger.warning("Resuming a --streaming run at step %d with --ignore_data_skip: the stream starts again from "
+                           "its first sample, so the samples of the first %d steps are trained on again.", steps, steps)
+            return
+        logger.info("Resuming a --streaming run at step %d: the stream is read again from its start and the %d step "
+                    "batches already trained on (%d samples) are skipped, so training goes on where it stopped.",
+                    steps, steps, steps * self.samples_per_step)
+
+
 def train_and_save(trainer: Any, training_args: Any, last_checkpoint: Optional[str], num_train_samples: int) -> dict:
     if training_args.overwrite_output_dir:
         # Only now, when every input was accepted: a refused command leaves the folder as it was.
@@ -226,7 +255,13 @@ def train_evaluate_and_report(
         trainer.compile_only()
         return
     if training_args.do_train:
-        train_and_save(trainer, training_args, last_checkpoint, len(train_dataset))
+        if isinstance(train_dataset, datasets.IterableDataset):  # --streaming: a stream has no length
+            samples_per_step = trainer.run.train_placement.samples_per_step
+            trainer.add_callback(StreamResumeNote(samples_per_step))
+            num_train_samples = samples_per_step * training_args.max_steps
+        else:
+            num_train_samples = len(train_dataset)
+        train_and_save(trainer, training_args, last_checkpoint, num_train_samples)
     if training_args.do_eval:
         evaluate_and_save(trainer, len(eval_dataset))
     if training_args.do_train:
@@ -281,25 +316,19 @@ def run_cli(main: Callable[[], Any], user_errors: tuple[type[BaseException], ...
     `error:` line. Under torchrun each line is printed by the first process of each machine only."""
     try:
         main()
-    except RunFinished as finished:
-        if _reports_errors():
-            print(one_line(finished), file=sys.stderr)
         return 0
+    except RunFinished as finished:
+        line, code = one_line(finished), 0
     except TrainingInterrupted as interrupted:
-        if _reports_errors():
-            print(one_line(interrupted), file=sys.stderr)
-        return interrupted.exit_code
+        line, code = one_line(interrupted), interrupted.exit_code
     except CheckpointWriteError as error:
-        if _reports_errors():
-            print(error_line(error), file=sys.stderr)
-        return 1
+        line, code = error_line(error), 1
     except user_errors as error:
-        if _reports_errors():
-            print(error_line(error), file=sys.stderr)
-        return 2
+        line, code = error_line(error), 2
     except KeyboardInterrupt:
-        print("interrupted: the newest complete checkpoint (if any) resumes with the same command", file=sys.stderr)
-        return 130
+        line, code = "interrupted: the newest complete checkpoint (if any) resumes with the same command", 130
     finally:
         _release_locks()
-    return 0
+    if _reports_errors():
+        print(line, file=sys.stderr)
+    return code

@@ -11,8 +11,11 @@ from typing import Any, ClassVar, Optional
 
 from transformers import HfArgumentParser, TrainingArguments
 
-from .data import data_files_of
+from .data import data_files_of, require_eval_holdout
 from .training_args import IPUTrainingArguments
+
+
+WEIGHT_DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 
 @dataclass
@@ -36,6 +39,29 @@ class ModelArguments:
     use_fast_tokenizer: bool = field(default=True, metadata={"help": "Use a fast (tokenizers-backed) tokenizer."})
     model_revision: str = field(default="main", metadata={"help": "Model version: a branch name, tag or commit id."})
     use_auth_token: bool = field(default=False, metadata={"help": "Use the token from `hf auth login` (private models)."})
+    token: Optional[str] = field(
+        default=None,
+        metadata={"help": "Hub token for private models and datasets (default: the one `hf auth login` saved, when "
+                  "--use_auth_token is given)."},
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={"help": "Allow config, tokenizer and model classes defined by code in their hub repository; that code "
+                  "runs on this machine, so only for repositories you trust."},
+    )
+    torch_dtype: Optional[str] = field(
+        default=None,
+        metadata={"help": "Load the model's weights in this dtype (auto: the checkpoint's own). Default float32: mixed "
+                  "precision during training is autocast (see --fp32), on float32 weights.",
+                  "choices": list(WEIGHT_DTYPES)},
+    )
+    dtype: Optional[str] = field(
+        default=None, metadata={"help": "transformers 5's name for --torch_dtype.", "choices": list(WEIGHT_DTYPES)}
+    )
+
+    def __post_init__(self):
+        if self.torch_dtype and self.dtype and self.torch_dtype != self.dtype:
+            raise ValueError(f"--torch_dtype {self.torch_dtype} and --dtype {self.dtype} disagree: give one of them")
 
 
 # The inherited transformers flags a run of these scripts usually needs; --help lists them after the script's own
@@ -99,8 +125,28 @@ def parse_script_args(model_arguments: type, data_arguments: type) -> tuple[Any,
                 f"{argv[0]} holds the arguments, and {' '.join(argv[1:])} was given after it: put every argument in the "
                 "json file, or give them all on the command line"
             )
-        return parser.parse_json_file(json_file=os.path.abspath(argv[0]))
-    return parser.parse_args_into_dataclasses()
+        parsed = parser.parse_json_file(json_file=os.path.abspath(argv[0]))
+    else:
+        parsed = parser.parse_args_into_dataclasses()
+    check_streaming_args(parsed[1], parsed[2])
+    return parsed
+
+
+def check_streaming_args(data_args: Any, training_args: Any) -> None:
+    """What --streaming needs from the other flags, refused before anything is loaded: a stream has no length, so
+    training needs --max_steps, and evaluation without validation data needs --max_eval_samples (the rows held out).
+    Whether a hub dataset or a --dataset_path folder has a validation split is known once it is opened
+    (`data.train_and_eval_splits` checks it then)."""
+    if not getattr(data_args, "streaming", False):
+        return
+    if training_args.do_train and training_args.max_steps <= 0:
+        raise ValueError(
+            "--streaming with --do_train needs --max_steps N (> 0): a stream has no length, so the number of steps "
+            "cannot come from --num_train_epochs"
+        )
+    local_train_only = data_args.train_file is not None and data_args.validation_file is None
+    if training_args.do_eval and local_train_only:
+        require_eval_holdout(data_args)
 
 
 @dataclass
@@ -120,6 +166,13 @@ class DataArguments:
     preprocessing_num_workers: Optional[int] = field(default=None, metadata={"help": "Processes for preprocessing."})
     max_train_samples: Optional[int] = field(default=None, metadata={"help": "Use at most this many training samples."})
     max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Use at most this many evaluation samples."})
+    streaming: bool = field(
+        default=False,
+        metadata={"help": "Read the data as a stream (hub datasets and local files), preprocessed on the fly as it is "
+                  "trained on: nothing is downloaded or written in advance. Needs --max_steps; the stream is read in "
+                  "order and starts again when it ends. Evaluation without validation data holds out the first "
+                  "--max_eval_samples samples."},
+    )
 
     # The shortest --max_seq_length / --block_size a script can use (run_pretraining needs [CLS] A [SEP] B [SEP]).
     shortest_sequence: ClassVar[int] = 1
@@ -170,6 +223,11 @@ class PackingArguments:
     def __post_init__(self):
         if self.max_sequences_per_row is not None and self.max_sequences_per_row < 1:
             raise ValueError(f"--max_sequences_per_row={self.max_sequences_per_row} is invalid: must be >= 1")
+        if self.packing and getattr(self, "streaming", False):
+            raise ValueError(
+                "--packing chooses which sequences share a row from the lengths of the whole dataset, which a stream "
+                "does not have: leave out --streaming or --packing"
+            )
         parent = getattr(super(), "__post_init__", None)
         if parent is not None:
             parent()

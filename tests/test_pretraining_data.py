@@ -12,12 +12,15 @@ import pytest
 
 from ipu_trainer.data_collators import max_num_masked_tokens
 from ipu_trainer.pretraining_data import (
+    DOCUMENTS_PER_BLOCK,
     _truncated_lengths,
     add_mlm_labels,
     build_nsp_pairs,
     dataset_fingerprint,
+    hold_out_nsp_pairs,
     load_text_documents,
     split_sentences,
+    stream_nsp_pairs,
 )
 
 MAX_SEQ_LENGTH = 64
@@ -116,6 +119,25 @@ def test_deterministic_and_independent_of_num_proc(documents, pairs, tokenizer):
     assert other_seed["input_ids"] != pairs["input_ids"]
 
 
+def test_a_stream_of_documents_gives_the_same_pairs_in_the_same_order(documents, tokenizer):
+    """With a multiple of DOCUMENTS_PER_BLOCK documents the stream's blocks are the dataset's blocks: same documents,
+    same seeds, so the same pairs (random B segments included)."""
+    two_blocks = documents.select(range(2 * DOCUMENTS_PER_BLOCK))
+    expected = build_nsp_pairs(two_blocks, tokenizer, MAX_SEQ_LENGTH, seed=42).to_list()
+    streamed = stream_nsp_pairs(two_blocks.to_iterable_dataset(), tokenizer, MAX_SEQ_LENGTH, seed=42)
+    assert list(streamed) == expected
+    assert list(stream_nsp_pairs(two_blocks.to_iterable_dataset(), tokenizer, MAX_SEQ_LENGTH, seed=43)) != expected
+
+    # Held out for evaluation: the first pairs, and training starts at the next block (no document in both).
+    first_block = len(build_nsp_pairs(documents.select(range(DOCUMENTS_PER_BLOCK)), tokenizer, MAX_SEQ_LENGTH, seed=42))
+    evaluation, training = hold_out_nsp_pairs(two_blocks.to_iterable_dataset(), 10, tokenizer, MAX_SEQ_LENGTH, seed=42)
+    assert evaluation.to_list() == expected[:10]
+    assert list(training) == expected[first_block:]
+    one_block = documents.select(range(DOCUMENTS_PER_BLOCK)).to_iterable_dataset()
+    with pytest.raises(ValueError, match=f"--max_eval_samples 10 .* holds out all {DOCUMENTS_PER_BLOCK} documents"):
+        hold_out_nsp_pairs(one_block, 10, tokenizer, MAX_SEQ_LENGTH, seed=42)
+
+
 def test_dupe_factor_and_short_sequences(documents, pairs, tokenizer):
     doubled = build_nsp_pairs(documents, tokenizer, MAX_SEQ_LENGTH, seed=42, dupe_factor=2)
     assert 1.7 * len(pairs) < len(doubled) < 2.3 * len(pairs)
@@ -186,6 +208,9 @@ def test_txt_documents_are_blank_line_separated(tmp_path):
         "Doc two.",
         "Doc three. Ends.",
     ]
+    streamed = load_text_documents({"train": str(path)}, streaming=True)["train"]
+    assert isinstance(streamed, datasets.IterableDataset)
+    assert [row["text"] for row in streamed] == loaded["train"]["text"]
 
 
 def test_csv_and_json_one_document_per_row(tmp_path):
@@ -200,6 +225,8 @@ def test_csv_and_json_one_document_per_row(tmp_path):
     assert loaded["train"].column_names == ["text"]
     assert loaded["train"]["text"] == ["First doc. Two sentences.", "Second doc."]
     assert loaded["validation"]["text"] == ["A doc.", "B doc."]
+    streamed = load_text_documents({"train": [str(csv_path)], "validation": str(json_path)}, streaming=True)
+    assert {name: list(split) for name, split in streamed.items()} == {name: split.to_list() for name, split in loaded.items()}
 
     no_text = tmp_path / "no_text.csv"
     no_text.write_text("body\nhello\n")

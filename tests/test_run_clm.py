@@ -153,6 +153,7 @@ def test_defaults_match_the_original():
         "dataset_name": None, "dataset_config_name": None, "train_file": None, "validation_file": None,
         "max_train_samples": None, "max_eval_samples": None, "block_size": None, "overwrite_cache": False,
         "validation_split_percentage": 5, "preprocessing_num_workers": None, "keep_linebreaks": True,
+        "streaming": False,  # the transformers examples' flag, beyond the original's
     }
     model_defaults = {f.name: f.default for f in dataclasses.fields(run_clm.ModelArguments)}
     assert model_defaults["torch_dtype"] is None and model_defaults["low_cpu_mem_usage"] is False

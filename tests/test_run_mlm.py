@@ -235,6 +235,8 @@ def test_defaults_match_the_original():
         "model_name_or_path": None, "model_type": None, "config_overrides": None, "config_name": None,
         "tokenizer_name": None, "cache_dir": None, "use_fast_tokenizer": True, "model_revision": "main",
         "use_auth_token": False, "low_cpu_mem_usage": False,
+        # the transformers examples' flags, beyond the original's
+        "token": None, "trust_remote_code": False, "torch_dtype": None, "dtype": None,
     }
     data_defaults = {f.name: f.default for f in dataclasses.fields(run_mlm.DataTrainingArguments)}
     assert data_defaults == {
@@ -242,6 +244,7 @@ def test_defaults_match_the_original():
         "overwrite_cache": False, "validation_split_percentage": 5, "max_seq_length": None,
         "preprocessing_num_workers": None, "mlm_probability": 0.15, "line_by_line": False,
         "pad_to_max_length": False, "max_train_samples": None, "max_eval_samples": None, "whole_word_mask": False,
+        "streaming": False,  # the transformers examples' flag, beyond the original's
         "packing": False, "max_sequences_per_row": None,  # this project's opt-in --packing
     }
 
