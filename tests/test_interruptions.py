@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from ipu_trainer.checkpoints import COMPLETION_MARKER, list_checkpoints
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = 30
+STEPS = 60
 TINY_BERT = ("vocab_size=2000,hidden_size=32,num_hidden_layers=1,num_attention_heads=2,intermediate_size=64,"
              "max_position_embeddings=64")
 ONE_CPU = "layers_per_ipu=[-1],ipus_per_replica=1,replication_factor=1,gradient_accumulation_steps=2"
@@ -74,7 +74,7 @@ def interrupt(cmd, output_dir, how, rng):
         while not saving_now(output_dir) and process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.002)
     else:
-        time.sleep(rng.uniform(0.0, 0.8))
+        time.sleep(rng.uniform(0.0, 0.2))
     number = {"SIGINT": signal.SIGINT, "SIGTERM": signal.SIGTERM}.get(how, signal.SIGKILL)
     if process.poll() is None:
         process.send_signal(number)
@@ -102,9 +102,11 @@ def test_runs_stopped_at_any_moment_resume_to_the_uninterrupted_weights(dataset_
             last = err.strip().splitlines()[-1]
             assert last.startswith(f"interrupted by {how} at step") and "run the same command again" in last
             clean_stops += 1
+        elif code == 0:
+            break  # the run finished before the signal landed; the rest is checked below
         else:
             # Killed outright, or a signal that landed outside the training loop (start-up, the final save).
-            assert code != 0 and code != 2, err
+            assert code != 2, err
         if how == "kill -9 during a save":
             assert saving_now(out)  # the kill left a checkpoint without its completion marker
     assert clean_stops >= 1
