@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Turn text (or BERT tfrecord shards) into a BERT pretraining dataset saved with `save_to_disk`.
 
-The output is a DatasetDict with a "train" split (and "validation" with --validation_split_percentage)
-in the format of Graphcore/wikipedia-bert-128: `input_ids`, `attention_mask`, `token_type_ids`,
+The output is a DatasetDict with a "train" split (and "validation" with --validation_file or
+--validation_split_percentage) in the format of Graphcore/wikipedia-bert-128: `input_ids`, `attention_mask`, `token_type_ids`,
 `labels`, `next_sentence_label`. Train on it with
 `run_pretraining.py --dataset_path OUT --is_already_preprocessed`.
 
@@ -68,6 +68,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     source.add_argument("--train_file", nargs="+", help="txt (blank-line separated documents), csv or json files")
     source.add_argument("--dataset_name", help="a dataset on the hub (or a local loading script/folder)")
     source.add_argument("--tfrecord_files", nargs="+", help="BERT/Graphcore-format tfrecord shards to convert")
+    parser.add_argument(
+        "--validation_file", nargs="+",
+        help="with --train_file: documents for the validation split (txt, csv or json), in one pass",
+    )
     parser.add_argument("--dataset_config_name", help="the dataset's configuration name")
     parser.add_argument("--text_column", default="text", help="column of --dataset_name holding the documents")
     parser.add_argument("--tokenizer_name", help="tokenizer folder or hub id (required for text input)")
@@ -78,7 +82,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=42, help="seed for pairs, masking and the validation split")
     parser.add_argument("--mlm_probability", type=float, default=0.15)
     parser.add_argument("--short_seq_prob", type=float, default=0.1)
-    parser.add_argument("--dupe_factor", type=int, default=1, help="passes over the documents, each masked afresh")
+    parser.add_argument(
+        "--dupe_factor", type=int, default=1,
+        help="passes over the training documents, each with its own pairs and masking (validation: one pass)",
+    )
     parser.add_argument(
         "--validation_split_percentage", type=float, default=0,
         help="percentage of documents (of pairs for tfrecord input) held out as a validation split",
@@ -90,13 +97,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cache_dir", help="datasets cache folder")
     args = parser.parse_args(argv)
 
+    # Checks of the values together: one `error:` line each (through run_cli), not argparse's usage block.
     sources = [name for name in ("train_file", "dataset_name", "tfrecord_files") if getattr(args, name)]
     if len(sources) != 1:
-        parser.error("give exactly one of --train_file, --dataset_name or --tfrecord_files")
+        raise ValueError("give exactly one of --train_file, --dataset_name or --tfrecord_files")
     if not args.tfrecord_files and (args.max_seq_length is None or args.tokenizer_name is None):
-        parser.error("--tokenizer_name and --max_seq_length are required to build sentence pairs from text")
+        raise ValueError("--tokenizer_name and --max_seq_length are required to build sentence pairs from text")
     if not 0 <= args.validation_split_percentage < 100:
-        parser.error(f"--validation_split_percentage={args.validation_split_percentage} must be in [0, 100)")
+        raise ValueError(f"--validation_split_percentage={args.validation_split_percentage} must be in [0, 100)")
+    if args.dupe_factor < 1:
+        raise ValueError(f"--dupe_factor={args.dupe_factor} must be >= 1")
+    if args.validation_file and not args.train_file:
+        raise ValueError("--validation_file goes with --train_file (text documents)")
+    if args.validation_file and args.validation_split_percentage > 0:
+        raise ValueError("give --validation_file or --validation_split_percentage, not both")
     return args
 
 
@@ -368,8 +382,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 f"--max_seq_length={args.max_seq_length} is longer than the tokenizer's model_max_length="
                 f"{tokenizer.model_max_length}"
             )
+        validation_documents = None
         if args.train_file:
-            documents = load_text_documents({"train": args.train_file}, cache_dir=args.cache_dir)["train"]
+            files = {"train": args.train_file, **({"validation": args.validation_file} if args.validation_file else {})}
+            loaded = load_text_documents(files, cache_dir=args.cache_dir)
+            documents, validation_documents = loaded["train"], loaded.get("validation")
             text_column = "text"
         else:
             loaded = load_hub_dataset("--dataset_name", args.dataset_name, args.dataset_config_name, cache_dir=args.cache_dir)
@@ -385,6 +402,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             # Split documents, not pairs, so no validation pair shares a document with training.
             held_out = documents.train_test_split(test_size=args.validation_split_percentage / 100, seed=args.seed)
             document_splits = {"train": held_out["train"], "validation": held_out["test"]}
+        if validation_documents is not None:
+            document_splits["validation"] = validation_documents
         summary["documents"] = {name: len(split) for name, split in document_splits.items()}
 
         # ---- sentence pairs and masking ---------------------------------------------------------
@@ -393,7 +412,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             pairs = build_nsp_pairs(
                 split_documents, tokenizer, args.max_seq_length, text_column=text_column,
                 short_seq_prob=args.short_seq_prob, seed=args.seed, num_proc=args.num_workers,
-                dupe_factor=args.dupe_factor, source=f"the {name} part of {source}",
+                dupe_factor=args.dupe_factor if name == "train" else 1, source=f"the {name} part of {source}",
             )
             splits[name] = add_mlm_labels(
                 pairs, tokenizer, mlm_probability=args.mlm_probability, seed=args.seed,

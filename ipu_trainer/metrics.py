@@ -17,7 +17,9 @@ def _as_tuple(value: Any) -> tuple:
 
 
 def pretraining_predictions(logits: Any, labels: Any) -> tuple[torch.Tensor, ...]:
-    """Reduce a pretraining model's eval outputs to (mlm predictions, mlm labels, nsp predictions, nsp labels).
+    """Reduce a pretraining model's eval outputs to (mlm predictions, mlm labels, nsp predictions, nsp labels,
+    mlm loss sums, mlm label counts, nsp loss sums): the last three per row, so the two losses can be reported
+    apart (the model's loss is their sum).
 
     The outputs are recognised by shape rather than position, so both the masked-positions model
     (logits [B, K, V] plus the gathered `masked_lm_labels` [B, K]) and a plain `BertForPreTraining`
@@ -33,18 +35,38 @@ def pretraining_predictions(logits: Any, labels: Any) -> tuple[torch.Tensor, ...
     mlm_labels = gathered if gathered is not None else batch_labels[0]
     nsp_labels = batch_labels[1] if len(batch_labels) > 1 and batch_labels[1] is not None else None
     batch = mlm_logits.shape[0]
+    mlm_loss_sums = _row_cross_entropy_sums(mlm_logits, mlm_labels)
+    mlm_counts = (mlm_labels != -100).reshape(batch, -1).sum(dim=1)
     if nsp_logits is None or nsp_labels is None:
         nsp_predictions = nsp_labels = torch.full((batch,), -100, device=mlm_logits.device)
+        nsp_loss_sums = torch.zeros(batch, device=mlm_logits.device)
     else:
         nsp_predictions = nsp_logits.argmax(dim=-1)
-    return mlm_logits.argmax(dim=-1), mlm_labels, nsp_predictions, nsp_labels
+        nsp_loss_sums = _row_cross_entropy_sums(nsp_logits, nsp_labels)
+    return mlm_logits.argmax(dim=-1), mlm_labels, nsp_predictions, nsp_labels, mlm_loss_sums, mlm_counts, nsp_loss_sums
+
+
+def _row_cross_entropy_sums(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per row of the batch: the float32 cross-entropy summed over the positions that carry a label."""
+    losses = torch.nn.functional.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1).long(), ignore_index=-100, reduction="none"
+    )
+    return losses.reshape(logits.shape[0], -1).sum(dim=1)
 
 
 def pretraining_metrics(eval_prediction: Any) -> dict[str, float]:
-    mlm_predictions, mlm_labels, nsp_predictions, nsp_labels = eval_prediction.predictions
+    """Masked-token and next-sentence accuracy, and the two losses apart (each a mean over its labels)."""
+    mlm_predictions, mlm_labels, nsp_predictions, nsp_labels, *loss_parts = eval_prediction.predictions
     metrics = {"mlm_accuracy": masked_accuracy(mlm_predictions, mlm_labels)}
-    if (np.asarray(nsp_labels) != -100).any():
+    has_nsp = (np.asarray(nsp_labels) != -100).any()
+    if has_nsp:
         metrics["nsp_accuracy"] = masked_accuracy(nsp_predictions, nsp_labels)
+    if loss_parts:
+        mlm_loss_sums, mlm_counts, nsp_loss_sums = (np.asarray(part, dtype=np.float64) for part in loss_parts)
+        if mlm_counts.sum() > 0:
+            metrics["mlm_loss"] = float(mlm_loss_sums.sum() / mlm_counts.sum())
+        if has_nsp:
+            metrics["nsp_loss"] = float(nsp_loss_sums.sum() / (np.asarray(nsp_labels) != -100).sum())
     return metrics
 
 

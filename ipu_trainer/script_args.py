@@ -182,6 +182,13 @@ class DataArguments:
         if not any(sources):
             folder = ", --dataset_path (a save_to_disk folder)" if hasattr(self, "dataset_path") else ""
             raise ValueError(f"Need data: --dataset_name{folder}, or --train_file/--validation_file (csv, json or txt).")
+        files = [f"--{name}" for name in ("train_file", "validation_file") if getattr(self, name)]
+        dataset = next((f"--{name}" for name in ("dataset_name", "dataset_path") if getattr(self, name, None)), None)
+        if files and dataset:  # the files would not be read: say so rather than train or evaluate on other data
+            raise ValueError(
+                f"{' and '.join(files)} would be ignored with {dataset}: give one source of data "
+                "(prepare_dataset.py --validation_file adds a validation split to a prepared dataset)"
+            )
         self._check_ranges()
         # Local data must exist (and be of a type the scripts read) before anything else is loaded.
         data_files_of(self)

@@ -1,5 +1,6 @@
 import importlib
 import os
+import re
 import sys
 
 import pytest
@@ -60,6 +61,20 @@ def quickstart_argv(script: str, assets: dict, output_dir, *extra: str) -> list[
         "--do_train", "--max_steps", "2", "--save_strategy", "no", "--output_dir", str(output_dir),
         "--overwrite_output_dir", "--report_to", "none", "--disable_tqdm", "true", "--seed", "7", "--fp32", *extra,
     ]
+
+
+def readme_section(heading: str) -> str:
+    """The text of the README's `## heading` section, up to the next `## ` heading."""
+    with open(os.path.join(REPO, "README.md")) as handle:
+        text = handle.read()
+    start = text.index(f"\n## {heading}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start : end if end != -1 else None]
+
+
+def bash_blocks(text: str) -> list[list[str]]:
+    """The lines of each ```bash block of `text`."""
+    return [block.strip().splitlines() for block in re.findall(r"```bash\n(.*?)```", text, re.DOTALL)]
 
 
 def script_module(script: str):

@@ -26,6 +26,8 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
+from conftest import bash_blocks, readme_section
+
 REPO = Path(__file__).resolve().parent.parent
 CUDA_TORCH = "2.9.1+cu128"
 CPU_SET_UP = "pip install -r requirements.txt"
@@ -51,17 +53,6 @@ def _pinned_torch() -> str:
     pins = re.findall(r"^torch==(\S+)", (REPO / "requirements.txt").read_text(), re.MULTILINE)
     assert len(pins) == 1, "requirements.txt should pin torch once"
     return pins[0]
-
-
-def _readme_section(heading: str) -> str:
-    text = (REPO / "README.md").read_text()
-    start = text.index(f"\n## {heading}\n")
-    end = text.find("\n## ", start + 1)
-    return text[start : end if end != -1 else None]
-
-
-def _bash_blocks(section: str) -> list[list[str]]:
-    return [block.strip().splitlines() for block in re.findall(r"```bash\n(.*?)```", section, re.DOTALL)]
 
 
 # ---- pip against a stand-in CUDA torch ------------------------------------------------------------------
@@ -137,21 +128,21 @@ def test_cpu_requirements_replace_it_with_the_pinned_torch(pip_env):
 # ---- README, CI and pyproject.toml agree --------------------------------------------------------------
 
 def test_readme_gives_one_cpu_command_and_the_gpu_file():
-    blocks = _bash_blocks(_readme_section("Set up"))
+    blocks = bash_blocks(readme_section("Set up"))
     assert len(blocks[0]) == 1 and blocks[0][0].endswith(CPU_SET_UP), blocks[0]
     assert any(GPU_SET_UP in line for block in blocks[1:] for line in block), blocks
 
 
 def test_ci_runs_the_readme_commands_verbatim():
     ci_lines = {line.strip() for line in (REPO / ".ci" / "run").read_text().splitlines()}
-    (set_up,) = _bash_blocks(_readme_section("Set up"))[0]
-    (tests,) = _bash_blocks(_readme_section("Tests"))[0]
+    (set_up,) = bash_blocks(readme_section("Set up"))[0]
+    (tests,) = bash_blocks(readme_section("Tests"))[0]
     assert set_up in ci_lines and tests in ci_lines, (set_up, tests)
 
 
 def test_torch_floor_is_stated_once_and_covers_transformers():
     floor = _torch_floor()
-    assert f"torch {floor} or newer" in " ".join(_readme_section("Set up").split())
+    assert f"torch {floor} or newer" in " ".join(readme_section("Set up").split())
     assert Version(_pinned_torch()) >= floor
     # transformers switches itself off below its own torch floor: ours must not be lower.
     for line in distribution("transformers").requires or []:

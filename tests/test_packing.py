@@ -270,6 +270,9 @@ def test_pretraining_metrics_score_packed_nsp_per_sequence(nsp_pairs):
     slots = packed["next_sentence_label"] != -100
     expected = (output.seq_relationship_logits.argmax(-1)[slots] == packed["next_sentence_label"][slots]).float().mean()
     assert metrics["nsp_accuracy"] == pytest.approx(expected.item())
+    # The two losses reported apart are the model's own two parts of its loss.
+    assert metrics["mlm_loss"] == pytest.approx(output.mlm_loss.item(), rel=1e-5)
+    assert metrics["nsp_loss"] == pytest.approx(output.nsp_loss.item(), rel=1e-5)
 
 
 def roberta_config(pad_token_id, **extra):

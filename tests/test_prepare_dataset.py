@@ -71,6 +71,23 @@ def test_text_to_spec_dataset(monkeypatch, tmp_path, tokenizer_dir, tokenizer, c
     assert not os.path.exists(str(output) + ".partial")
 
 
+def test_validation_file_is_one_pass_and_dupe_factor_multiplies_training(monkeypatch, tmp_path, tokenizer_dir, corpus_file):
+    # The validation split comes from its own documents, built once; --dupe_factor passes over the training
+    # documents with pairs drawn afresh each pass.
+    common = ["--tokenizer_name", tokenizer_dir, "--max_seq_length", "64", "--cache_dir", str(tmp_path / "cache")]
+    once = run_main(monkeypatch, *common, "--train_file", corpus_file, "--output_dir", str(tmp_path / "once"))
+    validation = tmp_path / "validation.txt"
+    validation.write_text("\n\n".join(open(corpus_file).read().split("\n\n")[:10]))
+    summary = run_main(monkeypatch, *common, "--train_file", corpus_file, "--validation_file", str(validation),
+                       "--dupe_factor", "3", "--output_dir", str(tmp_path / "thrice"))
+    loaded = datasets.load_from_disk(str(tmp_path / "thrice"))
+    assert summary["documents"] == {"train": 100, "validation": 10}
+    assert len(loaded["train"]) > 2.5 * once["splits"]["train"]["pairs"]
+    assert len(set(map(tuple, loaded["train"]["input_ids"]))) > 2 * once["splits"]["train"]["pairs"]
+    alone = run_main(monkeypatch, *common, "--train_file", str(validation), "--output_dir", str(tmp_path / "alone"))
+    assert len(loaded["validation"]) == alone["splits"]["train"]["pairs"]
+
+
 def test_stale_partial_folder_is_replaced(monkeypatch, tmp_path, tokenizer_dir, corpus_file):
     # A folder an interrupted run left: marked as prepare_dataset.py's own. (Unmarked ones are refused: see
     # tests/test_bad_input.py.)
