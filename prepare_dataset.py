@@ -40,7 +40,7 @@ from datasets.exceptions import DatasetGenerationError
 from ipu_trainer.data import load_hub_dataset
 from ipu_trainer.model_loading import load_tokenizer
 from ipu_trainer.pretraining_data import (
-    PAIR_FEATURES,
+    MASKED_PAIR_FEATURES,
     add_mlm_labels,
     build_nsp_pairs,
     load_text_documents,
@@ -48,16 +48,6 @@ from ipu_trainer.pretraining_data import (
 from ipu_trainer.run_utils import USER_ERRORS, check_output_dir_writable, run_cli
 
 logger = logging.getLogger("prepare_dataset")
-
-SPEC_FEATURES = datasets.Features(
-    {
-        "input_ids": PAIR_FEATURES["input_ids"],
-        "attention_mask": PAIR_FEATURES["attention_mask"],
-        "token_type_ids": PAIR_FEATURES["token_type_ids"],
-        "labels": datasets.Sequence(datasets.Value("int32")),
-        "next_sentence_label": PAIR_FEATURES["next_sentence_label"],
-    }
-)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -313,7 +303,7 @@ def load_tfrecords(paths: list[str], static_masking: bool, cache_dir: str | None
             _tfrecord_examples_with_stamps,
             gen_kwargs={"paths": [os.path.abspath(path) for path in paths], "stamps": stamps,
                         "static_masking": static_masking},
-            features=SPEC_FEATURES,
+            features=MASKED_PAIR_FEATURES,
             cache_dir=cache_dir,
         )
     except DatasetGenerationError as error:

@@ -131,7 +131,7 @@ def main():
         tokenizer=tokenizer, mlm_probability=data_args.mlm_probability, max_seq_length=max_seq_length,
         max_num_masked_tokens=masked_tokens_cap, whole_word_mask=data_args.whole_word_mask,
         pad_to_multiple_of=pad_to_multiple_of_for(run, max_seq_length),
-        seed=training_args.data_seed if training_args.data_seed is not None else training_args.seed,
+        seed=training_args.masking_seed,
     )
 
     # Packing (--packing, with --line_by_line): several lines per row of max_seq_length, each masked on its own;

@@ -197,7 +197,8 @@ def main():
     else:
         data_collator = DataCollatorForLanguageModelingWithMaxTokensMasked(
             tokenizer=tokenizer, mlm_probability=data_args.mlm_probability, max_seq_length=max_seq_length,
-            max_num_masked_tokens=masked_tokens_cap, seed=training_args.seed, whole_word_mask=data_args.whole_word_mask,
+            max_num_masked_tokens=masked_tokens_cap, seed=training_args.masking_seed,
+            whole_word_mask=data_args.whole_word_mask,
         )
 
     # Packing (--packing): several sentence pairs per row of max_seq_length, each masked on its own; a micro-batch
@@ -208,7 +209,7 @@ def main():
         train_dataset, eval_dataset, data_collator = pack_for_training(
             train_dataset, eval_dataset, max_seq_length, tokenizer.pad_token_id,
             masking=None if data_args.is_already_masked else data_collator, max_num_masked_tokens=masked_tokens_cap,
-            max_sequences_per_row=data_args.max_sequences_per_row, seed=training_args.seed,
+            max_sequences_per_row=data_args.max_sequences_per_row, seed=training_args.masking_seed,
             placement=run.train_placement,
         )
 

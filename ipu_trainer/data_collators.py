@@ -22,8 +22,6 @@ logger = logging.getLogger(__name__)
 # Half-precision matmuls run on tensor cores when their dimensions are multiples of 8.
 HALF_PRECISION_PADDING_MULTIPLE = 8
 
-logger = logging.getLogger(__name__)
-
 
 def max_num_masked_tokens(sequence_length: int, mlm_probability: float) -> int:
     """Per-sequence cap on masked tokens: the Binomial(L, p) mean plus two standard deviations.
@@ -132,7 +130,7 @@ class DataCollatorForLanguageModelingWithMaxTokensMasked(DataCollatorForLanguage
         while their tokens fit in C, and one draw u per word gives all of its tokens the same treatment
         (each replaced token gets its own random id).
         """
-        generator = _batch_generator(self.seed, inputs) if self.seed is not None else self.generator
+        generator = content_seeded_generator(self.seed, inputs) if self.seed is not None else self.generator
         labels = inputs.clone()
         if special_tokens_mask is None:
             not_maskable = torch.isin(inputs, torch.tensor(self.tokenizer.all_special_ids, device=inputs.device))
@@ -150,9 +148,7 @@ class DataCollatorForLanguageModelingWithMaxTokensMasked(DataCollatorForLanguage
             probability = torch.full(inputs.shape, self.mlm_probability).masked_fill_(not_maskable, 0.0)
             chosen = torch.bernoulli(probability, generator=generator).bool()
             if cap < inputs.shape[1]:
-                scores = torch.rand(inputs.shape, generator=generator).masked_fill_(~chosen, -1.0)
-                kept = torch.zeros_like(chosen).scatter_(1, scores.topk(cap, dim=1).indices, True)
-                chosen &= kept
+                chosen = keep_at_most(chosen, cap, generator)
             draw = torch.rand(inputs.shape, generator=generator)
 
         labels[~chosen] = -100
@@ -280,9 +276,20 @@ def pad_to_multiple_of_for(run: ResolvedRun, max_length: Optional[int] = None) -
     return multiple
 
 
-def _batch_generator(seed: int, inputs: torch.Tensor) -> torch.Generator:
-    digest = hashlib.blake2b(inputs.cpu().numpy().tobytes(), digest_size=8, key=str(seed).encode()).digest()
+def content_seeded_generator(seed: int, inputs: torch.Tensor, purpose: str = "") -> torch.Generator:
+    """A generator seeded from `seed`, `purpose` and the bytes of `inputs`: a batch draws the same numbers whenever
+    and wherever it is drawn (one batch ahead of the step, after a resume, in any dataloader worker)."""
+    key = f"{purpose}:{seed}" if purpose else str(seed)
+    digest = hashlib.blake2b(inputs.cpu().numpy().tobytes(), digest_size=8, key=key.encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
+
+
+def keep_at_most(selected: torch.Tensor, cap: int, generator: torch.Generator | None) -> torch.Tensor:
+    """`selected` ([rows, positions], bool) with at most `cap` True per row: of a row with more, a uniformly random
+    `cap` of them (each selected position draws a U(0, 1) score, the others score -1, the top `cap` survive)."""
+    scores = torch.rand(selected.shape, generator=generator).masked_fill_(~selected, -1.0)
+    kept = torch.zeros_like(selected).scatter_(1, scores.topk(cap, dim=1).indices, True)
+    return selected & kept
 
 
 class _BatchAxisPadder:

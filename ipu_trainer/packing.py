@@ -27,7 +27,6 @@ label -100). With `--is_already_masked` the stored labels go through the same ro
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -38,6 +37,8 @@ import datasets
 import numpy as np
 import pyarrow.compute as pc
 import torch
+
+from .data_collators import content_seeded_generator, keep_at_most
 
 logger = logging.getLogger(__name__)
 
@@ -418,15 +419,12 @@ class DataCollatorForPackedSequences:
 
     def _cap_labels_per_row(self, input_ids: torch.Tensor, labels: torch.Tensor) -> None:
         """Keep a uniformly random `max_num_masked_tokens` of the labels of any row that has more; the others are
-        unmasked in place (original id back, label -100). Same top-k-of-random-scores rule as the masking
-        collator's per-sequence cap."""
+        unmasked in place (original id back, label -100), by the masking collator's rule (`keep_at_most`)."""
         cap = self.max_num_masked_tokens
         labelled = labels != IGNORE_INDEX
         if cap >= labels.shape[1] or int(labelled.sum(1).max()) <= cap:
             return
-        generator = _content_generator(self.seed, input_ids)
-        scores = torch.rand(labels.shape, generator=generator).masked_fill_(~labelled, -1.0)
-        kept = torch.zeros_like(labelled).scatter_(1, scores.topk(cap, dim=1).indices, True)
+        kept = keep_at_most(labelled, cap, content_seeded_generator(self.seed, input_ids, purpose="row-cap"))
         dropped = labelled & ~kept
         input_ids[dropped] = labels[dropped]
         labels[dropped] = IGNORE_INDEX
@@ -453,11 +451,6 @@ def _checked_length(example: Mapping[str, Any]) -> int:
     if length and not all(mask[:length]):
         raise ValueError("packing needs right-padded sequences (real tokens first, then padding)")
     return length
-
-
-def _content_generator(seed: int, inputs: torch.Tensor) -> torch.Generator:
-    digest = hashlib.blake2b(inputs.numpy().tobytes(), digest_size=8, key=f"row-cap:{seed}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
 
 
 def pack_for_training(

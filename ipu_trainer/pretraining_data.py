@@ -71,6 +71,17 @@ PAIR_FEATURES = datasets.Features(
     }
 )
 
+# Pairs with MLM labels: the format of Graphcore/wikipedia-bert-128 (what prepare_dataset.py writes).
+MASKED_PAIR_FEATURES = datasets.Features(
+    {
+        "input_ids": PAIR_FEATURES["input_ids"],
+        "attention_mask": PAIR_FEATURES["attention_mask"],
+        "token_type_ids": PAIR_FEATURES["token_type_ids"],
+        "labels": datasets.Sequence(datasets.Value("int32")),
+        "next_sentence_label": PAIR_FEATURES["next_sentence_label"],
+    }
+)
+
 # The leading `(?=\s)` lets the engine reject the ~85% of positions that are not whitespace at once
 # (twice as fast as the bare alternatives).
 _SENTENCE_BOUNDARY = re.compile(
@@ -707,15 +718,6 @@ def add_mlm_labels(
         [_RECIPE_VERSION, "mask", dataset_fingerprint(pairs), tokenizer, mlm_probability, seed, mask_input_ids,
          PAIRS_PER_MASKING_BLOCK]
     )
-    features = datasets.Features(
-        {
-            "input_ids": PAIR_FEATURES["input_ids"],
-            "attention_mask": PAIR_FEATURES["attention_mask"],
-            "token_type_ids": PAIR_FEATURES["token_type_ids"],
-            "labels": datasets.Sequence(datasets.Value("int32")),
-            "next_sentence_label": PAIR_FEATURES["next_sentence_label"],
-        }
-    )
     return _map_blocks(
         _mask_block,
         num_blocks,
@@ -728,7 +730,7 @@ def add_mlm_labels(
             "seed": seed,
             "mask_input_ids": mask_input_ids,
         },
-        features=features,
+        features=MASKED_PAIR_FEATURES,
         fingerprint=fingerprint,
         num_proc=num_proc,
         load_from_cache_file=load_from_cache_file,

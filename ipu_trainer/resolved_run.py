@@ -2,9 +2,10 @@
 
 Everything a run's numbers depend on is decided here, in one place, before any weights or data are
 loaded: the effective IPU config, its check against the model's layer count, the training and
-evaluation placements, the precision, the dataloader workers and the warmup. The scripts call
-`resolve_run` once and hand the result to `IPUTrainer`; an `IPUTrainer` built directly from an
-`IPUConfig` (as code written for optimum-graphcore does) resolves it itself.
+evaluation placements, the precision, the dataloader workers, and the one warmup formula
+(`warmup_steps_for`, which `IPUTrainingArguments.get_warmup_steps` applies for every schedule). The
+scripts call `resolve_run` once and hand the result to `IPUTrainer`; an `IPUTrainer` built directly from
+an `IPUConfig` (as code written for optimum-graphcore does) resolves it itself.
 
 The user's `IPUTrainingArguments` are never changed. The upstream training loop sees different numbers
 (one dataloader batch per step, no accumulation of its own, the precision chosen here): those live in
@@ -152,9 +153,6 @@ class ResolvedRun:
     def offloads_optimizer_state(self) -> bool:
         """optimizer_state_offchip on a GPU: optimizer state and update in host memory."""
         return bool(self.ipu_config.optimizer_state_offchip) and self.args.device.type == "cuda"
-
-    def warmup_steps(self, num_training_steps: int) -> int:
-        return self.args.get_warmup_steps(num_training_steps)
 
     def loop_arguments(self, find_unused_parameters: Optional[bool] = None) -> IPUTrainingArguments:
         """A copy of the user's arguments as the upstream training loop must see them.

@@ -41,6 +41,7 @@ from .checkpoints import (
 )
 
 from .data_collators import pad_on_batch_axis
+from .hub import one_line
 from .ipu_config import IPUConfig
 from .models.layers import num_projection_chunks, set_recomputation
 from .optimization import Lamb
@@ -176,6 +177,8 @@ class IPUTrainer(Trainer):
             run = resolve_run(ipu_config, args, getattr(model, "config", None))
         elif ipu_config is not None and ipu_config is not run.ipu_config:
             raise TypeError("pass either ipu_config or run (whose ipu_config is the effective one), not both")
+        elif args is not None and args is not run.args:
+            raise TypeError("args are not the run's: pass the arguments the run was resolved from (run.args), or no args")
         self.run = run
         self.ipu_config = run.ipu_config
         self.scheduler_factory = scheduler_factory
@@ -460,7 +463,7 @@ class IPUTrainer(Trainer):
             shutil.rmtree(folder, ignore_errors=True)  # written by this run, and unusable
         free = shutil.disk_usage(output_dir).free
         full = (isinstance(error, OSError) and error.errno == errno.ENOSPC) or free < needed
-        reason = "no space left on the device" if full else str(error).strip().splitlines()[0]
+        reason = "no space left on the device" if full else one_line(error)
         resume = (f"{os.path.basename(previous)} is complete: run the same command again to resume from it"
                   if previous else "no earlier checkpoint exists, so a rerun starts afresh")
         return CheckpointWriteError(

@@ -18,12 +18,11 @@ import torch
 from transformers import TrainingArguments
 from transformers.integrations import INTEGRATION_TO_CALLBACK, get_available_reporting_integrations
 
-from .ipu_config import ALLOWED_POD_TYPES
+from .ipu_config import ALLOWED_POD_TYPES, VALID_N_IPU
 from .resolved_run import warmup_steps_for
 
 logger = logging.getLogger(__name__)
 
-VALID_N_IPU = (1, 2, 4, 8, 16, 32, 64)
 ALLOWED_N_IPU = list(VALID_N_IPU)  # the name optimum-graphcore code imports
 DATALOADER_MODES = ("sync", "async", "async_rebatched")
 # --report_to names whose pip package has another name.
@@ -130,7 +129,8 @@ class IPUTrainingArguments(TrainingArguments):
 
     # Flags of optimum-graphcore's IPUTrainingArguments that transformers 5 renamed or dropped. Each is mapped
     # to its current form in __post_init__ and then cleared, so a copy (dataclasses.replace) that changes the
-    # current form is not overruled by the old one.
+    # current form is not overruled by the old one; pod_type alone is kept (after setting --n_ipu), because it
+    # also picks the per-POD entries of the IPU config.
     pod_type: Optional[str] = field(
         default=None,
         metadata={"help": "The IPU-POD the original run used (optimum-graphcore 0.3-0.6): podN means --n_ipu N, and "
@@ -300,6 +300,11 @@ class IPUTrainingArguments(TrainingArguments):
     def uses_lamb(self) -> bool:
         """--lamb or --lamb_no_bias_correction (either flag selects LAMB)."""
         return self.lamb or self.lamb_no_bias_correction
+
+    @property
+    def masking_seed(self) -> int:
+        """The seed of the dynamic masking (and of the packing's order): --data_seed when given, else --seed."""
+        return self.data_seed if self.data_seed is not None else self.seed
 
     def get_warmup_steps(self, num_training_steps: int) -> int:
         """Warmup steps of `num_training_steps`, from --warmup_steps or --warmup_ratio (see `warmup_steps_for`)."""

@@ -1,4 +1,5 @@
 import importlib
+import json
 import os
 import re
 import sys
@@ -61,6 +62,26 @@ def quickstart_argv(script: str, assets: dict, output_dir, *extra: str) -> list[
         "--do_train", "--max_steps", "2", "--save_strategy", "no", "--output_dir", str(output_dir),
         "--overwrite_output_dir", "--report_to", "none", "--disable_tqdm", "true", "--seed", "7", "--fp32", *extra,
     ]
+
+
+def run_script(monkeypatch, argv: list[str]):
+    """Run the script `argv[0]` names (e.g. "run_mlm.py") in-process, with `argv` as its command line."""
+    monkeypatch.setattr(sys, "argv", argv)
+    return script_module(os.path.basename(argv[0])[: -len(".py")]).main()
+
+
+def loss_and_grads(model, batch: dict):
+    """One training-mode forward and backward of `model` on `batch`: the loss and every parameter's gradient."""
+    model.train()
+    model.zero_grad()
+    loss = model(**batch).loss
+    loss.backward()
+    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def read_json(path):
+    with open(path) as handle:
+        return json.load(handle)
 
 
 def readme_section(heading: str) -> str:

@@ -291,6 +291,19 @@ def test_torchs_own_disk_full_error_is_recognised_by_the_free_space(uninterrupte
     assert checkpoint_problem(str(tmp_path / "checkpoint-2")) is None
 
 
+def test_a_write_error_without_a_message_is_named_by_its_type(tmp_path, monkeypatch):
+    original_save = torch.save
+
+    def save_failing_silently(obj, path, *args, **kwargs):
+        if "checkpoint-4" in str(path) and str(path).endswith("optimizer.pt"):
+            raise RuntimeError()
+        return original_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save_failing_silently)
+    with pytest.raises(CheckpointWriteError, match=r"could not write .*checkpoint-4 \(RuntimeError\)"):
+        train(tmp_path)
+
+
 def test_a_signal_seen_by_any_process_stops_every_process(monkeypatch):
     """Processes receive a signal at different moments; the flag is all-reduced so all stop at the same step
     (simulated: this process got no signal, another one did)."""

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForPreTraining, BertConfig, BertForPreTraining, GPT2Config
 
+from conftest import loss_and_grads
 from ipu_trainer.data_collators import DataCollatorForLanguageModelingWithMaxTokensMasked, max_num_masked_tokens
 from ipu_trainer.models import (
     BertForPreTrainingMaskedPositions,
@@ -60,14 +61,6 @@ def paired_models(**config_overrides):
     reference = BertForPreTraining(tiny_config(**config_overrides))
     reference.load_state_dict(ours.state_dict())
     return ours, reference
-
-
-def loss_and_grads(model, batch):
-    model.train()
-    model.zero_grad()
-    loss = model(**batch).loss
-    loss.backward()
-    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
 def assert_same_loss_and_grads(ours, reference, batch, rtol=1e-5, grad_rtol=1e-4):

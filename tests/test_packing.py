@@ -9,6 +9,7 @@ import torch
 from datasets import Dataset, DatasetDict
 from transformers import AutoTokenizer, BertConfig, RobertaConfig
 
+from conftest import loss_and_grads, read_json
 from ipu_trainer.data import tokenize_for_masked_lm
 from ipu_trainer.data_collators import DataCollatorForLanguageModelingWithMaxTokensMasked
 from ipu_trainer.metrics import pretraining_metrics, pretraining_predictions
@@ -220,14 +221,6 @@ def nsp_pairs(tokenizer_dir, english_documents):
     return {key: value[order] for key, value in unpacked.items()}, packed
 
 
-def loss_and_grads(model, batch):
-    model.train()
-    model.zero_grad()
-    loss = model(**batch).loss
-    loss.backward()
-    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
-
-
 def assert_same_loss_and_grads(model, unpacked, packed):
     loss, grads = loss_and_grads(model, unpacked)
     packed_loss, packed_grads = loss_and_grads(model, packed)
@@ -342,7 +335,6 @@ def test_flash_attention_is_refused_for_packed_rows():
 
 # ---- the scripts' --packing -------------------------------------------------------------------------------
 
-import json  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
 
@@ -381,11 +373,6 @@ def pretraining_argv(assets, data, output_dir, *extra):
         "--learning_rate", "3e-3", "--output_dir", str(output_dir), "--report_to", "none", "--disable_tqdm", "true",
         "--seed", "7", "--packing", *extra,
     ]
-
-
-def read_json(path):
-    with open(path) as f:
-        return json.load(f)
 
 
 @pytest.mark.parametrize("masking", ["dynamic", "static"])

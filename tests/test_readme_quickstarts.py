@@ -3,14 +3,13 @@ assets is run by bash, line for line, in a fresh folder holding the scripts and 
 it next to the scripts), and what it trains must show the learning the README promises beside it. These are the
 slowest tests of the suite (about 2 minutes for the pretraining quick start, less for the others, on 2 CPU cores)."""
 
-import json
 import os
 import re
 import subprocess
 import sys
 
 import pytest
-from conftest import REPO, bash_blocks
+from conftest import REPO, bash_blocks, read_json
 
 with open(os.path.join(REPO, "README.md")) as _readme:
     QUICK_STARTS = [lines for lines in bash_blocks(_readme.read()) if "ipu_trainer.offline_assets quickstart" in lines[0]]
@@ -44,12 +43,10 @@ def run_verbatim(lines: list[str], folder) -> None:
 
 def evaluations(output_dir) -> tuple[dict, dict]:
     """The evaluation before training (`--eval_on_start`, step 0) and the one after it."""
-    with open(os.path.join(output_dir, "trainer_state.json")) as handle:
-        history = json.load(handle)["log_history"]
+    history = read_json(os.path.join(output_dir, "trainer_state.json"))["log_history"]
     evaluations = [entry for entry in history if "eval_loss" in entry]
     assert evaluations[0]["step"] == 0, "the quick start should evaluate before training (--eval_on_start)"
-    with open(os.path.join(output_dir, "eval_results.json")) as handle:
-        return evaluations[0], json.load(handle)
+    return evaluations[0], read_json(os.path.join(output_dir, "eval_results.json"))
 
 
 def test_every_script_has_a_quick_start():

@@ -59,6 +59,12 @@ def test_gradient_checkpointing_wins_over_an_override_and_seed_is_taken_last(tmp
     assert effective.seed == 7
 
 
+def test_the_masking_seed_is_data_seed_when_given(tmp_path):
+    # run_mlm.py and run_pretraining.py seed their masking (and packing) with it.
+    assert make_args(tmp_path, seed=3).masking_seed == 3
+    assert make_args(tmp_path, seed=3, data_seed=11).masking_seed == 11
+
+
 def test_the_file_config_is_not_changed(tmp_path):
     config = four_ipu_config(gradient_accumulation_steps=512)
     effective_ipu_config(config, make_args(tmp_path, n_ipu=16, gradient_accumulation_steps=2))

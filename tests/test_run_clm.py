@@ -2,7 +2,6 @@
 machine, the original flags and the repository's ipu_config.json."""
 
 import dataclasses
-import json
 import os
 import sys
 
@@ -12,6 +11,7 @@ from datasets import load_dataset
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from conftest import read_json, run_script
 from ipu_trainer.script_args import parse_script_args
 from ipu_trainer import IPUConfig, IPUTrainingArguments
 from ipu_trainer.resolved_run import effective_ipu_config
@@ -44,24 +44,14 @@ def clm_argv(assets, output_dir, *extra, model=("--model_type", "gpt2", "--confi
     ]
 
 
-def run(monkeypatch, argv):
-    monkeypatch.setattr(sys, "argv", argv)
-    run_clm.main()
-
-
-def read_json(path):
-    with open(path) as f:
-        return json.load(f)
-
-
 @pytest.fixture(scope="module")
 def trained(assets, tmp_path_factory):
     """One short training run, and an evaluation of the same initial weights (same seed) before it."""
     monkeypatch = pytest.MonkeyPatch()
     root = tmp_path_factory.mktemp("clm")
     try:
-        run(monkeypatch, clm_argv(assets, root / "before", "--do_eval"))
-        run(monkeypatch, clm_argv(assets, root / "out", "--do_train", "--do_eval", "--max_steps", "30",
+        run_script(monkeypatch, clm_argv(assets, root / "before", "--do_eval"))
+        run_script(monkeypatch, clm_argv(assets, root / "out", "--do_train", "--do_eval", "--max_steps", "30",
                                   "--save_steps", "15", "--logging_steps", "5"))
     finally:
         monkeypatch.undo()

@@ -2,7 +2,6 @@
 the original flags and the repository's ipu_config.json."""
 
 import dataclasses
-import json
 import math
 import os
 import sys
@@ -12,6 +11,7 @@ import torch
 from datasets import load_dataset
 from transformers import AutoModelForMaskedLM, AutoTokenizer
 
+from conftest import read_json, run_script
 from ipu_trainer.script_args import parse_script_args
 from ipu_trainer import IPUConfig, IPUTrainingArguments
 from ipu_trainer.resolved_run import effective_ipu_config
@@ -44,24 +44,14 @@ def mlm_argv(assets, output_dir, *extra, model=("--model_type", "bert", "--confi
     ]
 
 
-def run(monkeypatch, argv):
-    monkeypatch.setattr(sys, "argv", argv)
-    run_mlm.main()
-
-
-def read_json(path):
-    with open(path) as f:
-        return json.load(f)
-
-
 @pytest.fixture(scope="module")
 def trained(assets, tmp_path_factory):
     """One short training run (and an evaluation of the same initial weights before it)."""
     monkeypatch = pytest.MonkeyPatch()
     root = tmp_path_factory.mktemp("mlm")
     try:
-        run(monkeypatch, mlm_argv(assets, root / "before", "--do_eval"))
-        run(monkeypatch, mlm_argv(assets, root / "out", "--do_train", "--do_eval", "--max_steps", "30",
+        run_script(monkeypatch, mlm_argv(assets, root / "before", "--do_eval"))
+        run_script(monkeypatch, mlm_argv(assets, root / "out", "--do_train", "--do_eval", "--max_steps", "30",
                                   "--save_steps", "15", "--logging_steps", "5"))
     finally:
         monkeypatch.undo()
@@ -138,7 +128,7 @@ def test_checkpoint_reloads_with_auto_class_and_reproduces_eval_loss(trained, as
     ),
 ])
 def test_other_architectures_train(assets, tmp_path, monkeypatch, model, extra):
-    run(monkeypatch, mlm_argv(assets, tmp_path, "--do_train", "--do_eval", "--max_steps", "2", "--max_eval_samples", "16",
+    run_script(monkeypatch, mlm_argv(assets, tmp_path, "--do_train", "--do_eval", "--max_steps", "2", "--max_eval_samples", "16",
                               "--save_strategy", "no", *extra, model=model))
     results = read_json(tmp_path / "eval_results.json")
     assert results["eval_samples"] == 16 and 0.0 <= results["eval_accuracy"] <= 1.0
@@ -183,7 +173,7 @@ def assert_whole_words_masked(tokenizer, batches):
 
 def test_whole_word_mask_trains(assets, tmp_path, monkeypatch):
     made, batches = recorded_batches(monkeypatch, run_mlm)
-    run(monkeypatch, mlm_argv(assets, tmp_path, "--do_train", "--max_steps", "3", "--save_strategy", "no",
+    run_script(monkeypatch, mlm_argv(assets, tmp_path, "--do_train", "--max_steps", "3", "--save_strategy", "no",
                               "--line_by_line", "--whole_word_mask", "--logging_steps", "1"))
     assert [collator.whole_word_mask for collator in made] == [True] and made[0].word_boundaries is not None
     assert_whole_words_masked(AutoTokenizer.from_pretrained(assets["tokenizer"]), batches)
@@ -200,7 +190,7 @@ def test_line_by_line_batches_are_padded_to_the_half_precision_multiple(assets, 
         return 8
 
     monkeypatch.setattr(run_mlm, "pad_to_multiple_of_for", on_a_gpu_in_half_precision)
-    run(monkeypatch, mlm_argv(assets, tmp_path, "--do_train", "--max_steps", "3", "--save_strategy", "no",
+    run_script(monkeypatch, mlm_argv(assets, tmp_path, "--do_train", "--max_steps", "3", "--save_strategy", "no",
                               "--line_by_line", "--max_seq_length", "60", "--per_device_train_batch_size", "1"))
     assert asked == [("no", 60)] and made[0].pad_to_multiple_of == 8
     lengths = {batch["input_ids"].shape[1] for batch in batches}
@@ -276,7 +266,7 @@ def test_encoder_only_checkpoint_gets_a_fresh_mlm_head_and_says_so(assets, tmp_p
                          intermediate_size=64, max_position_embeddings=SEQ)).save_pretrained(encoder_dir)
     AutoTokenizer.from_pretrained(assets["tokenizer"]).save_pretrained(encoder_dir)
     with caplog.at_level("WARNING", logger="ipu_trainer"):
-        run(monkeypatch, mlm_argv(assets, tmp_path / "out", "--do_train", "--max_steps", "1", "--save_strategy", "no",
+        run_script(monkeypatch, mlm_argv(assets, tmp_path / "out", "--do_train", "--max_steps", "1", "--save_strategy", "no",
                                   model=("--model_name_or_path", str(encoder_dir))))
     warning = next(r.getMessage() for r in caplog.records if "freshly initialised" in r.getMessage())
     assert "cls.predictions.transform.dense.weight" in warning and "bert.encoder" not in warning

@@ -1,6 +1,5 @@
 """run_pretraining.py end to end on CPU: tiny BERT, text made on the machine, the original flags."""
 
-import json
 import math
 import os
 import subprocess
@@ -12,6 +11,7 @@ from datasets import Dataset, DatasetDict
 from safetensors.torch import load_file
 from transformers import AutoModelForPreTraining, HfArgumentParser
 
+from conftest import read_json, run_script
 from ipu_trainer import IPUConfig, IPUTrainingArguments
 from ipu_trainer.resolved_run import effective_ipu_config
 
@@ -37,23 +37,13 @@ def pretraining_argv(assets, output_dir, *extra):
     ]
 
 
-def run(monkeypatch, argv):
-    monkeypatch.setattr(sys, "argv", argv)
-    run_pretraining.main()
-
-
-def read_json(path):
-    with open(path) as f:
-        return json.load(f)
-
-
 def test_pretraining_from_text_trains_and_writes_results(assets, tmp_path, monkeypatch):
     before = tmp_path / "before"
-    run(monkeypatch, pretraining_argv(assets, before, "--do_eval"))
+    run_script(monkeypatch, pretraining_argv(assets, before, "--do_eval"))
     perplexity_before = read_json(before / "eval_results.json")["perplexity"]
 
     out = tmp_path / "out"
-    run(monkeypatch, pretraining_argv(assets, out, "--do_train", "--do_eval", "--max_steps", "40",
+    run_script(monkeypatch, pretraining_argv(assets, out, "--do_train", "--do_eval", "--max_steps", "40",
                                       "--save_steps", "20", "--logging_steps", "5"))
     for name in ("train_results.json", "eval_results.json", "all_results.json", "trainer_state.json", "README.md",
                  "ipu_config.json", "config.json", "model.safetensors", "tokenizer_config.json"):
@@ -79,7 +69,7 @@ def test_pretraining_from_text_trains_and_writes_results(assets, tmp_path, monke
 def test_resuming_after_an_interruption_gives_the_same_weights(assets, tmp_path, monkeypatch):
     args = ("--do_train", "--max_steps", "6", "--save_steps", "3", "--lr_scheduler_type", "linear")
     straight = tmp_path / "straight"
-    run(monkeypatch, pretraining_argv(assets, straight, *args))
+    run_script(monkeypatch, pretraining_argv(assets, straight, *args))
 
     interrupted = tmp_path / "interrupted"
     original_step = run_pretraining.IPUTrainer.training_step
@@ -91,11 +81,11 @@ def test_resuming_after_an_interruption_gives_the_same_weights(assets, tmp_path,
 
     monkeypatch.setattr(run_pretraining.IPUTrainer, "training_step", crash_after_first_checkpoint)
     with pytest.raises(KeyboardInterrupt):
-        run(monkeypatch, pretraining_argv(assets, interrupted, *args))
+        run_script(monkeypatch, pretraining_argv(assets, interrupted, *args))
     assert (interrupted / "checkpoint-3").is_dir() and not (interrupted / "model.safetensors").exists()
     monkeypatch.setattr(run_pretraining.IPUTrainer, "training_step", original_step)
 
-    run(monkeypatch, pretraining_argv(assets, interrupted, *args))  # finds checkpoint-3 and resumes
+    run_script(monkeypatch, pretraining_argv(assets, interrupted, *args))  # finds checkpoint-3 and resumes
     expected = load_file(straight / "model.safetensors")
     resumed = load_file(interrupted / "model.safetensors")
     assert expected.keys() == resumed.keys()
@@ -117,7 +107,7 @@ def test_whole_word_mask_trains(assets, tmp_path, monkeypatch):
 
     monkeypatch.setattr(run_pretraining, "DataCollatorForLanguageModelingWithMaxTokensMasked", Recording)
     out = tmp_path / "out"
-    run(monkeypatch, pretraining_argv(assets, out, "--do_train", "--max_steps", "3", "--save_strategy", "no",
+    run_script(monkeypatch, pretraining_argv(assets, out, "--do_train", "--max_steps", "3", "--save_strategy", "no",
                                       "--whole_word_mask", "--logging_steps", "1"))
     # WordPiece: a '##' piece is labelled exactly when the piece before it is (unless that is a special token:
     # a sentence cut to fit the pair may start with a '##' piece); never more than the cap (16).
@@ -141,7 +131,7 @@ def test_whole_word_mask_trains(assets, tmp_path, monkeypatch):
 
 def test_whole_word_mask_with_data_masked_in_advance_is_refused(assets, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="--whole_word_mask masks each batch afresh, --is_already_masked keeps"):
-        run(monkeypatch, pretraining_argv(assets, tmp_path / "out", "--do_train", "--whole_word_mask",
+        run_script(monkeypatch, pretraining_argv(assets, tmp_path / "out", "--do_train", "--whole_word_mask",
                                           "--is_already_masked"))
 
 
@@ -150,7 +140,7 @@ def test_non_empty_output_dir_without_checkpoint_is_refused(assets, tmp_path, mo
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
     with pytest.raises(ValueError, match="is not empty and holds no checkpoint to resume from.*--overwrite_output_dir"):
-        run(monkeypatch, pretraining_argv(assets, out, "--do_train", "--max_steps", "1"))
+        run_script(monkeypatch, pretraining_argv(assets, out, "--do_train", "--max_steps", "1"))
     assert (out / "notes.txt").read_text() == "keep me"
 
 
@@ -237,7 +227,7 @@ def test_readme_commands_with_quoted_overrides_parse():
 
 def test_groupbert_schedule_drives_the_learning_rate(assets, tmp_path, monkeypatch):
     out = tmp_path / "out"
-    run(monkeypatch, pretraining_argv(assets, out, "--do_train", "--max_steps", "8", "--warmup_ratio", "0.25",
+    run_script(monkeypatch, pretraining_argv(assets, out, "--do_train", "--max_steps", "8", "--warmup_ratio", "0.25",
                                       "--groupbert_schedule", "--logging_steps", "1", "--learning_rate", "1e-3"))
     rates = [e["learning_rate"] for e in read_json(out / "trainer_state.json")["log_history"] if "learning_rate" in e]
     warmup, lr, lr_end = 2, 1e-3, 1e-7  # ceil(8 x 0.25)
@@ -257,7 +247,7 @@ def test_prepare_dataset_output_trains_with_dataset_path(assets, tmp_path, monke
     argv = pretraining_argv(assets, tmp_path / "out", "--do_train", "--do_eval", "--max_steps", "3",
                             "--is_already_preprocessed", *(["--is_already_masked"] if masking == "static" else []))
     argv[argv.index("--train_file"):argv.index("--train_file") + 4] = ["--dataset_path", str(data)]
-    run(monkeypatch, argv)
+    run_script(monkeypatch, argv)
     results = read_json(tmp_path / "out" / "all_results.json")
     assert results["train_samples"] > 0 and math.isfinite(results["eval_loss"])
 
@@ -269,7 +259,7 @@ def test_compile_only_compiles_into_the_executable_cache_and_stops(assets, tmp_p
     argv[overrides] += f",executable_cache_dir={cache}"
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     with caplog.at_level("INFO", logger="ipu_trainer"):
-        run(monkeypatch, argv)
+        run_script(monkeypatch, argv)
     assert any("--compile_only: model compiled" in r.getMessage() and str(cache) in r.getMessage() for r in caplog.records)
     assert cache.is_dir() and any(cache.iterdir())  # inductor wrote its kernels there
     assert not (tmp_path / "out" / "model.safetensors").exists()  # and nothing was trained
@@ -280,6 +270,6 @@ def test_a_text_dataset_without_pairs_is_turned_into_pairs(assets, tmp_path, mon
     DatasetDict({"train": Dataset.from_dict({"content": documents})}).save_to_disk(str(tmp_path / "text"))
     argv = pretraining_argv(assets, tmp_path / "out", "--do_train", "--do_eval", "--max_steps", "2")
     argv[argv.index("--train_file"):argv.index("--train_file") + 4] = ["--dataset_path", str(tmp_path / "text")]
-    run(monkeypatch, argv)
+    run_script(monkeypatch, argv)
     results = read_json(tmp_path / "out" / "all_results.json")
     assert results["train_samples"] > 0 and "eval_nsp_accuracy" in results

@@ -111,6 +111,16 @@ def float16_trainer(tmp_path, loss_scale, dynamic=False, device_iterations=1, **
     return trainer, model
 
 
+def test_a_resolved_run_is_not_combined_with_other_arguments_or_ipu_config(tmp_path):
+    args = make_args(tmp_path)
+    run = resolve_run(ipu_config(), args)
+    IPUTrainer(model=tiny_bert(), args=args, run=run)  # the scripts' form: the run's own arguments
+    with pytest.raises(TypeError, match="args are not the run's"):
+        IPUTrainer(model=tiny_bert(), args=make_args(tmp_path, learning_rate=1.0), run=run)
+    with pytest.raises(TypeError, match="either ipu_config or run"):
+        IPUTrainer(model=tiny_bert(), ipu_config=ipu_config(), run=run)
+
+
 def test_float16_overflow_skips_the_update_and_the_schedule_step(tmp_path):
     trainer, model = float16_trainer(tmp_path, loss_scale=1e30, lr_scheduler_type="linear", max_steps=2)
     assert trainer.args.mixed_precision == "fp16" and trainer.accelerator.mixed_precision == "fp16"
