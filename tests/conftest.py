@@ -79,6 +79,44 @@ def loss_and_grads(model, batch: dict):
     return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
+def recorded_batches(monkeypatch, module):
+    """Every masking collator the script builds, and the batches it collates."""
+    from ipu_trainer.data_collators import DataCollatorForLanguageModelingWithMaxTokensMasked
+
+    made, batches = [], []
+
+    class Recording(DataCollatorForLanguageModelingWithMaxTokensMasked):
+        def __post_init__(self):
+            super().__post_init__()
+            made.append(self)
+
+        def __call__(self, examples):
+            batch = super().__call__(examples)
+            batches.append({key: value.clone() for key, value in batch.items()})
+            return batch
+
+    monkeypatch.setattr(module, "DataCollatorForLanguageModelingWithMaxTokensMasked", Recording)
+    return made, batches
+
+
+def assert_whole_words_masked(tokenizer, batches):
+    """WordPiece: a '##' piece is labelled exactly when the piece before it is, unless that is a special token (a
+    sentence cut to fit a pair may start with a '##' piece). Returns each batch's labelled positions."""
+    special = set(tokenizer.all_special_tokens)
+    pieces = 0
+    for batch in batches:
+        labelled = batch["labels"] != -100
+        for row, ids in enumerate(batch["input_ids"].tolist()):
+            original = [label if label != -100 else i for i, label in zip(ids, batch["labels"][row].tolist())]
+            tokens = tokenizer.convert_ids_to_tokens(original)
+            for position, token in enumerate(tokens):
+                if token.startswith("##") and position > 0 and tokens[position - 1] not in special:
+                    pieces += 1
+                    assert labelled[row, position] == labelled[row, position - 1]
+    assert pieces > 100
+    return [batch["labels"] != -100 for batch in batches]
+
+
 def read_json(path):
     with open(path) as handle:
         return json.load(handle)

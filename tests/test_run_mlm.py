@@ -11,7 +11,7 @@ import torch
 from datasets import load_dataset
 from transformers import AutoModelForMaskedLM, AutoTokenizer
 
-from conftest import read_json, run_script
+from conftest import assert_whole_words_masked, read_json, recorded_batches, run_script
 from ipu_trainer.script_args import parse_script_args
 from ipu_trainer import IPUConfig, IPUTrainingArguments
 from ipu_trainer.resolved_run import effective_ipu_config
@@ -135,40 +135,6 @@ def test_other_architectures_train(assets, tmp_path, monkeypatch, model, extra):
     architecture = {"roberta": "RobertaForMaskedLM", "distilbert": "DistilBertForMaskedLM"}[model[1]]
     assert read_json(tmp_path / "config.json")["architectures"] == [architecture]
     assert type(AutoModelForMaskedLM.from_pretrained(tmp_path)).__name__ == architecture
-
-
-def recorded_batches(monkeypatch, module):
-    """Every masking collator the script builds, and the batches it collates."""
-    made, batches = [], []
-
-    class Recording(DataCollatorForLanguageModelingWithMaxTokensMasked):
-        def __post_init__(self):
-            super().__post_init__()
-            made.append(self)
-
-        def __call__(self, examples):
-            batch = super().__call__(examples)
-            batches.append({key: value.clone() for key, value in batch.items()})
-            return batch
-
-    monkeypatch.setattr(module, "DataCollatorForLanguageModelingWithMaxTokensMasked", Recording)
-    return made, batches
-
-
-def assert_whole_words_masked(tokenizer, batches):
-    """WordPiece: a '##' piece is labelled exactly when the piece before it is, unless that is a special token."""
-    special = set(tokenizer.all_special_tokens)
-    pieces = 0
-    for batch in batches:
-        labelled = batch["labels"] != -100
-        for row, ids in enumerate(batch["input_ids"].tolist()):
-            original = [label if label != -100 else i for i, label in zip(ids, batch["labels"][row].tolist())]
-            tokens = tokenizer.convert_ids_to_tokens(original)
-            for position, token in enumerate(tokens):
-                if token.startswith("##") and position > 0 and tokens[position - 1] not in special:
-                    pieces += 1
-                    assert labelled[row, position] == labelled[row, position - 1]
-    assert pieces > 100
 
 
 def test_whole_word_mask_trains(assets, tmp_path, monkeypatch):

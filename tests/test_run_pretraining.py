@@ -11,7 +11,7 @@ from datasets import Dataset, DatasetDict
 from safetensors.torch import load_file
 from transformers import AutoModelForPreTraining, HfArgumentParser
 
-from conftest import read_json, run_script
+from conftest import assert_whole_words_masked, read_json, recorded_batches, run_script
 from ipu_trainer import IPUConfig, IPUTrainingArguments
 from ipu_trainer.resolved_run import effective_ipu_config
 
@@ -94,39 +94,23 @@ def test_resuming_after_an_interruption_gives_the_same_weights(assets, tmp_path,
 
 
 def test_whole_word_mask_trains(assets, tmp_path, monkeypatch):
-    from ipu_trainer.data_collators import DataCollatorForLanguageModelingWithMaxTokensMasked
     from transformers import AutoTokenizer
 
-    batches = []
-
-    class Recording(DataCollatorForLanguageModelingWithMaxTokensMasked):
-        def __call__(self, examples):
-            batch = super().__call__(examples)
-            batches.append({k: v.clone() for k, v in batch.items()})
-            return batch
-
-    monkeypatch.setattr(run_pretraining, "DataCollatorForLanguageModelingWithMaxTokensMasked", Recording)
+    _, batches = recorded_batches(monkeypatch, run_pretraining)
     out = tmp_path / "out"
     run_script(monkeypatch, pretraining_argv(assets, out, "--do_train", "--max_steps", "3", "--save_strategy", "no",
                                       "--whole_word_mask", "--logging_steps", "1"))
-    # WordPiece: a '##' piece is labelled exactly when the piece before it is (unless that is a special token:
-    # a sentence cut to fit the pair may start with a '##' piece); never more than the cap (16).
-    tokenizer = AutoTokenizer.from_pretrained(assets["tokenizer"])
-    special = set(tokenizer.all_special_tokens)
-    pieces = 0
-    for batch in batches:
-        labelled = batch["labels"] != -100
-        assert labelled.sum(dim=1).max() <= 16
-        original = torch.where(labelled, batch["labels"], batch["input_ids"])
-        for row, ids in enumerate(original.tolist()):
-            tokens = tokenizer.convert_ids_to_tokens(ids)
-            for position, token in enumerate(tokens):
-                if token.startswith("##") and position > 0 and tokens[position - 1] not in special:
-                    pieces += 1
-                    assert labelled[row, position] == labelled[row, position - 1]
-    assert pieces > 100
+    labelled = assert_whole_words_masked(AutoTokenizer.from_pretrained(assets["tokenizer"]), batches)
+    assert max(int(rows.sum(dim=1).max()) for rows in labelled) <= 16  # the cap at length 64
     losses = [e["loss"] for e in read_json(out / "trainer_state.json")["log_history"] if "loss" in e]
     assert len(losses) == 3 and all(math.isfinite(loss) for loss in losses)
+
+
+def test_data_seed_seeds_the_masking(assets, tmp_path, monkeypatch):
+    made, _ = recorded_batches(monkeypatch, run_pretraining)
+    run_script(monkeypatch, pretraining_argv(assets, tmp_path / "out", "--do_train", "--max_steps", "1",
+                                             "--save_strategy", "no", "--data_seed", "11"))
+    assert [collator.seed for collator in made] == [11]
 
 
 def test_whole_word_mask_with_data_masked_in_advance_is_refused(assets, tmp_path, monkeypatch):
