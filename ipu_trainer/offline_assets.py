@@ -90,14 +90,26 @@ def stdlib_docstring_documents() -> list[str]:
     return documents
 
 
+WORDPIECE_SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
 def train_wordpiece_tokenizer(
     texts: list[str], output_dir: str, vocab_size: int = 2000, model_max_length: int = 512
 ) -> PreTrainedTokenizerBase:
     """Train an uncased BERT WordPiece tokenizer on `texts` and save it with `save_pretrained`."""
     wordpiece = BertWordPieceTokenizer(lowercase=True)
-    wordpiece.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2)
+    wordpiece.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, special_tokens=WORDPIECE_SPECIAL_TOKENS)
     os.makedirs(output_dir, exist_ok=True)
     wordpiece.save_model(output_dir)
+    # The trainer breaks ties in hash-map order, which changes from run to run: the alphabet came out in another
+    # order each time (other ids for the same tokens, so other trained numbers), and a token or two at the size
+    # cut can differ. Sorting fixes the ids of the tokens: special tokens first (ids 0-4), the rest sorted.
+    vocab_path = os.path.join(output_dir, "vocab.txt")
+    with open(vocab_path, encoding="utf-8") as handle:
+        tokens = handle.read().splitlines()
+    rest = sorted(set(tokens) - set(WORDPIECE_SPECIAL_TOKENS))
+    with open(vocab_path, "w", encoding="utf-8") as handle:
+        handle.write("\n".join(WORDPIECE_SPECIAL_TOKENS + rest) + "\n")
     tokenizer = BertTokenizer(vocab=os.path.join(output_dir, "vocab.txt"), model_max_length=model_max_length)
     tokenizer.save_pretrained(output_dir)
     return tokenizer

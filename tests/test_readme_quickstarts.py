@@ -1,7 +1,7 @@
 """The README's offline quick starts, run verbatim: every ```bash block of the README that builds the quick-start
 assets is run by bash, line for line, in a fresh folder holding the scripts and `ipu_config.json` (as a user runs
 it next to the scripts), and what it trains must show the learning the README promises beside it. These are the
-slowest tests of the suite (about 2 minutes for the pretraining quick start, less for the others, on 2 CPU cores)."""
+slowest tests of the suite (about 3 minutes for the pretraining quick start, less for the others, on 2 CPU cores)."""
 
 import os
 import re
