@@ -92,7 +92,8 @@ def main():
     train_dataset, eval_dataset = train_and_eval_splits(lm_datasets, training_args, data_args, too_short, run)
 
     # Model: GPT-2 gets recomputation and a chunked (still tied) LM head from the IPU config
-    model = load_model(AutoModelForCausalLM, model_args, config, tokenizer, model_class=causal_lm_model_for(config))
+    model = load_model(AutoModelForCausalLM, model_args, config, tokenizer,
+                       model_class=causal_lm_model_for(config), seed=training_args.seed)
 
     # Trainer
     trainer = IPUTrainer(

@@ -123,7 +123,7 @@ def main():
     model_class = masked_lm_model_for(config)
     if model_class is None:
         logger.info("No masked-position head for model type %r: the MLM head runs on every position.", config.model_type)
-    model = load_model(AutoModelForMaskedLM, model_args, config, tokenizer, model_class=model_class)
+    model = load_model(AutoModelForMaskedLM, model_args, config, tokenizer, model_class=model_class, seed=training_args.seed)
 
     # Dynamic masking, capped at max_num_masked_tokens per sequence; seeded so runs (and evaluations) repeat.
     # Dynamically padded batches (--line_by_line) are rounded up to a multiple of 8 in half precision on a GPU.

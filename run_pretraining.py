@@ -187,7 +187,8 @@ def main():
     # model here and the masking collator below)
     masked_tokens_cap = max_num_masked_tokens(max_seq_length, data_args.mlm_probability)
     config.max_num_masked_tokens = masked_tokens_cap
-    model = load_model(AutoModelForPreTraining, model_args, config, tokenizer, model_class=masked_positions_model_for(config))
+    model = load_model(AutoModelForPreTraining, model_args, config, tokenizer,
+                       model_class=masked_positions_model_for(config), seed=training_args.seed)
 
     # Masking: dynamic (every batch masked afresh) unless the data's own masking is kept. Sentence pairs all have
     # max_seq_length tokens (built padded to it here; pre-built data comes at one length), so batches are never

@@ -15,7 +15,7 @@ from typing import Any, Optional
 import torch
 from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import RemoteEntryNotFoundError
-from transformers import CONFIG_MAPPING, AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
+from transformers import CONFIG_MAPPING, AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase, set_seed
 
 from .hub import HubError, hub_token, load_local_or_hub
 from .ipu_config import CONFIG_NAME as IPU_CONFIG_NAME
@@ -227,10 +227,15 @@ def load_model(
     tokenizer: PreTrainedTokenizerBase,
     model_class: Optional[Any] = None,
     dtype: Optional[Any] = None,
+    seed: Optional[int] = None,
 ) -> Any:
     """The run's model: `--model_name_or_path` loaded as `model_class` (default `auto_class`), else a fresh
     one from `config`. Weights the checkpoint lacks are reported plainly, and the embeddings grow when the
     tokenizer is larger than the vocabulary.
+
+    A fresh model is built right after `set_seed(seed)`, as the original built `auto_class.from_config(config)`
+    after seeding: transformers' own initialisation, so the same seed gives the same weights bit for bit,
+    whichever of the package's classes (which add no parameters and no initialisation of their own) runs it.
 
     The weights are float32 whatever dtype the checkpoint was saved in (transformers 5 would otherwise keep a
     bfloat16 checkpoint in bfloat16 and train it without float32 master weights); mixed precision is applied
@@ -258,6 +263,8 @@ def load_model(
                 model_args.model_name_or_path, len(missing), type(model).__name__, ", ".join(missing),
             )
     else:
+        if seed is not None:
+            set_seed(seed)
         if model_class is auto_class:
             model = model_class.from_config(config, dtype=dtype,
                                             trust_remote_code=getattr(model_args, "trust_remote_code", False))

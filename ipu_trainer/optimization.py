@@ -1,4 +1,15 @@
-"""LAMB and the GroupBERT learning-rate schedule used by the pretraining examples."""
+"""The original's optimizers (poptorch's LAMB and AdamW), its parameter groups, and the GroupBERT schedule.
+
+The IPU examples never used torch's optimizers as they are: `--lamb` / `--lamb_no_bias_correction` took
+poptorch's LAMB with three parameter groups, and otherwise poptorch's AdamW without bias correction
+(`original_parameter_groups`, `Lamb`, `AdamW` here). Both compute, per parameter at its step t:
+
+    m = b1 m + (1 - b1) g,  v = b2 v + (1 - b2) g^2
+    m_hat, v_hat = m / (1 - b1^t), v / (1 - b2^t)    (or m, v without bias correction)
+    update = m_hat / (sqrt(v_hat) + eps) + weight_decay * w
+    AdamW: w -= lr * update
+    LAMB:  w -= lr * trust * update,  trust = min(||w||, max_weight_norm) / ||update||, 1 where either is 0
+"""
 
 from __future__ import annotations
 
@@ -11,19 +22,23 @@ import torch
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
+# poptorch's LAMB clamps ||w|| at the float16 maximum when it is given no max_weight_norm (the original's
+# optimizer-wide setting); the original's bias group sets 0, which makes its trust ratio 1 (plain Adam steps).
+POPTORCH_MAX_WEIGHT_NORM = 65500.0
+
 # Moments of these dtypes would lose the second-moment update entirely (0.999 * v rounds back to v
 # in 8 mantissa bits), so their state and update math run in float32.
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 class Lamb(Optimizer):
-    """LAMB (You et al., 2019): Adam moments scaled per parameter by a trust ratio.
+    """LAMB (You et al., 2019) as poptorch computes it: Adam moments scaled per parameter by a trust ratio.
 
-    For each parameter with a gradient, at its own step t:
-        m = b1 m + (1 - b1) g,  v = b2 v + (1 - b2) g^2
-        m_hat, v_hat = m / (1 - b1^t), v / (1 - b2^t)    (or m, v without bias correction)
+    For each parameter with a gradient, at its own step t (see the module docstring for m_hat, v_hat):
         update = m_hat / (sqrt(v_hat) + eps) + weight_decay * w
-        w -= lr * trust * update,  trust = ||w|| / ||update|| if both norms > 0 else 1
+        w -= lr * trust * update,  trust = r1 / ||update||,  r1 = min(||w||, max_weight_norm)
+    with trust 1 where r1 or ||update|| is 0. `max_weight_norm` is a group setting: None does not clamp,
+    0 turns the trust ratio off (the original's bias group).
 
     Parameters whose `.grad` is None are skipped without touching their state or step count; the
     trainer relies on this to drop an update after an fp16 overflow. State is kept in the parameter
@@ -39,6 +54,7 @@ class Lamb(Optimizer):
         eps: float = 1e-6,
         weight_decay: float = 0.0,
         bias_correction: bool = True,
+        max_weight_norm: float | None = None,
     ) -> None:
         if lr < 0:
             raise ValueError(f"lr={lr!r} is invalid: must be >= 0")
@@ -48,7 +64,10 @@ class Lamb(Optimizer):
             raise ValueError(f"eps={eps!r} is invalid: must be >= 0")
         if weight_decay < 0:
             raise ValueError(f"weight_decay={weight_decay!r} is invalid: must be >= 0")
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, bias_correction=bias_correction)
+        if max_weight_norm is not None and max_weight_norm < 0:
+            raise ValueError(f"max_weight_norm={max_weight_norm!r} is invalid: must be >= 0 or None")
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, bias_correction=bias_correction,
+                        max_weight_norm=max_weight_norm)
         super().__init__(params, defaults)
 
     @torch.no_grad()
@@ -103,7 +122,10 @@ class Lamb(Optimizer):
         if group["weight_decay"] != 0:
             torch._foreach_add_(updates, weights, alpha=group["weight_decay"])
 
-        trust = _trust_ratios(torch._foreach_norm(weights), torch._foreach_norm(updates))
+        weight_norms = torch._foreach_norm(weights)
+        if group["max_weight_norm"] is not None:
+            weight_norms = torch._foreach_clamp_max(weight_norms, group["max_weight_norm"])
+        trust = _trust_ratios(weight_norms, torch._foreach_norm(updates))
         torch._foreach_mul_(updates, trust)
         torch._foreach_add_(weights, updates, alpha=-group["lr"])
         for p, w in zip(params, weights):
@@ -123,8 +145,90 @@ class Lamb(Optimizer):
                     self.state[p][key] = saved[key].to(device=p.device, dtype=torch.float32, copy=True)
 
 
+# A step count at which 1 - beta^t is exactly 1.0 for every beta < 1 that anyone trains with (beta^(2^100)
+# underflows to 0 in float32 and float64 alike), and that stays put when torch adds 1 (2^100 + 1 rounds back to
+# 2^100 in float32, the dtype of torch's step counters).
+_STEP_WITHOUT_BIAS_CORRECTION = 2.0**100
+
+
+class AdamW(torch.optim.AdamW):
+    """poptorch's AdamW: decoupled weight decay, with or without bias correction of the moments.
+
+    With bias correction it is torch's AdamW (torch's w *= 1 - lr * wd before the Adam step is the same
+    update as poptorch's lr * (m_hat / (sqrt(v_hat) + eps) + wd * w)). Without it (the original's setting,
+    `bias_correction=False`), torch's kernels still run, fused or foreach, with each parameter's step count
+    held at 2^100: there 1 - b1^t and 1 - b2^t are exactly 1.0, so the kernels compute m / (sqrt(v) + eps)
+    bit for bit as the formula without correction does. The state then records 2^100 as its `step`; it does
+    not count updates (the trainer's state does).
+    """
+
+    def __init__(self, params: Any, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.01, bias_correction: bool = True, **kwargs: Any) -> None:
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **kwargs)
+        self.bias_correction = bias_correction
+        if not bias_correction:
+            for beta in (b for group in self.param_groups for b in group["betas"]):
+                if beta**_STEP_WITHOUT_BIAS_CORRECTION != 0.0:
+                    raise ValueError(f"beta={beta!r} is too close to 1 for AdamW without bias correction")
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        if not self.bias_correction:
+            self._hold_step_counts()
+        return super().step(closure)
+
+    def _hold_step_counts(self) -> None:
+        """Every parameter about to be updated gets its state with the held step count. A fresh state is made
+        here as torch's AdamW makes it (zero moments, a float32 step on the parameter's device for the fused
+        and capturable kernels, on the CPU otherwise), so that even the first update is uncorrected."""
+        for group in self.param_groups:
+            on_device = group["fused"] or group["capturable"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "step" not in state:
+                    state["step"] = torch.tensor(
+                        _STEP_WITHOUT_BIAS_CORRECTION, dtype=torch.float32, device=p.device if on_device else None
+                    )
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    if group["amsgrad"]:
+                        state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                else:
+                    state["step"].fill_(_STEP_WITHOUT_BIAS_CORRECTION)
+
+
+def original_parameter_groups(model: torch.nn.Module, weight_decay: float, lamb: bool) -> list[dict[str, Any]]:
+    """The original trainer's parameter groups.
+
+    Weight decay goes to every parameter that is neither inside an `nn.LayerNorm` nor named `*bias*`. With
+    LAMB the biases form a group of their own with max_weight_norm 0 (their trust ratio is 1: the original
+    disabled LAMB's scaling for them) and the rest (LayerNorm weights) a third group; with AdamW the biases
+    and LayerNorm weights share the no-decay group. Tied parameters appear once, under their first name.
+    """
+    in_layer_norm = {
+        id(param) for module in model.modules() if isinstance(module, torch.nn.LayerNorm)
+        for param in module.parameters(recurse=False)
+    }
+    kinds = {"decay": [], "bias": [], "rest": []}
+    named = [(name, param) for name, param in model.named_parameters() if param.requires_grad]
+    kind_of = {}
+    for name, param in named:
+        kind_of[name] = "bias" if "bias" in name else "rest" if id(param) in in_layer_norm else "decay"
+        kinds[kind_of[name]].append(param)
+    if lamb:
+        return [
+            {"params": kinds["decay"], "weight_decay": weight_decay},
+            {"params": kinds["bias"], "weight_decay": 0.0, "max_weight_norm": 0.0},
+            {"params": kinds["rest"], "weight_decay": 0.0},
+        ]
+    no_decay = [param for name, param in named if kind_of[name] != "decay"]  # in the model's order, as the original
+    return [{"params": kinds["decay"], "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
 def _trust_ratios(weight_norms: list[torch.Tensor], update_norms: list[torch.Tensor]) -> list[torch.Tensor]:
-    """||w|| / ||update|| per parameter, 1 where either norm is 0; one vectorised op per device."""
+    """r1 / ||update|| per parameter, 1 where either is 0; one vectorised op per device."""
     by_device: dict[torch.device, list[int]] = defaultdict(list)
     for i, norm in enumerate(weight_norms):
         by_device[norm.device].append(i)

@@ -154,6 +154,17 @@ class ResolvedRun:
         """optimizer_state_offchip on a GPU: optimizer state and update in host memory."""
         return bool(self.ipu_config.optimizer_state_offchip) and self.args.device.type == "cuda"
 
+    @property
+    def train_drop_last(self) -> bool:
+        """Whether training drops its last incomplete batch: --dataloader_drop_last, by default yes (the
+        original's `poptorch.DataLoader` did)."""
+        return True if self.args.dataloader_drop_last is None else self.args.dataloader_drop_last
+
+    @property
+    def eval_drop_last(self) -> bool:
+        """Whether evaluation drops its last incomplete batch: --dataloader_drop_last, by default no."""
+        return bool(self.args.dataloader_drop_last)
+
     def loop_arguments(self, find_unused_parameters: Optional[bool] = None) -> IPUTrainingArguments:
         """A copy of the user's arguments as the upstream training loop must see them.
 
@@ -176,6 +187,10 @@ class ResolvedRun:
         loop.bf16 = self.precision.mixed_precision == "bf16"
         loop.mixed_precision = self.precision.mixed_precision
         loop.dataloader_num_workers = self.dataloader_num_workers
+        # No clipping unless asked for (the original never clipped); upstream reads 0 as "off".
+        loop.max_grad_norm = self.args.max_grad_norm or 0.0
+        # The training dataloader's setting; IPUTrainer applies `eval_drop_last` to the evaluation ones.
+        loop.dataloader_drop_last = self.train_drop_last
         # Old checkpoints are rotated by IPUTrainer once the new one is complete, never before (checkpoints.py).
         loop.save_total_limit = None
         if loop.device.type == "cpu":
@@ -249,10 +264,9 @@ def resolve_run(ipu_config: IPUConfig, args: IPUTrainingArguments, model_config:
 
 def warmup_steps_for(num_training_steps: int, warmup_ratio: Optional[float] = None, warmup_steps: float = 0) -> int:
     """Warmup length: `warmup_steps` >= 1 is a step count, 0 < `warmup_steps` < 1 a ratio (transformers 5's
-    form), else `warmup_ratio` (the IPU recipes' flag); a ratio r gives ceil(num_training_steps * r).
-
-    The product is rounded to 9 decimals first so that float noise does not add a step (10500 * 0.28 is
-    2940.0000000000005 in binary floating point, and should give 2940).
+    form), else `warmup_ratio` (the IPU recipes' flag); a ratio r gives ceil(num_training_steps * r), computed
+    as the original computes it, in binary floating point: 10500 steps at 0.28 give 2941 (the product is
+    2940.0000000000005).
     """
     if warmup_steps < 0:
         raise ValueError(f"warmup_steps={warmup_steps!r} is invalid: must be >= 0")
@@ -261,4 +275,4 @@ def warmup_steps_for(num_training_steps: int, warmup_ratio: Optional[float] = No
     ratio = warmup_steps if warmup_steps > 0 else (warmup_ratio or 0.0)
     if not 0.0 <= ratio <= 1.0:
         raise ValueError(f"warmup_ratio={ratio!r} is invalid: must be in [0, 1]")
-    return math.ceil(round(num_training_steps * ratio, 9))
+    return math.ceil(num_training_steps * ratio)

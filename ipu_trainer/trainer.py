@@ -44,7 +44,7 @@ from .data_collators import pad_on_batch_axis
 from .hub import one_line
 from .ipu_config import IPUConfig
 from .models.layers import num_projection_chunks, set_recomputation
-from .optimization import Lamb
+from .optimization import POPTORCH_MAX_WEIGHT_NORM, AdamW, Lamb, original_parameter_groups
 from .placement import HostOffloadedOptimizer, Placement, ShardedOptimizer, prepare_optimizer_for_checkpoint
 from .precision import Precision
 from .resolved_run import ResolvedRun, resolve_run
@@ -188,8 +188,11 @@ class IPUTrainer(Trainer):
         self.force_to_pipelined = force_to_pipelined
 
         self._prepare_model(model)
+        # Whether this trainer builds the original's optimizer with its parameter groups (`create_optimizer`).
+        self._builds_original_optimizer = False
         if kwargs.get("optimizer_cls_and_kwargs") is None and optimizers[0] is None:
             kwargs["optimizer_cls_and_kwargs"] = self._optimizer_cls_and_kwargs(run.args, model)
+            self._builds_original_optimizer = run.args.uses_original_optimizer
         if self.ipu_config.executable_cache_dir and (run.args.torch_compile or run.args.compile_only):
             # Inductor reads its cache location from the environment each time it compiles (and fills in its
             # default there once asked), so the IPU config's executable_cache_dir is put there explicitly.
@@ -270,15 +273,26 @@ class IPUTrainer(Trainer):
         return self.run.precision
 
     def _optimizer_cls_and_kwargs(self, args: IPUTrainingArguments, model: nn.Module) -> tuple[type, dict[str, Any]]:
-        """LAMB or the upstream choice (AdamW by default); its state in host memory for
-        optimizer_state_offchip on a GPU, and sharded over the processes (ZeRO stage 1) for
-        replicated_tensor_sharding."""
+        """The original's optimizer by default (poptorch's AdamW without bias correction, or LAMB with --lamb),
+        else the upstream choice of --optim; its state in host memory for optimizer_state_offchip on a GPU, and
+        sharded over the processes (ZeRO stage 1) for replicated_tensor_sharding. The original's parameter
+        groups are made by `create_optimizer`."""
         if args.uses_lamb:
             optimizer_cls, optimizer_kwargs = Lamb, {
                 "lr": args.learning_rate,
                 "betas": (args.adam_beta1, args.adam_beta2),
                 "eps": args.adam_epsilon,
                 "bias_correction": not args.lamb_no_bias_correction,
+                "max_weight_norm": POPTORCH_MAX_WEIGHT_NORM,
+            }
+        elif args.uses_original_optimizer:
+            optimizer_cls, optimizer_kwargs = AdamW, {
+                "lr": args.learning_rate,
+                "betas": (args.adam_beta1, args.adam_beta2),
+                "eps": args.adam_epsilon,
+                "bias_correction": False,
+                # torch's fused kernel where it has one (the Trainer's default optimizer is fused AdamW too).
+                ("fused" if args.device.type in ("cpu", "cuda") else "foreach"): True,
             }
         else:
             optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
@@ -297,6 +311,17 @@ class IPUTrainer(Trainer):
             return optimizer_cls.func, {**optimizer_cls.keywords, **optimizer_kwargs}
         return optimizer_cls, optimizer_kwargs
 
+    def create_optimizer(self, model: Optional[nn.Module] = None) -> torch.optim.Optimizer:
+        """With the original's optimizer, the original's parameter groups (`original_parameter_groups`: LAMB's
+        biases without trust ratio); otherwise upstream's two groups for the --optim it builds."""
+        if self.optimizer is None and self._builds_original_optimizer:
+            opt_model = self.model if model is None else model
+            groups = original_parameter_groups(opt_model, self.run.args.weight_decay, lamb=self.run.args.uses_lamb)
+            optimizer_cls, optimizer_kwargs = self.optimizer_cls_and_kwargs
+            self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+            return self.optimizer
+        return super().create_optimizer(model)
+
     def _shards_optimizer_state(self, args: IPUTrainingArguments) -> bool:
         return self.run.shards_optimizer_state
 
@@ -312,9 +337,16 @@ class IPUTrainer(Trainer):
         lines += self.run.describe()
         user_args = self.run.args
         optimizer = str(getattr(user_args.optim, "value", user_args.optim))
-        if user_args.uses_lamb:
-            optimizer = "LAMB" + (" without bias correction" if user_args.lamb_no_bias_correction else "")
-        lines.append(f"optimizer: {optimizer}")
+        if user_args.uses_original_optimizer and not self._builds_original_optimizer:
+            optimizer = "the one given to IPUTrainer"
+        elif user_args.uses_lamb:
+            optimizer = ("LAMB" + (" without bias correction" if user_args.lamb_no_bias_correction else "")
+                         + " (the original's: biases take plain Adam steps)")
+        elif user_args.uses_original_optimizer:
+            optimizer = "AdamW without bias correction (the original's)"
+        lines.append(f"optimizer: {optimizer}, weight decay {user_args.weight_decay} (not on biases and LayerNorm "
+                     f"weights); gradient clipping: " + (f"max norm {user_args.max_grad_norm}" if user_args.max_grad_norm
+                                                         else "off"))
         recompute = self.ipu_config.recompute_checkpoint_every_layer
         lines.append("recomputation: " + ("every layer (activation checkpointing)" if recompute else "off"))
         chunks = num_projection_chunks(self.ipu_config)
@@ -323,6 +355,9 @@ class IPUTrainer(Trainer):
         elif chunks > 1:
             lines.append(f"vocabulary projection: computed in {chunks} chunks")
         logger.info("***** IPU config on this machine *****\n  " + "\n  ".join(lines))
+        departures = user_args.departures_from_original()
+        if departures:
+            logger.warning("This run departs from the original's math, as asked: %s", "; ".join(departures))
         ipu_only = self.run.ipu_only_settings()
         if ipu_only:
             settings = ", ".join(f"{name}={value!r}" for name, value in ipu_only.items())
@@ -364,15 +399,28 @@ class IPUTrainer(Trainer):
 
     def get_eval_dataloader(self, eval_dataset=None):
         batch_size = self.eval_placement.process_batch_size
-        return self._padded_on_batch_axis(
-            batch_size, lambda: super(IPUTrainer, self).get_eval_dataloader(eval_dataset), self.eval_data_collator
-        )
+        with self._evaluation_drop_last():
+            return self._padded_on_batch_axis(
+                batch_size, lambda: super(IPUTrainer, self).get_eval_dataloader(eval_dataset), self.eval_data_collator
+            )
 
     def get_test_dataloader(self, test_dataset):
         batch_size = self.eval_placement.process_batch_size
-        return self._padded_on_batch_axis(
-            batch_size, lambda: super(IPUTrainer, self).get_test_dataloader(test_dataset), self.eval_data_collator
-        )
+        with self._evaluation_drop_last():
+            return self._padded_on_batch_axis(
+                batch_size, lambda: super(IPUTrainer, self).get_test_dataloader(test_dataset), self.eval_data_collator
+            )
+
+    @contextlib.contextmanager
+    def _evaluation_drop_last(self):
+        """Upstream builds every dataloader with the one `dataloader_drop_last`; the loop's arguments carry the
+        training value (by default True, as the original), evaluation gets its own while its loader is built."""
+        training_value = self.args.dataloader_drop_last
+        self.args.dataloader_drop_last = self.run.eval_drop_last
+        try:
+            yield
+        finally:
+            self.args.dataloader_drop_last = training_value
 
     # ---- optimisation -------------------------------------------------------------------------------
 

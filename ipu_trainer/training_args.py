@@ -24,6 +24,12 @@ from .resolved_run import warmup_steps_for
 logger = logging.getLogger(__name__)
 
 ALLOWED_N_IPU = list(VALID_N_IPU)  # the name optimum-graphcore code imports
+# --optim's default: the optimizer the original trainer always built (poptorch's AdamW, or LAMB with --lamb).
+ORIGINAL_OPTIMIZER = "poptorch"
+# The original gave LAMB no betas, so poptorch's defaults applied whatever --adam_beta1/2 said.
+ORIGINAL_LAMB_BETAS = (0.9, 0.999)
+# The optimizer name upstream's argument checks see in its place (the class is chosen by IPUTrainer).
+_UPSTREAM_STAND_IN_OPTIMIZER = "adamw_torch"
 DATALOADER_MODES = ("sync", "async", "async_rebatched")
 # --report_to names whose pip package has another name.
 _REPORT_TO_PACKAGES = {"flyte": "flytekit"}
@@ -71,9 +77,32 @@ class IPUTrainingArguments(TrainingArguments):
         metadata={"help": "Train in float32. Otherwise mixed precision: bfloat16 where the device runs it fast, "
                   "float16 with loss scaling on GPUs without bfloat16, float32 on CPUs without bfloat16 support."},
     )
-    lamb: bool = field(default=False, metadata={"help": "Use the LAMB optimizer instead of AdamW."})
+    lamb: bool = field(
+        default=False,
+        metadata={"help": "Use LAMB instead of AdamW, as the original: poptorch's LAMB with weight decay on the "
+                  "weights, none on biases and LayerNorm weights, and no trust ratio for biases (a plain Adam step)."},
+    )
     lamb_no_bias_correction: bool = field(
         default=False, metadata={"help": "Use LAMB without bias correction of the Adam moments (implies --lamb)."}
+    )
+    optim: str = field(
+        default=ORIGINAL_OPTIMIZER,
+        metadata={"help": f"{ORIGINAL_OPTIMIZER} (default): the original's optimizer, poptorch's AdamW without bias "
+                  "correction (decoupled weight decay, none on biases and LayerNorm weights), or LAMB with --lamb. "
+                  "Any transformers optimizer name (adamw_torch_fused, sgd, ...) departs from the original and is "
+                  "logged as such."},
+    )
+    max_grad_norm: Optional[float] = field(
+        default=None,
+        metadata={"help": "Clip the gradient norm of each weight update to this value. Off by default: the original "
+                  "never clipped (given, it is honoured and logged as a departure from the original)."},
+    )
+    dataloader_drop_last: Optional[bool] = field(
+        default=None,
+        metadata={"help": "Drop the last incomplete batch. Not given: dropped in training (as the original's "
+                  "dataloader), kept in evaluation. Given: applies to both.",
+                  # "--dataloader_drop_last" alone means True, as for upstream's plain bool flag.
+                  "nargs": "?", "const": True},
     )
     loss_scaling: Optional[float] = field(
         default=None,
@@ -214,10 +243,25 @@ class IPUTrainingArguments(TrainingArguments):
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"--{name}={value} is invalid: must be a number >= 0")
 
+        if self.max_grad_norm is not None and not (math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0):
+            raise ValueError(f"--max_grad_norm={self.max_grad_norm} is invalid: must be a number >= 0 (0: no clipping)")
+        original_optimizer = str(getattr(self.optim, "value", self.optim)) == ORIGINAL_OPTIMIZER
+        if self.uses_lamb and not original_optimizer:
+            raise ValueError(
+                f"--{'lamb_no_bias_correction' if self.lamb_no_bias_correction else 'lamb'} and --optim {self.optim} "
+                "both choose the optimizer: give one of them"
+            )
+
         if not self.use_cpu and not _has_accelerator():
             # Lets accelerate set up gloo data parallelism when torchrun starts several CPU processes.
             self.use_cpu = True
-        super().__post_init__()
+        if original_optimizer:
+            self.optim = _UPSTREAM_STAND_IN_OPTIMIZER
+        try:
+            super().__post_init__()
+        finally:
+            if original_optimizer:
+                self.optim = ORIGINAL_OPTIMIZER
         self._check_report_to()
 
     def _check_training_length(self) -> None:
@@ -300,6 +344,27 @@ class IPUTrainingArguments(TrainingArguments):
     def uses_lamb(self) -> bool:
         """--lamb or --lamb_no_bias_correction (either flag selects LAMB)."""
         return self.lamb or self.lamb_no_bias_correction
+
+    @property
+    def uses_original_optimizer(self) -> bool:
+        """The original trainer's optimizer (`--optim poptorch`, the default): its AdamW, or LAMB with --lamb."""
+        return str(getattr(self.optim, "value", self.optim)) == ORIGINAL_OPTIMIZER
+
+    def departures_from_original(self) -> list[str]:
+        """The settings given that change the original's math, one line each (the start-up log warns of them)."""
+        departures = []
+        if not self.uses_original_optimizer:
+            departures.append(f"--optim {getattr(self.optim, 'value', self.optim)} (the original always used poptorch's "
+                              "AdamW without bias correction, or LAMB)")
+        if self.max_grad_norm:
+            departures.append(f"--max_grad_norm {self.max_grad_norm} (the original never clipped gradients)")
+        if self.uses_lamb and (self.adam_beta1, self.adam_beta2) != ORIGINAL_LAMB_BETAS:
+            departures.append(f"LAMB with betas ({self.adam_beta1}, {self.adam_beta2}) from --adam_beta1/--adam_beta2 "
+                              f"(the original's LAMB always used {ORIGINAL_LAMB_BETAS})")
+        if self.dataloader_drop_last is False:
+            departures.append("--dataloader_drop_last False (the original always dropped the last incomplete "
+                              "training batch)")
+        return departures
 
     @property
     def masking_seed(self) -> int:

@@ -79,6 +79,25 @@ def loss_and_grads(model, batch: dict):
     return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
+def innermost_optimizer(optimizer):
+    """The optimizer that updates the weights, inside accelerate's and the offloading wrappers."""
+    while hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+class UpdateCounter:
+    """Counts the `step()` calls of an optimizer that update weights (an update skipped after a float16 overflow
+    never calls it). The original's AdamW holds its per-parameter step count fixed, so that count cannot."""
+
+    def __init__(self, optimizer):
+        self.updates = 0
+        innermost_optimizer(optimizer).register_step_post_hook(self._count)
+
+    def _count(self, optimizer, args, kwargs):
+        self.updates += 1
+
+
 def recorded_batches(monkeypatch, module):
     """Every masking collator the script builds, and the batches it collates."""
     from ipu_trainer.data_collators import DataCollatorForLanguageModelingWithMaxTokensMasked

@@ -194,7 +194,7 @@ def test_groupbert_schedule_without_warmup():
 
 
 def test_warmup_steps_for():
-    assert warmup_steps_for(10500, 0.28) == 2940  # 10500 * 0.28 is 2940.0000000000005 in floats
+    assert warmup_steps_for(10500, 0.28) == 2941  # the original's math.ceil of 2940.0000000000005
     assert warmup_steps_for(2038, 0.128) == 261
     assert warmup_steps_for(100, 0.1, warmup_steps=7) == 7
     assert warmup_steps_for(100, 0.0) == 0

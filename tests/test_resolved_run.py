@@ -109,15 +109,16 @@ def lr_multipliers(scheduler, steps):
     return [scheduler.lr_lambdas[0](step) for step in steps]
 
 
-@pytest.mark.parametrize("warmup", [dict(warmup_ratio=0.28), dict(warmup_steps=0.28), dict(warmup_steps=2940)])
-def test_linear_and_groupbert_schedules_warm_up_over_the_same_steps(tmp_path, warmup):
+@pytest.mark.parametrize("warmup, steps", [(dict(warmup_ratio=0.28), 2941), (dict(warmup_steps=0.28), 2941),
+                                           (dict(warmup_steps=2940), 2940)])
+def test_linear_and_groupbert_schedules_warm_up_over_the_same_steps(tmp_path, warmup, steps):
     args = make_args(tmp_path, **warmup)
-    assert args.get_warmup_steps(10500) == 2940  # 10500 x 0.28 is 2940.0000000000005 in floats
+    assert args.get_warmup_steps(10500) == steps  # a ratio: ceil(10500 x 0.28) of floats, 2940.0000000000005
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     linear = get_scheduler("linear", optimizer, num_warmup_steps=args.get_warmup_steps(10500), num_training_steps=10500)
     groupbert = get_groupbert_schedule(optimizer, num_warmup_steps=args.get_warmup_steps(10500), num_training_steps=10500)
     for schedule in (linear, groupbert):
-        before, at = lr_multipliers(schedule, [2939, 2940])
+        before, at = lr_multipliers(schedule, [steps - 1, steps])
         assert before < 1.0 and at == pytest.approx(1.0)
 
 

@@ -6,7 +6,7 @@ from typing import Any
 
 from .bert import BertForPreTrainingMaskedPositions, MaskedPositionsPreTrainingOutput
 from .causal_lm import GPT2LMHeadModelChunked
-from .layers import ChunkedVocabProjection, gather_masked_positions, trunc_normal_init_, vocab_projection_loss
+from .layers import ChunkedVocabProjection, gather_masked_positions, vocab_projection_loss
 from .masked_lm import BertForMaskedLMMaskedPositions, MaskedPositionsMaskedLMOutput, RobertaForMaskedLMMaskedPositions
 from .masked_positions import MaskedPositionsHeadMixin
 from .parallelize import ParallelizeMixin
@@ -60,6 +60,5 @@ __all__ = [
     "gather_masked_positions",
     "masked_lm_model_for",
     "masked_positions_model_for",
-    "trunc_normal_init_",
     "vocab_projection_loss",
 ]

@@ -15,11 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import BertForPreTraining
-from transformers import initialization as init
 from transformers.utils import ModelOutput
 from transformers.utils.generic import can_return_tuple
 
-from .layers import trunc_normal_init_
 from .masked_positions import MaskedPositionsHeadMixin
 from .packed import packed_attention_mask, pool_sequence_starts
 
@@ -67,44 +65,6 @@ class BertForPreTrainingMaskedPositions(MaskedPositionsHeadMixin, BertForPreTrai
     """
 
     upstream_class = BertForPreTraining
-
-    def _init_weights(self, module: nn.Module) -> None:
-        """Truncated-normal init (±2 std, std = `initializer_range`) for Linear and Embedding weights.
-
-        Everything else (LayerNorm weight 1 / bias 0, the MLM output bias, the embedding buffers) is
-        upstream's init. The `transformers.initialization` helpers skip parameters that
-        `from_pretrained` loaded, so this only ever touches freshly created weights.
-        """
-        std = self.config.initializer_range
-        if isinstance(module, nn.Linear):
-            trunc_normal_init_(module.weight, std)
-            if module.bias is not None:
-                init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            trunc_normal_init_(module.weight, std)
-            # Checked here because slicing the row loses the "already loaded" flag that init.* checks.
-            if module.padding_idx is not None and not getattr(module.weight, "_is_hf_initialized", False):
-                init.zeros_(module.weight[module.padding_idx])
-        else:
-            super()._init_weights(module)
-
-    @torch.no_grad()
-    @init.guard_torch_init_functions()
-    def initialize_weights(self) -> None:
-        """Run `_init_weights` on every module, the `bert` sub-model included.
-
-        Upstream hands each `PreTrainedModel` child to its own `_init_weights`, and the `BertModel` encoder
-        already ran its plain-normal init (and marked its modules done) while it was built inside our
-        `__init__`, so the truncated normal would never reach the encoder. Parameters loaded by
-        `from_pretrained` carry a per-parameter flag that the `transformers.initialization` helpers honour,
-        so ignoring the per-module flag here does not overwrite loaded weights.
-        """
-        for module in self.modules():
-            self._init_weights(module)
-            # Private upstream touchpoint: transformers' per-module "initialised" flag (no public setter).
-            # test_models.py's test_truncated_normal_init / test_from_pretrained_keeps_loaded_weights fail if
-            # its meaning changes.
-            module._is_hf_initialized = True
 
     @can_return_tuple
     def forward(

@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from transformers import initialization as init
 
 from ..ipu_config import IncompatibleIPUConfigError
 
@@ -56,16 +55,6 @@ def pack_labelled_positions(hidden_states: torch.Tensor, labels: torch.Tensor) -
 def count_overflowing_rows(labels: torch.Tensor, num_positions: int) -> int:
     """Rows carrying more labels than `num_positions`: their extra labels would be left out of the loss."""
     return int(((labels != IGNORE_INDEX).sum(dim=1) > num_positions).sum())
-
-
-def trunc_normal_init_(tensor: torch.Tensor, std: float) -> torch.Tensor:
-    """Normal(0, std) truncated at two standard deviations, as in the original BERT pretraining.
-
-    Goes through `transformers.initialization`, whose functions skip tensors flagged as loaded by
-    `from_pretrained`, so a checkpoint's weights are never overwritten by a fresh draw.
-    """
-    # torch's trunc_normal_ takes the cut-offs in absolute units, not in standard deviations.
-    return init.trunc_normal_(tensor, mean=0.0, std=std, a=-2.0 * std, b=2.0 * std)
 
 
 def _summed_cross_entropy(
