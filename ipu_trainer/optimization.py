@@ -145,9 +145,9 @@ class Lamb(Optimizer):
                     self.state[p][key] = saved[key].to(device=p.device, dtype=torch.float32, copy=True)
 
 
-# A step count at which 1 - beta^t is exactly 1.0 for every beta < 1 that anyone trains with (beta^(2^100)
-# underflows to 0 in float32 and float64 alike), and that stays put when torch adds 1 (2^100 + 1 rounds back to
-# 2^100 in float32, the dtype of torch's step counters).
+# A step count at which 1 - beta^t is exactly 1.0 for every beta < 1 (the largest float64 below 1 is 1 - 1.1e-16,
+# and (1 - 1.1e-16)^(2^100) underflows to 0 in float32 and float64 alike), and that stays put when torch adds 1
+# (2^100 + 1 rounds back to 2^100 in float32, the dtype of torch's step counters).
 _STEP_WITHOUT_BIAS_CORRECTION = 2.0**100
 
 
@@ -167,36 +167,36 @@ class AdamW(torch.optim.AdamW):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **kwargs)
         self.bias_correction = bias_correction
         if not bias_correction:
-            for beta in (b for group in self.param_groups for b in group["betas"]):
-                if beta**_STEP_WITHOUT_BIAS_CORRECTION != 0.0:
-                    raise ValueError(f"beta={beta!r} is too close to 1 for AdamW without bias correction")
+            # A hook rather than an override of step(): torch wraps each optimizer class's step() with the hook
+            # runner, so an override calling super().step() would run every step hook twice.
+            self.register_step_pre_hook(_hold_step_counts)
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        if not self.bias_correction:
-            self._hold_step_counts()
-        return super().step(closure)
-
-    def _hold_step_counts(self) -> None:
-        """Every parameter about to be updated gets its state with the held step count. A fresh state is made
-        here as torch's AdamW makes it (zero moments, a float32 step on the parameter's device for the fused
-        and capturable kernels, on the CPU otherwise), so that even the first update is uncorrected."""
-        for group in self.param_groups:
-            on_device = group["fused"] or group["capturable"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if "step" not in state:
-                    state["step"] = torch.tensor(
-                        _STEP_WITHOUT_BIAS_CORRECTION, dtype=torch.float32, device=p.device if on_device else None
-                    )
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    if group["amsgrad"]:
-                        state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                else:
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        if not self.bias_correction:  # e.g. a checkpoint of a corrected AdamW, whose counts run from 1
+            for state in self.state.values():
+                if "step" in state:
                     state["step"].fill_(_STEP_WITHOUT_BIAS_CORRECTION)
+
+
+def _hold_step_counts(optimizer: AdamW, args: Any, kwargs: Any) -> None:
+    """Before each update, a parameter about to be updated for the first time gets its state with the held step
+    count, made as torch's AdamW makes it (zero moments; a float32 step on the parameter's device for the fused and
+    capturable kernels, on the CPU otherwise), so that even its first update is uncorrected. Existing counts stay
+    held by themselves (torch adds 1 to 2^100)."""
+    for group in optimizer.param_groups:
+        on_device = group["fused"] or group["capturable"]
+        for p in group["params"]:
+            if p.grad is None or "step" in optimizer.state[p]:
+                continue
+            state = optimizer.state[p]
+            state["step"] = torch.tensor(
+                _STEP_WITHOUT_BIAS_CORRECTION, dtype=torch.float32, device=p.device if on_device else None
+            )
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if group["amsgrad"]:
+                state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
 def original_parameter_groups(model: torch.nn.Module, weight_decay: float, lamb: bool) -> list[dict[str, Any]]:

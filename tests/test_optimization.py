@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from ipu_trainer.optimization import Lamb, get_groupbert_schedule
+from ipu_trainer.optimization import AdamW, Lamb, get_groupbert_schedule
 from ipu_trainer.resolved_run import warmup_steps_for
 
 BETAS = (0.9, 0.999)
@@ -198,3 +198,49 @@ def test_warmup_steps_for():
     assert warmup_steps_for(2038, 0.128) == 261
     assert warmup_steps_for(100, 0.1, warmup_steps=7) == 7
     assert warmup_steps_for(100, 0.0) == 0
+
+
+# ---- AdamW without bias correction (the original's default optimizer) -----------------------------------------
+
+
+def uncorrected_adamw(w, grads, lr, wd, betas=BETAS, eps=1e-8):
+    """m / (sqrt(v) + eps) + wd * w, no bias correction, in float64."""
+    m, v = torch.zeros_like(w), torch.zeros_like(w)
+    for g in grads:
+        m, v = betas[0] * m + (1 - betas[0]) * g, betas[1] * v + (1 - betas[1]) * g * g
+        w = w - lr * (m / (v.sqrt() + eps) + wd * w)
+    return w
+
+
+@pytest.mark.parametrize("kernel", [dict(fused=True), dict(foreach=True), dict(foreach=False)])
+def test_adamw_without_bias_correction_runs_on_each_of_torchs_kernels(kernel):
+    torch.optim.AdamW([nn.Parameter(torch.zeros(1))])  # torch wraps AdamW.step with its hook runner once used
+    generator = torch.Generator().manual_seed(0)
+    param = nn.Parameter(torch.randn(40, generator=generator))
+    start = param.detach().double().clone()
+    optimizer = AdamW([param], lr=0.01, weight_decay=0.1, bias_correction=False, **kernel)
+    updates = []
+    optimizer.register_step_post_hook(lambda *args: updates.append(1))
+    grads = [torch.randn(40, generator=generator) for _ in range(4)]
+    for grad in grads:
+        param.grad = grad.clone()
+        optimizer.step()
+    torch.testing.assert_close(param.detach().double(), uncorrected_adamw(start, [g.double() for g in grads], 0.01, 0.1),
+                               rtol=1e-6, atol=1e-6)
+    assert len(updates) == 4  # each step hook runs once per update
+
+
+def test_adamw_without_bias_correction_resumes_any_saved_state_uncorrected():
+    param = nn.Parameter(torch.ones(3))
+    corrected = torch.optim.AdamW([param], lr=0.01, weight_decay=0.0)
+    param.grad = torch.ones(3)
+    corrected.step()  # a state whose step counts updates (1)
+    resumed = AdamW([param], lr=0.01, weight_decay=0.0, bias_correction=False)
+    resumed.load_state_dict(corrected.state_dict())
+    state = resumed.state[param]
+    m, v = state["exp_avg"].clone(), state["exp_avg_sq"].clone()
+    before = param.detach().clone()
+    resumed.step()
+    m, v = 0.9 * m + 0.1, 0.999 * v + 0.001
+    torch.testing.assert_close(param.detach(), before - 0.01 * m / (v.sqrt() + 1e-8))
+
