@@ -5,10 +5,11 @@ Both sides train the same BERT config for the same steps on the same batches, pr
 
 (a) `IPUTrainer` + `BertForPreTrainingMaskedPositions` (MLM logits only at the masked positions: a
     static max_num_masked_tokens per row on GPU, exactly the labelled ones packed on CPU; `--static-k`
-    forces the static gather) + `DataCollatorForLanguageModelingWithMaxTokensMasked`, AdamW (the
-    Trainer's default, fused; `--lamb` switches side (a) to our foreach LAMB).
+    forces the static gather) + `DataCollatorForLanguageModelingWithMaxTokensMasked`, the original's
+    optimizer (AdamW without bias correction, on torch's fused kernel, no clipping; `--lamb` switches side
+    (a) to our foreach LAMB).
 (b) the baseline a user would pick instead: `transformers.Trainer` + `BertForPreTraining` +
-    `DataCollatorForLanguageModeling`, AdamW.
+    `DataCollatorForLanguageModeling`, the Trainer's default fused AdamW (clipped at norm 1).
 
 Data: English text (CPython's pydoc topics) tokenized with an uncased WordPiece tokenizer trained offline
 (`ipu_trainer.offline_assets`). The corpus only yields a few thousand word pieces, so the vocabulary is
@@ -255,7 +256,8 @@ def run_side(args: argparse.Namespace) -> dict:
         "side": args.side,
         "device": torch.cuda.get_device_name(device) if cuda else f"cpu, {torch.get_num_threads()} threads",
         "precision": "bf16 autocast" if bf16 else "fp32",
-        "optimizer": "LAMB" if args.side == "a" and args.lamb else str(getattr(training_args.optim, "value", training_args.optim)),
+        "optimizer": ("LAMB" if args.lamb else "original AdamW") if args.side == "a" else
+                     str(getattr(training_args.optim, "value", training_args.optim)),
         "step_seconds": step_seconds,
         "train_loss": result.training_loss,
         "parameters": sum(p.numel() for p in model.parameters()),
