@@ -258,7 +258,8 @@ def _tfrecord_examples(paths: list[str], static_masking: bool) -> Iterator[dict[
 
 
 def tfrecord_to_spec(record: dict[str, np.ndarray], static_masking: bool = False) -> dict[str, Any]:
-    """One BERT tfrecord example (input_ids, input_mask, segment_ids, masked_lm_*) as SPEC §6 columns.
+    """One BERT tfrecord example (input_ids, input_mask, segment_ids, masked_lm_*) in the columns of the
+    original's pre-built datasets.
 
     The shards store input_ids already masked, with the originals in masked_lm_ids at masked_lm_positions
     (padded with position 0, which is always [CLS], and weight 0). Labels are the originals at the real

@@ -1,4 +1,6 @@
-"""BERT pretraining data from raw text: documents -> sentences -> NSP sentence pairs (SPEC §6 columns).
+"""BERT pretraining data from raw text: documents -> sentences -> NSP sentence pairs in the
+columns of the original's pre-built datasets (input_ids, attention_mask, token_type_ids, labels,
+next_sentence_label).
 
 This follows the published BERT `create_pretraining_data.py` recipe, but works on token ids and in
 blocks so it is fast and parallel:
@@ -702,7 +704,7 @@ def add_mlm_labels(
     num_proc: int | None = None,
     load_from_cache_file: bool = True,
 ) -> datasets.Dataset:
-    """Add a seeded static-masking `labels` column (SPEC §6 order of columns).
+    """Add a seeded static-masking `labels` column (the pre-built datasets' order of columns).
 
     Masking uses `DataCollatorForLanguageModelingWithMaxTokensMasked` at the pairs' sequence length, on
     fixed blocks of `PAIRS_PER_MASKING_BLOCK` rows each with its own seed, so it is reproducible whatever

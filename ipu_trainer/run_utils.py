@@ -134,7 +134,7 @@ def claim_output_dir(training_args: Any) -> Optional[str]:
     - `--overwrite_output_dir` starts afresh: the old run's checkpoints are moved aside (by `train_and_save`, once
       every input has been checked), never resumed.
     - Otherwise the newest complete checkpoint is resumed (`checkpoints.last_resumable_checkpoint`), unless
-      `--resume_from_checkpoint` names one; a non-empty folder without one is refused (SPEC §8).
+      `--resume_from_checkpoint` names one; a non-empty folder without one is refused (as the original did).
     """
     output_dir = training_args.output_dir
     if not training_args.do_train:

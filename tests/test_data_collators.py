@@ -42,7 +42,7 @@ def collate(tokenizer, examples, **kwargs):
 @pytest.mark.parametrize(
     "length,probability,expected",
     [
-        (128, 0.15, 32),  # SPEC §6
+        (128, 0.15, 32),  # the original's cap at length 128
         (512, 0.15, 96),  # mean 76.8, std 8.08 -> 92.96 -> 96
         (20, 0.5, 16),  # mean 10, std 2.24 -> 14.5 -> 16
         (10, 0.5, 10),  # rounding up to 16 is capped at L

@@ -14,7 +14,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import prepare_dataset  # noqa: E402
 
-SPEC_COLUMNS = ["input_ids", "attention_mask", "token_type_ids", "labels", "next_sentence_label"]
+PRETRAINING_COLUMNS = ["input_ids", "attention_mask", "token_type_ids", "labels", "next_sentence_label"]
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def test_text_to_spec_dataset(monkeypatch, tmp_path, tokenizer_dir, tokenizer, c
     assert set(loaded) == {"train", "validation"}
     assert summary["documents"] == {"train": 90, "validation": 10}
     for split in loaded.values():
-        assert split.column_names == SPEC_COLUMNS
+        assert split.column_names == PRETRAINING_COLUMNS
         ids, labels = np.array(split["input_ids"]), np.array(split["labels"])
         assert ids.shape[1] == labels.shape[1] == 64
         assert np.array(split["attention_mask"]).shape[1] == np.array(split["token_type_ids"]).shape[1] == 64
@@ -125,7 +125,7 @@ def test_tfrecord_shards_convert_to_spec(monkeypatch, tmp_path):
     output = tmp_path / "out"
     run_main(monkeypatch, "--tfrecord_files", path, "--output_dir", str(output), "--cache_dir", str(tmp_path / "c"))
     train = datasets.load_from_disk(str(output))["train"]
-    assert train.column_names == SPEC_COLUMNS
+    assert train.column_names == PRETRAINING_COLUMNS
     first, second = train[0], train[1]
     assert first["input_ids"] == [101, 7, 8, 9, 102, 11, 12, 102, 0, 0]  # originals restored
     assert first["labels"] == [-100, -100, 8, -100, -100, -100, 12, -100, -100, -100]
@@ -159,4 +159,4 @@ def test_dataset_name_with_text_column(monkeypatch, tmp_path, tokenizer_dir, eng
         run_main(monkeypatch, *base)
     summary = run_main(monkeypatch, *base, "--text_column", "body")
     assert summary["documents"] == {"train": 40}
-    assert datasets.load_from_disk(str(output))["train"].column_names == SPEC_COLUMNS
+    assert datasets.load_from_disk(str(output))["train"].column_names == PRETRAINING_COLUMNS

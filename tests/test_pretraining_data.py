@@ -1,4 +1,4 @@
-"""NSP sentence pairs: the BERT recipe, SPEC §6 layout, determinism, document loading and edge cases."""
+"""NSP sentence pairs: the BERT recipe, the pre-built datasets' columns, determinism, document loading and edge cases."""
 
 import csv
 import json

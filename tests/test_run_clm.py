@@ -116,7 +116,7 @@ def test_keep_linebreaks_reaches_the_text_loader(assets, monkeypatch):
 
 # ---- command line ----------------------------------------------------------------------------------------
 
-SPEC_FLAGS = [
+ORIGINAL_FLAGS = [
     "model_name_or_path", "model_type", "config_overrides", "config_name", "tokenizer_name", "cache_dir",
     "use_fast_tokenizer", "model_revision", "use_auth_token", "low_cpu_mem_usage", "torch_dtype",
     "dataset_name", "dataset_config_name", "train_file", "validation_file", "max_train_samples", "max_eval_samples",
@@ -133,7 +133,7 @@ def test_help_lists_every_flag(monkeypatch, capsys):
         run_clm.main()
     assert exit_info.value.code == 0
     help_text = capsys.readouterr().out
-    for flag in SPEC_FLAGS:
+    for flag in ORIGINAL_FLAGS:
         assert f"--{flag} " in help_text or f"--{flag}\n" in help_text, flag
 
 

@@ -165,12 +165,12 @@ def test_line_by_line_batches_are_padded_to_the_half_precision_multiple(assets, 
 
 # ---- command line ----------------------------------------------------------------------------------------
 
-SPEC_MODEL_FLAGS = ["model_name_or_path", "model_type", "config_overrides", "config_name", "tokenizer_name", "cache_dir",
+ORIGINAL_MODEL_FLAGS = ["model_name_or_path", "model_type", "config_overrides", "config_name", "tokenizer_name", "cache_dir",
                     "use_fast_tokenizer", "model_revision", "use_auth_token", "low_cpu_mem_usage"]
-SPEC_DATA_FLAGS = ["dataset_name", "dataset_config_name", "train_file", "validation_file", "overwrite_cache",
+ORIGINAL_DATA_FLAGS = ["dataset_name", "dataset_config_name", "train_file", "validation_file", "overwrite_cache",
                    "validation_split_percentage", "max_seq_length", "preprocessing_num_workers", "mlm_probability",
                    "line_by_line", "pad_to_max_length", "max_train_samples", "max_eval_samples"]
-SPEC_IPU_FLAGS = ["ipu_config_name", "ipu_config_overrides", "n_ipu", "fp32", "lamb", "lamb_no_bias_correction",
+ORIGINAL_IPU_FLAGS = ["ipu_config_name", "ipu_config_overrides", "n_ipu", "fp32", "lamb", "lamb_no_bias_correction",
                   "loss_scaling", "auto_loss_scaling", "dataloader_mode", "compile_only", "pad_on_batch_axis",
                   "gradient_accumulation_steps", "gradient_checkpointing"]
 
@@ -181,7 +181,7 @@ def test_help_lists_every_flag(monkeypatch, capsys):
         run_mlm.main()
     assert exit_info.value.code == 0
     help_text = capsys.readouterr().out
-    for flag in SPEC_MODEL_FLAGS + SPEC_DATA_FLAGS + SPEC_IPU_FLAGS:
+    for flag in ORIGINAL_MODEL_FLAGS + ORIGINAL_DATA_FLAGS + ORIGINAL_IPU_FLAGS:
         assert f"--{flag} " in help_text or f"--{flag}\n" in help_text, flag
 
 

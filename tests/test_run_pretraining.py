@@ -133,7 +133,7 @@ def cli(*args):
                           capture_output=True, text=True, cwd=REPO, timeout=300)
 
 
-SPEC_FLAGS = {
+ORIGINAL_FLAGS = {
     "model": ["model_name_or_path", "model_type", "config_overrides", "config_name", "tokenizer_name", "cache_dir",
               "use_fast_tokenizer", "model_revision", "use_auth_token", "groupbert_schedule"],
     "data": ["dataset_name", "dataset_config_name", "dataset_path", "train_file", "validation_file", "data_dir",
@@ -149,7 +149,7 @@ SPEC_FLAGS = {
 def test_help_lists_every_flag_of_the_original():
     result = cli("--help")
     assert result.returncode == 0
-    for flags in SPEC_FLAGS.values():
+    for flags in ORIGINAL_FLAGS.values():
         for flag in flags:
             assert f"--{flag}" in result.stdout, flag
     # The IPU flags come before the common training flags, and the rest of transformers' flags only with --help-all.
@@ -168,7 +168,7 @@ def test_a_json_arguments_file_with_more_flags_is_refused(tmp_path):
     assert lines[0].startswith(f"error: {tmp_path / 'args.json'} holds the arguments, and --do_train was given after it")
 
 
-SPEC_COMMANDS = [
+ORIGINAL_COMMANDS = [
     "--config_name bert-base-uncased --tokenizer_name bert-base-uncased --ipu_config_name . "
     "--dataset_name Graphcore/wikipedia-bert-128 --do_train --do_eval --output_dir /tmp/test-pretraining",
     "--config_name bert-base-uncased --tokenizer_name bert-base-uncased --ipu_config_name Graphcore/bert-base-ipu "
@@ -186,7 +186,7 @@ SPEC_COMMANDS = [
 ]
 
 
-@pytest.mark.parametrize("command", SPEC_COMMANDS)
+@pytest.mark.parametrize("command", ORIGINAL_COMMANDS)
 def test_readme_commands_parse(command):
     parser = HfArgumentParser((run_pretraining.ModelArguments, run_pretraining.DataTrainingArguments,
                                IPUTrainingArguments))
