@@ -12,14 +12,15 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForPreTraining, BertConfig
+from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForPreTraining, BertConfig, GPT2Config
 from transformers import default_data_collator, set_seed
 
 from conftest import innermost_optimizer, quickstart_argv, run_script
 from ipu_trainer import IPUConfig, IPUTrainer, IPUTrainingArguments
 from ipu_trainer.model_loading import load_model
-from ipu_trainer.models import BertForPreTrainingMaskedPositions
+from ipu_trainer.models import BertForPreTrainingMaskedPositions, GPT2LMHeadModelChunked
 from tiny import masked_pairs, tiny_bert
 
 # ---- the original's formulas ----------------------------------------------------------------------------------
@@ -315,3 +316,52 @@ def test_the_phase_1_recipe_warms_up_over_the_originals_step_count(tmp_path):
     scheduler = trainer.create_scheduler(num_training_steps=10500)
     multipliers = [scheduler.lr_lambdas[0](step) for step in (2940, 2941)]
     assert multipliers == [pytest.approx(2940 / 2941), 1.0]
+
+
+# ---- 4. losses -------------------------------------------------------------------------------------------------
+
+
+def labelled_batch(vocab: int, rows: int = 4, length: int = 16, seed: int = 0) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(5, vocab, (rows, length), generator=generator)
+    labels = torch.where(torch.rand(rows, length, generator=generator) < 0.2, input_ids, torch.full_like(input_ids, -100))
+    labels[:, 1] = input_ids[:, 1]  # every row has a label
+    return dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), labels=labels)
+
+
+@pytest.mark.parametrize("ipu_values", [dict(), dict(embedding_serialization_factor=4)], ids=["one-piece", "chunked"])
+def test_the_pretraining_loss_is_masked_lm_mean_plus_next_sentence_mean(ipu_values):
+    """The original's loss: F.cross_entropy over the (at most max_num_masked_tokens) labelled positions, a mean,
+    plus F.cross_entropy of the next-sentence head, a mean over the sequences; the same number whichever of the
+    package's heads (masked positions only, chunked projection) computes it."""
+    config = tiny_bert().config
+    config.max_num_masked_tokens = 8
+    set_seed(0)
+    upstream = AutoModelForPreTraining.from_config(config)
+    model = BertForPreTrainingMaskedPositions(config)
+    model.load_state_dict(upstream.state_dict())
+    model.parallelize(IPUConfig(layers_per_ipu=[-1], **ipu_values))
+    batch = labelled_batch(config.vocab_size)
+    batch["next_sentence_label"] = torch.tensor([0, 1, 1, 0])
+    upstream.eval()
+    with torch.no_grad():
+        outputs = upstream(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    expected = (F.cross_entropy(outputs.prediction_logits.reshape(-1, config.vocab_size), batch["labels"].reshape(-1))
+                + F.cross_entropy(outputs.seq_relationship_logits, batch["next_sentence_label"]))
+    model.train()
+    torch.testing.assert_close(model(**batch).loss, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_the_causal_lm_loss_is_the_mean_next_token_cross_entropy():
+    """run_clm: the prediction at position t is scored against the token at t + 1, a mean over the positions."""
+    config = GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=2, n_positions=16, bos_token_id=0, eos_token_id=0,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = GPT2LMHeadModelChunked(config)
+    model.parallelize(IPUConfig(layers_per_ipu=[-1], embedding_serialization_factor=4))
+    input_ids = labelled_batch(64)["input_ids"]
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=input_ids).logits
+    expected = F.cross_entropy(logits[:, :-1].reshape(-1, 64), input_ids[:, 1:].reshape(-1))
+    model.train()
+    torch.testing.assert_close(model(input_ids=input_ids, labels=input_ids).loss, expected, rtol=1e-5, atol=1e-6)
