@@ -37,15 +37,15 @@ import numpy as np
 import pyarrow.compute
 from datasets.exceptions import DatasetGenerationError
 
-from ipu_trainer.data import load_hub_dataset
-from ipu_trainer.model_loading import load_tokenizer
-from ipu_trainer.pretraining_data import (
+from ipu_trainer.cli.datasets import load_hub_dataset
+from ipu_trainer.cli.model_loading import load_tokenizer
+from ipu_trainer.cli.startup import USER_ERRORS, check_output_dir_writable, run_cli
+from ipu_trainer.data.nsp_pairs import (
     MASKED_PAIR_FEATURES,
     add_mlm_labels,
     build_nsp_pairs,
     load_text_documents,
 )
-from ipu_trainer.run_utils import USER_ERRORS, check_output_dir_writable, run_cli
 
 logger = logging.getLogger("prepare_dataset")
 

@@ -15,33 +15,41 @@ LM head tied to the token embedding, also when the IPU config computes the proje
 import logging
 import sys
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 import transformers
+from datasets import DatasetDict
 from transformers import AutoModelForCausalLM, default_data_collator, set_seed
 
 from ipu_trainer import IPUTrainer
-from ipu_trainer.data import load_raw_datasets, resolve_block_size, tokenize_for_causal_lm, train_and_eval_splits
-from ipu_trainer.metrics import AccuracyMetric, causal_lm_predictions, token_accuracy_metrics
-from ipu_trainer.model_loading import (
+from ipu_trainer.cli.datasets import (
+    MAX_DEFAULT_SEQ_LENGTH,
+    group_texts,
+    load_raw_datasets,
+    text_column_of,
+    train_and_eval_splits,
+)
+from ipu_trainer.cli.model_loading import (
     load_ipu_config,
     load_model,
     load_model_config,
     load_tokenizer,
     max_positions_of,
 )
-from ipu_trainer.models import causal_lm_model_for
-from ipu_trainer.resolved_run import resolve_run
-from ipu_trainer.run_utils import (
+from ipu_trainer.cli.script_args import DataArguments as SharedDataArguments
+from ipu_trainer.cli.script_args import ModelArguments as SharedModelArguments
+from ipu_trainer.cli.script_args import parse_script_args
+from ipu_trainer.cli.startup import (
     check_outputs_before_loading,
     claim_output_dir,
     run_cli,
     setup_logging,
     train_evaluate_and_report,
 )
-from ipu_trainer.script_args import DataArguments as SharedDataArguments
-from ipu_trainer.script_args import ModelArguments as SharedModelArguments
-from ipu_trainer.script_args import parse_script_args
+from ipu_trainer.data.sources import column_names_of, map_data
+from ipu_trainer.models import causal_lm_model_for
+from ipu_trainer.run.resolved_run import resolve_run
+from ipu_trainer.training.metrics import AccuracyMetric, causal_lm_predictions, token_accuracy_metrics
 
 if not transformers.__version__.startswith("5."):
     raise ImportError(f"transformers 5.x is required, found {transformers.__version__}. To fix: pip install -r requirements.txt")
@@ -65,6 +73,72 @@ class DataTrainingArguments(SharedDataArguments):
                   "(and at the model's positions); larger than the model's positions is an error."},
     )
     keep_linebreaks: bool = field(default=True, metadata={"help": "Keep the line breaks of txt files in the text."})
+
+
+# ---- Text to token blocks --------------------------------------------------------------------------------
+
+
+def resolve_block_size(requested: Optional[int], tokenizer: Any, model_max_positions: Optional[int] = None) -> int:
+    """`--block_size` for causal LMs: the tokenizer maximum capped at 1024 (and at the model's positions) by
+    default; an explicit value longer than the model's positions is an error, one longer than the tokenizer
+    maximum is clipped to it with a warning (as the Hugging Face run_clm.py does)."""
+    if requested is not None and requested < 1:
+        raise ValueError(f"--block_size={requested} is invalid: must be >= 1")
+    if requested is not None and model_max_positions is not None and requested > model_max_positions:
+        raise ValueError(
+            f"--block_size {requested} is larger than the model's {model_max_positions} positions "
+            "(n_positions / max_position_embeddings): use --block_size <= "
+            f"{model_max_positions} or a model with more positions (e.g. --config_overrides n_positions={requested})"
+        )
+    tokenizer_max = tokenizer.model_max_length
+    if requested is None:
+        block_size = min(tokenizer_max, MAX_DEFAULT_SEQ_LENGTH)
+        if model_max_positions is not None and block_size > model_max_positions:
+            block_size = model_max_positions
+        if tokenizer_max > MAX_DEFAULT_SEQ_LENGTH:
+            logger.warning(
+                "The tokenizer's maximum length (%s) is large; using block_size=%d. Set --block_size to change it.",
+                tokenizer_max, block_size,
+            )
+        return block_size
+    if requested > tokenizer_max:
+        logger.warning(
+            "--block_size %d is longer than the tokenizer maximum (%d); using %d.", requested, tokenizer_max, tokenizer_max
+        )
+    return min(requested, tokenizer_max)
+
+
+def tokenize_for_causal_lm(
+    raw: DatasetDict,
+    tokenizer: Any,
+    block_size: int,
+    num_proc: Optional[int] = None,
+    overwrite_cache: bool = False,
+) -> DatasetDict:
+    """Text to `block_size` token blocks for causal-LM training, labels = input_ids (the model shifts them).
+
+    All texts are tokenized, concatenated and cut into blocks, the remainder dropped, as in the Hugging
+    Face run_clm.py; line breaks are whatever the loader kept (`--keep_linebreaks`).
+    """
+    column = text_column_of(raw["train"] if "train" in raw else next(iter(raw.values())))
+    remove = column_names_of(next(iter(raw.values())))
+
+    def tokenize_all(examples):
+        return tokenizer(examples[column])
+
+    tokenized = map_data(
+        raw, tokenize_all, num_proc, overwrite_cache, "Tokenizing texts", batched=True, remove_columns=remove,
+    )
+    return map_data(
+        tokenized, _blocks_with_labels, num_proc, overwrite_cache, f"Grouping texts in blocks of {block_size}",
+        batched=True, fn_kwargs={"block_size": block_size},
+    )
+
+
+def _blocks_with_labels(examples: dict[str, list], block_size: int) -> dict[str, list]:
+    blocks = group_texts(examples, block_size)
+    blocks["labels"] = [list(ids) for ids in blocks["input_ids"]]
+    return blocks
 
 
 def main():

@@ -16,35 +16,38 @@ RoBERTa compute the MLM head only at those positions.
 import logging
 import sys
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 import transformers
+from datasets import DatasetDict
 from transformers import AutoModelForMaskedLM, set_seed
 
 from ipu_trainer import DataCollatorForLanguageModelingWithMaxTokensMasked, IPUTrainer
-from ipu_trainer.data import (
+from ipu_trainer.cli.datasets import (
+    group_texts,
     load_raw_datasets,
     pad_lines_to_max_length,
     resolve_max_seq_length,
-    tokenize_for_masked_lm,
+    text_column_of,
     train_and_eval_splits,
 )
-from ipu_trainer.data_collators import max_num_masked_tokens, pad_to_multiple_of_for
-from ipu_trainer.metrics import AccuracyMetric, masked_lm_predictions, token_accuracy_metrics
-from ipu_trainer.model_loading import load_ipu_config, load_model, load_model_config, load_tokenizer, max_positions_of
-from ipu_trainer.models import masked_lm_model_for
-from ipu_trainer.packing import pack_for_training
-from ipu_trainer.resolved_run import resolve_run
-from ipu_trainer.run_utils import (
+from ipu_trainer.cli.model_loading import load_ipu_config, load_model, load_model_config, load_tokenizer, max_positions_of
+from ipu_trainer.cli.script_args import DataArguments as SharedDataArguments
+from ipu_trainer.cli.script_args import ModelArguments as SharedModelArguments
+from ipu_trainer.cli.script_args import PackingArguments, parse_script_args
+from ipu_trainer.cli.startup import (
     check_outputs_before_loading,
     claim_output_dir,
     run_cli,
     setup_logging,
     train_evaluate_and_report,
 )
-from ipu_trainer.script_args import DataArguments as SharedDataArguments
-from ipu_trainer.script_args import ModelArguments as SharedModelArguments
-from ipu_trainer.script_args import PackingArguments, parse_script_args
+from ipu_trainer.data.collators import max_num_masked_tokens, pad_to_multiple_of_for
+from ipu_trainer.data.packing import pack_for_training
+from ipu_trainer.data.sources import column_names_of, map_data
+from ipu_trainer.models import masked_lm_model_for
+from ipu_trainer.run.resolved_run import resolve_run
+from ipu_trainer.training.metrics import AccuracyMetric, masked_lm_predictions, token_accuracy_metrics
 
 if not transformers.__version__.startswith("5."):
     raise ImportError(f"transformers 5.x is required, found {transformers.__version__}. To fix: pip install -r requirements.txt")
@@ -87,6 +90,54 @@ class DataTrainingArguments(PackingArguments, SharedDataArguments):
             raise ValueError(f"--mlm_probability={self.mlm_probability} is invalid: must be between 0 and 1")
         if self.packing and not self.line_by_line:
             raise ValueError("--packing needs --line_by_line: concatenated text is already cut into full rows, with no padding to remove")
+
+
+# ---- Text to token blocks --------------------------------------------------------------------------------
+
+
+def tokenize_for_masked_lm(
+    raw: DatasetDict,
+    tokenizer: Any,
+    max_seq_length: int,
+    line_by_line: bool,
+    pad_to_max_length: bool,
+    num_proc: Optional[int] = None,
+    overwrite_cache: bool = False,
+) -> DatasetDict:
+    """Text to token blocks for masked-LM training.
+
+    `line_by_line`: each non-empty line is one sample, truncated to `max_seq_length` (padded only with
+    `pad_to_max_length`). Otherwise all texts are concatenated and cut into `max_seq_length` blocks, the
+    remainder dropped. Special-token masks are kept so masking never picks [CLS]/[SEP].
+    """
+    column = text_column_of(raw["train"] if "train" in raw else next(iter(raw.values())))
+    remove = column_names_of(next(iter(raw.values())))
+
+    if line_by_line:
+        padding = "max_length" if pad_to_max_length else False
+
+        def tokenize_lines(examples):
+            lines = [line for line in examples[column] if line and not line.isspace()]
+            # Fast tokenizers fail on an empty batch; tokenize a stand-in to get the columns, then keep no rows.
+            encoded = tokenizer(
+                lines or [""], padding=padding, truncation=True, max_length=max_seq_length, return_special_tokens_mask=True
+            )
+            return encoded if lines else {key: [] for key in encoded}
+
+        return map_data(
+            raw, tokenize_lines, num_proc, overwrite_cache, "Tokenizing lines", batched=True, remove_columns=remove,
+        )
+
+    def tokenize_all(examples):
+        return tokenizer(examples[column], return_special_tokens_mask=True)
+
+    tokenized = map_data(
+        raw, tokenize_all, num_proc, overwrite_cache, "Tokenizing texts", batched=True, remove_columns=remove,
+    )
+    return map_data(
+        tokenized, group_texts, num_proc, overwrite_cache, f"Grouping texts in blocks of {max_seq_length}",
+        batched=True, fn_kwargs={"block_size": max_seq_length},
+    )
 
 
 def main():

@@ -24,10 +24,8 @@ from ipu_trainer import (
     DataCollatorForLanguageModelingWithMaxTokensMasked,
     IPUTrainer,
 )
-from ipu_trainer.data import (
-    column_names_of,
+from ipu_trainer.cli.datasets import (
     data_source_of,
-    first_example,
     load_raw_datasets,
     require_columns,
     require_eval_holdout,
@@ -36,9 +34,7 @@ from ipu_trainer.data import (
     text_column_of,
     train_and_eval_splits,
 )
-from ipu_trainer.data_collators import max_num_masked_tokens
-from ipu_trainer.metrics import pretraining_metrics, pretraining_predictions
-from ipu_trainer.model_loading import (
+from ipu_trainer.cli.model_loading import (
     check_sequence_length_fits,
     load_ipu_config,
     load_model,
@@ -46,27 +42,30 @@ from ipu_trainer.model_loading import (
     load_tokenizer,
     max_positions_of,
 )
-from ipu_trainer.models import masked_positions_model_for
-from ipu_trainer.optimization import get_groupbert_schedule
-from ipu_trainer.packing import pack_for_training
-from ipu_trainer.pretraining_data import (
-    NO_PAIRS_HINT,
-    build_nsp_pairs,
-    hold_out_nsp_pairs,
-    load_text_documents,
-    stream_nsp_pairs,
-)
-from ipu_trainer.resolved_run import resolve_run
-from ipu_trainer.run_utils import (
+from ipu_trainer.cli.script_args import DataArguments as SharedDataArguments
+from ipu_trainer.cli.script_args import ModelArguments as SharedModelArguments
+from ipu_trainer.cli.script_args import PackingArguments, parse_script_args
+from ipu_trainer.cli.startup import (
     check_outputs_before_loading,
     claim_output_dir,
     run_cli,
     setup_logging,
     train_evaluate_and_report,
 )
-from ipu_trainer.script_args import DataArguments as SharedDataArguments
-from ipu_trainer.script_args import ModelArguments as SharedModelArguments
-from ipu_trainer.script_args import PackingArguments, parse_script_args
+from ipu_trainer.data.collators import max_num_masked_tokens
+from ipu_trainer.data.nsp_pairs import (
+    NO_PAIRS_HINT,
+    build_nsp_pairs,
+    hold_out_nsp_pairs,
+    load_text_documents,
+    stream_nsp_pairs,
+)
+from ipu_trainer.data.packing import pack_for_training
+from ipu_trainer.data.sources import column_names_of, first_example
+from ipu_trainer.models import masked_positions_model_for
+from ipu_trainer.run.resolved_run import resolve_run
+from ipu_trainer.training.metrics import pretraining_metrics, pretraining_predictions
+from ipu_trainer.training.optimizers import get_groupbert_schedule
 
 if not transformers.__version__.startswith("5."):
     raise ImportError(f"transformers 5.x is required, found {transformers.__version__}. To fix: pip install -r requirements.txt")

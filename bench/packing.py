@@ -11,7 +11,7 @@ tokenizer of `bench/pretrain.py` (vocabulary filled to BERT's 30522 with [unused
 
 Three sides per data kind and length, each in its own subprocess, alternating over `--rounds`:
 
-(a) packed: `IPUTrainer` + the masked-position model + `--packing` (`ipu_trainer.packing`); a micro-batch is
+(a) packed: `IPUTrainer` + the masked-position model + `--packing` (`ipu_trainer.data.packing`); a micro-batch is
     round(B / average sequences per row) packed rows, so a weight update sees about the B sequences of (a0).
 (a0) unpacked: the same model, trainer and masking collator on the padded sequences, micro-batch B.
 (b) stock: `transformers.Trainer` + `BertForPreTraining` / `BertForMaskedLM` + `DataCollatorForLanguageModeling`
@@ -98,9 +98,10 @@ def build_data(kind: str, length: int, tokenizer, num_sequences: int, seed: int)
     """`num_sequences` or more sequences of one kind at one length, as the scripts build them."""
     from datasets import Dataset, DatasetDict, concatenate_datasets
 
-    from ipu_trainer.data import tokenize_for_masked_lm
-    from ipu_trainer.offline_assets import english_text_topics
-    from ipu_trainer.pretraining_data import build_nsp_pairs, split_sentences
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the scripts' folder
+    from run_mlm import tokenize_for_masked_lm
+    from ipu_trainer.cli.offline_assets import english_text_topics
+    from ipu_trainer.data.nsp_pairs import build_nsp_pairs, split_sentences
 
     documents = Dataset.from_dict({"text": english_text_topics()})
     if kind == "pairs":
@@ -147,12 +148,12 @@ def run_side(args: argparse.Namespace) -> dict:
                               DataCollatorForLanguageModeling, Trainer, TrainerCallback, TrainingArguments, set_seed)
     from transformers.utils import logging as hf_logging
 
-    from ipu_trainer.data_collators import DataCollatorForLanguageModelingWithMaxTokensMasked, max_num_masked_tokens
-    from ipu_trainer.ipu_config import IPUConfig
+    from ipu_trainer.data.collators import DataCollatorForLanguageModelingWithMaxTokensMasked, max_num_masked_tokens
+    from ipu_trainer.config.ipu_config import IPUConfig
     from ipu_trainer.models import BertForMaskedLMMaskedPositions, BertForPreTrainingMaskedPositions
-    from ipu_trainer.packing import pack_for_training
-    from ipu_trainer.trainer import IPUTrainer
-    from ipu_trainer.training_args import IPUTrainingArguments
+    from ipu_trainer.data.packing import pack_for_training
+    from ipu_trainer.training.trainer import IPUTrainer
+    from ipu_trainer.run.training_args import IPUTrainingArguments
 
     hf_logging.set_verbosity_error()
     if args.threads:

@@ -4,7 +4,7 @@
 Both build BERT pretraining pairs (same sentence splitter, same recipe) from the same few MB of English
 text (CPython's pydoc topics, shuffled and repeated to --megabytes):
 
-(a) `ipu_trainer.pretraining_data.build_nsp_pairs`: batched fast-tokenizer calls, pairs built on token
+(a) `ipu_trainer.data.nsp_pairs.build_nsp_pairs`: batched fast-tokenizer calls, pairs built on token
     ids, `datasets.map` over --num_proc processes (default 1: the Rust tokenizer then uses every core), Arrow output.
 (b) baseline: transformers' legacy `TextDatasetForNextSentencePrediction` is gone from transformers 5,
     so this file carries the same recipe written the straightforward way: one `tokenizer.tokenize` +
@@ -28,8 +28,8 @@ import time
 
 import datasets
 
-from ipu_trainer.offline_assets import english_text_documents, train_wordpiece_tokenizer
-from ipu_trainer.pretraining_data import build_nsp_pairs, split_sentences
+from ipu_trainer.cli.offline_assets import english_text_documents, train_wordpiece_tokenizer
+from ipu_trainer.data.nsp_pairs import build_nsp_pairs, split_sentences
 
 
 def cpu_seconds() -> float:

@@ -12,7 +12,7 @@ Both sides train the same BERT config for the same steps on the same batches, pr
     `DataCollatorForLanguageModeling`, the Trainer's default fused AdamW (clipped at norm 1).
 
 Data: English text (CPython's pydoc topics) tokenized with an uncased WordPiece tokenizer trained offline
-(`ipu_trainer.offline_assets`). The corpus only yields a few thousand word pieces, so the vocabulary is
+(`ipu_trainer.cli.offline_assets`). The corpus only yields a few thousand word pieces, so the vocabulary is
 filled up to the preset's vocab_size (30522, BERT's) with `[unusedN]` entries as in BERT's own vocab: the MLM head
 costs what it costs in real BERT, and random-token replacement draws from the whole vocabulary. The text
 is packed into full rows of the preset's seq_len `[CLS] A [SEP] B [SEP]` with B the true continuation or (half of the
@@ -24,7 +24,7 @@ peak memory is its own: peak RSS (and its rise over the process before the model
 over `--rounds` alternating runs (a, b, a, b); samples/s is taken from the fastest step (other load only
 slows steps down), the mean over all timed steps is printed next to it. On CUDA the run is bf16 autocast on both sides and the table adds model FLOP
 utilisation: useful FLOPs per sequence (see `model_flops_per_sequence`) x samples/s over the GPU's datasheet dense peak
-for the dtype the matmuls ran in (`ipu_trainer.mfu`; the peak used is printed, "n/a" for a GPU not in its table).
+for the dtype the matmuls ran in (`ipu_trainer.training.mfu`; the peak used is printed, "n/a" for a GPU not in its table).
 
     python bench/pretrain.py --preset cpu|bert-base [--steps N] [--warmup-steps K] [--batch-size B]
 
@@ -96,7 +96,7 @@ def build_tokenizer(output_dir: str, vocab_size: int):
     """WordPiece trained on the pydoc text, its vocab filled up to `vocab_size` with [unusedN] entries."""
     from transformers import BertTokenizer
 
-    from ipu_trainer.offline_assets import english_text_documents, train_wordpiece_tokenizer
+    from ipu_trainer.cli.offline_assets import english_text_documents, train_wordpiece_tokenizer
 
     train_wordpiece_tokenizer(english_text_documents(), output_dir, vocab_size=vocab_size)
     vocab_path = os.path.join(output_dir, "vocab.txt")
@@ -114,7 +114,7 @@ def build_tokenizer(output_dir: str, vocab_size: int):
 
 def build_rows(tokenizer, seq_len: int, num_rows: int, seed: int) -> dict[str, list]:
     """`num_rows` packed sentence-pair rows of exactly `seq_len` tokens, with NSP labels (1 = random B)."""
-    from ipu_trainer.offline_assets import english_text_documents
+    from ipu_trainer.cli.offline_assets import english_text_documents
 
     ids = [i for doc in tokenizer(english_text_documents(), add_special_tokens=False, verbose=False)["input_ids"] for i in doc]
     content = seq_len - 3
@@ -168,7 +168,7 @@ def model_flops_per_sequence(model_settings: dict, seq_len: int, num_masked: int
     positions, the pooler and the NSP classifier once per sequence. Side (b) does more work than this (the
     decoder at every position); MFU counts only the useful part.
     """
-    from ipu_trainer.mfu import transformer_training_flops_per_sequence
+    from ipu_trainer.training.mfu import transformer_training_flops_per_sequence
 
     h = model_settings["hidden_size"]
     encoder_and_decoder = transformer_training_flops_per_sequence(
@@ -189,10 +189,10 @@ def run_side(args: argparse.Namespace) -> dict:
     from transformers.utils import logging as hf_logging
 
     # Submodule imports: they also work when the editable install resolves `ipu_trainer` as a namespace package.
-    from ipu_trainer.ipu_config import IPUConfig
-    from ipu_trainer.trainer import IPUTrainer
-    from ipu_trainer.training_args import IPUTrainingArguments
-    from ipu_trainer.data_collators import DataCollatorForLanguageModelingWithMaxTokensMasked, max_num_masked_tokens
+    from ipu_trainer.config.ipu_config import IPUConfig
+    from ipu_trainer.training.trainer import IPUTrainer
+    from ipu_trainer.run.training_args import IPUTrainingArguments
+    from ipu_trainer.data.collators import DataCollatorForLanguageModelingWithMaxTokensMasked, max_num_masked_tokens
     from ipu_trainer.models import BertForPreTrainingMaskedPositions
 
     hf_logging.set_verbosity_error()
@@ -304,7 +304,7 @@ def summarize(runs: list[dict], samples_per_step: int, seq_len: int) -> dict:
     if "flops_per_sample" in row:  # CUDA: MFU against the datasheet peak, None for a GPU not in the table
         import torch
 
-        from ipu_trainer.mfu import datasheet_peak_flops
+        from ipu_trainer.training.mfu import datasheet_peak_flops
 
         peak = datasheet_peak_flops(row["device"], getattr(torch, row["matmul_dtype"]), tf32=row["tf32"])
         row["mfu"] = row["flops_per_sample"] * row["samples_per_s"] / peak[0] if peak else None
@@ -319,7 +319,7 @@ def table_lines(results: dict[str, dict]) -> list[str]:
     lines = []
     if on_gpu:
         lines.append(f"MFU against the datasheet peak: {a['mfu_peak']}" if a["mfu_peak"] else
-                     f"MFU: n/a (unknown GPU peak: no {a['matmul_dtype']} entry for {a['device']!r} in ipu_trainer/mfu.py)")
+                     f"MFU: n/a (unknown GPU peak: no {a['matmul_dtype']} entry for {a['device']!r} in ipu_trainer/training/mfu.py)")
     memory_column = "peak mem MB" if on_gpu else "peak RSS MB (rise)"
     header = f"{'side':<52} {'samples/s':>10} {'(mean)':>7} {'tokens/s':>10} {memory_column:>20}"
     lines.append(header + (f" {'MFU':>7}" if on_gpu else ""))

@@ -4,10 +4,10 @@ The names the IPU example scripts import, as a drop-in: `IPUConfig`, `IPUTrainin
 `IPUTrainer`, `DataCollatorForLanguageModelingWithMaxTokensMasked`, `pad_on_batch_axis`.
 """
 
-from .data_collators import DataCollatorForLanguageModelingWithMaxTokensMasked, pad_on_batch_axis
-from .ipu_config import IncompatibleIPUConfigError, IPUConfig
-from .trainer import IPUTrainer
-from .training_args import IPUTrainingArguments
+from .config.ipu_config import IncompatibleIPUConfigError, IPUConfig
+from .data.collators import DataCollatorForLanguageModelingWithMaxTokensMasked, pad_on_batch_axis
+from .run.training_args import IPUTrainingArguments
+from .training.trainer import IPUTrainer
 
 __all__ = [
     "DataCollatorForLanguageModelingWithMaxTokensMasked",

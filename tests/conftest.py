@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from ipu_trainer.offline_assets import english_text_documents, train_wordpiece_tokenizer, write_quickstart_assets
-from ipu_trainer.run_utils import run_cli
+from ipu_trainer.cli.offline_assets import english_text_documents, train_wordpiece_tokenizer, write_quickstart_assets
+from ipu_trainer.cli.startup import run_cli
 
 
 @pytest.fixture(scope="session")
@@ -33,7 +33,7 @@ def tokenizer(tokenizer_dir):
 @pytest.fixture(scope="session")
 def assets(tmp_path_factory):
     """The README quick starts' assets: WordPiece and byte-level BPE (1000-token) tokenizers and a
-    train/validation corpus of English documents, as `python -m ipu_trainer.offline_assets` writes them."""
+    train/validation corpus of English documents, as `python -m ipu_trainer.cli.offline_assets` writes them."""
     return write_quickstart_assets(str(tmp_path_factory.mktemp("assets")), bpe=True)
 
 
@@ -100,7 +100,7 @@ class UpdateCounter:
 
 def recorded_batches(monkeypatch, module):
     """Every masking collator the script builds, and the batches it collates."""
-    from ipu_trainer.data_collators import DataCollatorForLanguageModelingWithMaxTokensMasked
+    from ipu_trainer.data.collators import DataCollatorForLanguageModelingWithMaxTokensMasked
 
     made, batches = [], []
 

@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from tiny import masked_pairs, tiny_bert  # noqa: E402
 
 from ipu_trainer import IPUConfig, IPUTrainer, IPUTrainingArguments  # noqa: E402
-from ipu_trainer.run_utils import end_distributed  # noqa: E402
+from ipu_trainer.cli.startup import end_distributed  # noqa: E402
 
 LAYOUTS = {"sharding": (True, False), "offload": (False, True), "sharding+offload": (True, True)}  # (sharding, offload)
 OPTIMIZERS = ("adamw", "lamb")

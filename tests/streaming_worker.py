@@ -10,7 +10,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from conftest import script_module  # noqa: E402
 
 from ipu_trainer import IPUTrainer  # noqa: E402
-from ipu_trainer.run_utils import run_cli  # noqa: E402
+from ipu_trainer.cli.startup import run_cli  # noqa: E402
 
 
 def main() -> int:

@@ -18,8 +18,8 @@ import pytest
 from conftest import REPO, quickstart_argv, script_module, snapshot_files
 from datasets import Dataset, DatasetDict
 
-from ipu_trainer import hub
-from ipu_trainer.run_utils import run_cli
+from ipu_trainer.cli import hub
+from ipu_trainer.cli.startup import run_cli
 
 SENTINEL = "notes.txt"
 NOT_CACHED = "ipu-trainer-tests/not-cached"  # a hub id no cache holds
@@ -355,7 +355,7 @@ def test_bad_input_is_one_error_line_and_touches_nothing(row, request, assets, t
         request.getfixturevalue(options["hub"])
     if row == "report-to-missing-package":
         # Stand in for a machine without tensorboard where it is installed.
-        from ipu_trainer import training_args
+        from ipu_trainer.run import training_args
 
         available = [name for name in training_args.get_available_reporting_integrations() if name != "tensorboard"]
         monkeypatch.setattr(training_args, "get_available_reporting_integrations", lambda: available)
@@ -439,7 +439,7 @@ def test_a_cached_hub_id_still_loads_when_the_hub_cannot_be_asked(tmp_path, offl
 def test_config_overrides_of_settings_that_default_to_none_take_the_type_of_the_text():
     from transformers import BertConfig, GPT2Config
 
-    from ipu_trainer.model_loading import apply_config_overrides
+    from ipu_trainer.cli.model_loading import apply_config_overrides
 
     gpt2 = GPT2Config()
     assert gpt2.pad_token_id is None
@@ -461,8 +461,8 @@ def test_text_that_is_not_utf8_is_read_with_replacement_characters_and_a_warning
     data.check_text_file for why not an error)."""
     from types import SimpleNamespace
 
-    from ipu_trainer.data import load_raw_datasets
-    from ipu_trainer.pretraining_data import load_text_documents
+    from ipu_trainer.cli.datasets import load_raw_datasets
+    from ipu_trainer.data.nsp_pairs import load_text_documents
 
     path = tmp_path / f"latin1.{suffix}"
     path.write_bytes(content.encode("latin-1"))

@@ -8,7 +8,7 @@ import sys
 import torch
 from transformers import AutoTokenizer, BertConfig, BertForPreTraining
 
-from ipu_trainer.data_collators import DataCollatorForLanguageModelingWithMaxTokensMasked
+from ipu_trainer.data.collators import DataCollatorForLanguageModelingWithMaxTokensMasked
 from ipu_trainer.models import BertForPreTrainingMaskedPositions
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -14,15 +14,15 @@ from transformers import default_data_collator
 from transformers.trainer_utils import TrainOutput
 
 from ipu_trainer import IPUConfig, IPUTrainer, IPUTrainingArguments
-from ipu_trainer.checkpoints import (
+from ipu_trainer.cli.startup import claim_output_dir, run_cli, train_and_save
+from ipu_trainer.training.checkpoints import (
     COMPLETION_MARKER,
     checkpoint_problem,
     last_resumable_checkpoint,
     list_checkpoints,
     rotate_checkpoints,
 )
-from ipu_trainer.run_control import CheckpointWriteError, RunFinished, RunLock
-from ipu_trainer.run_utils import claim_output_dir, run_cli, train_and_save
+from ipu_trainer.training.run_control import CheckpointWriteError, RunFinished, RunLock
 from tiny import masked_pairs, tiny_bert
 
 STEPS = 6
@@ -285,7 +285,7 @@ def test_torchs_own_disk_full_error_is_recognised_by_the_free_space(uninterrupte
         return original_save(obj, path, *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", save_until_the_disk_fills)
-    monkeypatch.setattr("ipu_trainer.trainer.shutil.disk_usage", lambda path: SimpleNamespace(total=10**9, used=10**9 - 1000, free=1000))
+    monkeypatch.setattr("ipu_trainer.training.trainer.shutil.disk_usage", lambda path: SimpleNamespace(total=10**9, used=10**9 - 1000, free=1000))
     with pytest.raises(CheckpointWriteError, match=r"no space left on the device\): 0.00 GB free"):
         train(tmp_path)
     assert checkpoint_problem(str(tmp_path / "checkpoint-2")) is None
@@ -307,7 +307,7 @@ def test_a_write_error_without_a_message_is_named_by_its_type(tmp_path, monkeypa
 def test_a_signal_seen_by_any_process_stops_every_process(monkeypatch):
     """Processes receive a signal at different moments; the flag is all-reduced so all stop at the same step
     (simulated: this process got no signal, another one did)."""
-    from ipu_trainer.run_control import StopOnSignal
+    from ipu_trainer.training.run_control import StopOnSignal
 
     stop = StopOnSignal()
     assert not stop.requested(torch.device("cpu"))

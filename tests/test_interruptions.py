@@ -13,7 +13,7 @@ import torch
 from datasets import Dataset, DatasetDict
 from safetensors.torch import load_file
 
-from ipu_trainer.checkpoints import COMPLETION_MARKER, list_checkpoints
+from ipu_trainer.training.checkpoints import COMPLETION_MARKER, list_checkpoints
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 60

@@ -3,7 +3,7 @@ import logging
 
 import pytest
 
-from ipu_trainer.ipu_config import (
+from ipu_trainer.config.ipu_config import (
     _DEFAULTS,
     _VALIDATORS,
     IPU_ONLY_SETTINGS,
@@ -63,7 +63,7 @@ def test_extra_and_repeated_keys_are_kept_and_reported(tmp_path, caplog):
     )
     path = tmp_path / "old.json"
     path.write_text(text)
-    with caplog.at_level(logging.WARNING, logger="ipu_trainer.ipu_config"):
+    with caplog.at_level(logging.WARNING, logger="ipu_trainer.config.ipu_config"):
         config = IPUConfig.from_pretrained(str(path))
     assert config.replication_factor == 8  # last value wins
     assert config.unknown_keys == ["optimizer", "learning_rate", "layer_norm_eps", "dataloader_workers"]

@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from conftest import script_module
 import torch
 import torch.nn.functional as F
 from datasets import Dataset, DatasetDict
@@ -23,17 +24,8 @@ from transformers import (
 )
 
 from ipu_trainer import IncompatibleIPUConfigError, IPUConfig
-from ipu_trainer import metrics as metrics_module
-from ipu_trainer.data import resolve_block_size, tokenize_for_causal_lm, tokenize_for_masked_lm
-from ipu_trainer.data_collators import DataCollatorForLanguageModelingWithMaxTokensMasked, max_num_masked_tokens
-from ipu_trainer.metrics import (
-    AccuracyMetric,
-    causal_lm_predictions,
-    masked_accuracy,
-    masked_lm_predictions,
-    token_accuracy_metrics,
-)
-from ipu_trainer.model_loading import max_positions_of
+from ipu_trainer.cli.model_loading import max_positions_of
+from ipu_trainer.data.collators import DataCollatorForLanguageModelingWithMaxTokensMasked, max_num_masked_tokens
 from ipu_trainer.models import (
     BertForMaskedLMMaskedPositions,
     BertForPreTrainingMaskedPositions,
@@ -46,7 +38,15 @@ from ipu_trainer.models import (
 from ipu_trainer.models import masked_positions
 from ipu_trainer.models.layers import set_recomputation
 from ipu_trainer.models.masked_positions import OVERFLOW_CHECK_INTERVAL, LabelOverflowCheck
-from ipu_trainer.resolved_run import check_layers_fit
+from ipu_trainer.run.resolved_run import check_layers_fit
+from ipu_trainer.training import metrics as metrics_module
+from ipu_trainer.training.metrics import (
+    AccuracyMetric,
+    causal_lm_predictions,
+    masked_accuracy,
+    masked_lm_predictions,
+    token_accuracy_metrics,
+)
 
 SEQ = 32
 BATCH = 6
@@ -458,12 +458,12 @@ def text_splits(lines):
 
 def test_line_by_line_drops_empty_lines_and_pads_only_when_asked(tokenizer):
     lines = ["the first line of text", "", "   ", "a second, longer line of text with more words in it"]
-    unpadded = tokenize_for_masked_lm(text_splits(lines), tokenizer, 16, line_by_line=True, pad_to_max_length=False)["train"]
+    unpadded = script_module("run_mlm").tokenize_for_masked_lm(text_splits(lines), tokenizer, 16, line_by_line=True, pad_to_max_length=False)["train"]
     assert len(unpadded) == 2
     lengths = [len(ids) for ids in unpadded["input_ids"]]
     assert lengths[0] < lengths[1] <= 16
     assert tokenizer.pad_token_id not in unpadded["input_ids"][0]
-    padded = tokenize_for_masked_lm(text_splits(lines), tokenizer, 16, line_by_line=True, pad_to_max_length=True)["train"]
+    padded = script_module("run_mlm").tokenize_for_masked_lm(text_splits(lines), tokenizer, 16, line_by_line=True, pad_to_max_length=True)["train"]
     assert len(padded) == 2 and {len(ids) for ids in padded["input_ids"]} == {16}
     assert padded["input_ids"][0][lengths[0]:] == [tokenizer.pad_token_id] * (16 - lengths[0])
 
@@ -471,7 +471,7 @@ def test_line_by_line_drops_empty_lines_and_pads_only_when_asked(tokenizer):
 def test_grouping_concatenates_and_drops_the_remainder(tokenizer, english_documents):
     raw = text_splits(english_documents[:20])
     total = sum(len(ids) for ids in tokenizer(english_documents[:20])["input_ids"])
-    grouped = tokenize_for_masked_lm(raw, tokenizer, 24, line_by_line=False, pad_to_max_length=False)["train"]
+    grouped = script_module("run_mlm").tokenize_for_masked_lm(raw, tokenizer, 24, line_by_line=False, pad_to_max_length=False)["train"]
     assert len(grouped) == total // 24
     assert {len(ids) for ids in grouped["input_ids"]} == {24}
     flat = [t for ids in tokenizer(english_documents[:20])["input_ids"] for t in ids]
@@ -481,7 +481,7 @@ def test_grouping_concatenates_and_drops_the_remainder(tokenizer, english_docume
 def test_causal_blocks_have_labels_equal_to_inputs_and_drop_the_remainder(tokenizer, english_documents):
     raw = text_splits(english_documents[:20])
     total = sum(len(ids) for ids in tokenizer(english_documents[:20])["input_ids"])
-    blocks = tokenize_for_causal_lm(raw, tokenizer, 24)["train"]
+    blocks = script_module("run_clm").tokenize_for_causal_lm(raw, tokenizer, 24)["train"]
     assert len(blocks) == total // 24
     assert blocks["labels"] == blocks["input_ids"]
     assert {len(ids) for ids in blocks["input_ids"]} == {24}
@@ -489,14 +489,14 @@ def test_causal_blocks_have_labels_equal_to_inputs_and_drop_the_remainder(tokeni
 
 def test_block_size_defaults_and_limits():
     tokenizer = SimpleNamespace(model_max_length=int(1e30))
-    assert resolve_block_size(None, tokenizer) == 1024
-    assert resolve_block_size(None, tokenizer, model_max_positions=256) == 256
-    assert resolve_block_size(None, SimpleNamespace(model_max_length=512), 1024) == 512
-    assert resolve_block_size(2048, SimpleNamespace(model_max_length=512), 4096) == 512  # clipped to the tokenizer
+    assert script_module("run_clm").resolve_block_size(None, tokenizer) == 1024
+    assert script_module("run_clm").resolve_block_size(None, tokenizer, model_max_positions=256) == 256
+    assert script_module("run_clm").resolve_block_size(None, SimpleNamespace(model_max_length=512), 1024) == 512
+    assert script_module("run_clm").resolve_block_size(2048, SimpleNamespace(model_max_length=512), 4096) == 512  # clipped to the tokenizer
     with pytest.raises(ValueError, match="--block_size 2048 is larger than the model's 1024 positions"):
-        resolve_block_size(2048, tokenizer, 1024)
+        script_module("run_clm").resolve_block_size(2048, tokenizer, 1024)
     with pytest.raises(ValueError, match="--block_size=0"):
-        resolve_block_size(0, tokenizer, 1024)
+        script_module("run_clm").resolve_block_size(0, tokenizer, 1024)
 
 
 def test_max_positions_account_for_the_roberta_padding_offset():

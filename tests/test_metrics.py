@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import BertConfig, BertForPreTraining
 
-from ipu_trainer.metrics import pretraining_metrics, pretraining_predictions
+from ipu_trainer.training.metrics import pretraining_metrics, pretraining_predictions
 
 
 def test_pretraining_losses_apart_match_the_models_loss_across_batches():

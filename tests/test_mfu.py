@@ -10,8 +10,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import BertConfig, BertModel
 
-from ipu_trainer import mfu
-from ipu_trainer.mfu import datasheet_peak_flops, transformer_training_flops_per_sequence
+from ipu_trainer.training import mfu
+from ipu_trainer.training.mfu import datasheet_peak_flops, transformer_training_flops_per_sequence
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -7,10 +7,10 @@ import torch
 from conftest import script_module
 from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer, BertConfig, BertForMaskedLM
 
-from ipu_trainer import data as data_module
-from ipu_trainer.data import load_raw_datasets
-from ipu_trainer.model_loading import load_model, load_model_config, load_tokenizer
-from ipu_trainer.script_args import parse_script_args
+from ipu_trainer.cli import datasets as data_module
+from ipu_trainer.cli.datasets import load_raw_datasets
+from ipu_trainer.cli.model_loading import load_model, load_model_config, load_tokenizer
+from ipu_trainer.cli.script_args import parse_script_args
 
 
 def model_args(path):
@@ -86,5 +86,5 @@ def test_token_and_trust_remote_code_reach_transformers_and_datasets(tmp_path, t
 
 def test_missing_tokenizer_points_at_the_offline_assets_module():
     args = SimpleNamespace(tokenizer_name=None, model_name_or_path=None)
-    with pytest.raises(ValueError, match=r"python -m ipu_trainer\.offline_assets quickstart"):
+    with pytest.raises(ValueError, match=r"python -m ipu_trainer\.cli\.offline_assets quickstart"):
         load_tokenizer(args)

@@ -10,7 +10,7 @@ from torch import nn
 from transformers import AutoModelForPreTraining, BertConfig, BertForPreTraining, GPT2Config
 
 from conftest import loss_and_grads
-from ipu_trainer.data_collators import DataCollatorForLanguageModelingWithMaxTokensMasked, max_num_masked_tokens
+from ipu_trainer.data.collators import DataCollatorForLanguageModelingWithMaxTokensMasked, max_num_masked_tokens
 from ipu_trainer.models import (
     BertForPreTrainingMaskedPositions,
     ChunkedVocabProjection,

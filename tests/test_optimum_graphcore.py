@@ -88,7 +88,7 @@ def test_coexists_with_an_installed_optimum_and_warns_about_the_real_optimum_gra
         print(optimum.exporters.NAME, optimum.graphcore.IPUConfig.__module__)
     """, [REPO, str(other)], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.split() == ["exporters", "ipu_trainer.ipu_config"]
+    assert result.stdout.split() == ["exporters", "ipu_trainer.config.ipu_config"]
 
     # The real optimum-graphcore installed as well (its package folder and its metadata), later on the path.
     real = tmp_path / "real"
@@ -400,7 +400,7 @@ def test_from_pretrained_takes_the_scripts_hub_keywords(tmp_path, monkeypatch):
                                                  return_unused_kwargs=True)
     assert (reloaded.device_iterations, unused) == (2, {"foo": 1})
 
-    import ipu_trainer.ipu_config as module
+    import ipu_trainer.config.ipu_config as module
 
     calls = []
 
@@ -429,7 +429,7 @@ def test_json_api(tmp_path):
 
 
 def test_push_to_hub_uploads_the_file(tmp_path, monkeypatch):
-    import ipu_trainer.ipu_config as module
+    import ipu_trainer.config.ipu_config as module
 
     uploads, repos = [], []
     monkeypatch.setattr(module, "create_repo", lambda repo_id, **kwargs: repos.append((repo_id, kwargs)))
@@ -718,7 +718,7 @@ def test_original_style_run_clm(assets, tmp_path, monkeypatch):
 
 
 def test_original_style_run_pretraining_with_its_schedule_and_padding(assets, tokenizer, tmp_path, monkeypatch):
-    from ipu_trainer.pretraining_data import build_nsp_pairs, load_text_documents
+    from ipu_trainer.data.nsp_pairs import build_nsp_pairs, load_text_documents
 
     documents = load_text_documents({"train": assets["train_file"]})["train"].select(range(40))
     build_nsp_pairs(documents, tokenizer, 64, seed=0).save_to_disk(str(tmp_path / "pairs"))
@@ -740,7 +740,7 @@ def test_original_style_run_pretraining_with_its_schedule_and_padding(assets, to
 
 
 def test_the_scripts_load_the_pod_entries_of_their_ipu_config(tmp_path):
-    from ipu_trainer.model_loading import load_ipu_config
+    from ipu_trainer.cli.model_loading import load_ipu_config
 
     (tmp_path / "ipu").mkdir()
     (tmp_path / "ipu" / "ipu_config.json").write_text(json.dumps({"device_iterations": {"pod16": 2, "default": 1}}))

@@ -19,7 +19,7 @@ from transformers import default_data_collator, set_seed
 
 from conftest import innermost_optimizer, quickstart_argv, run_script
 from ipu_trainer import IPUConfig, IPUTrainer, IPUTrainingArguments
-from ipu_trainer.model_loading import load_model
+from ipu_trainer.cli.model_loading import load_model
 from ipu_trainer.models import BertForPreTrainingMaskedPositions, GPT2LMHeadModelChunked
 from tiny import masked_pairs, tiny_bert
 

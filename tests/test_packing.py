@@ -9,23 +9,22 @@ import torch
 from datasets import Dataset, DatasetDict
 from transformers import AutoTokenizer, BertConfig, RobertaConfig
 
-from conftest import loss_and_grads, read_json
-from ipu_trainer.data import tokenize_for_masked_lm
-from ipu_trainer.data_collators import DataCollatorForLanguageModelingWithMaxTokensMasked
-from ipu_trainer.metrics import pretraining_metrics, pretraining_predictions
-from ipu_trainer.models import (
-    BertForMaskedLMMaskedPositions,
-    BertForPreTrainingMaskedPositions,
-    RobertaForMaskedLMMaskedPositions,
-)
-from ipu_trainer.models.packed import block_diagonal_attention_mask, check_packing_attention
-from ipu_trainer.packing import (
+from conftest import loss_and_grads, read_json, script_module
+from ipu_trainer.data.collators import DataCollatorForLanguageModelingWithMaxTokensMasked
+from ipu_trainer.data.packing import (
     DataCollatorForPackedSequences,
     PackedDataset,
     pack_dataset,
     pack_sequences,
     sequence_lengths,
 )
+from ipu_trainer.models import (
+    BertForMaskedLMMaskedPositions,
+    BertForPreTrainingMaskedPositions,
+    RobertaForMaskedLMMaskedPositions,
+)
+from ipu_trainer.models.packed import block_diagonal_attention_mask, check_packing_attention
+from ipu_trainer.training.metrics import pretraining_metrics, pretraining_predictions
 
 SEQ = 64
 CHUNKED = SimpleNamespace(recompute_checkpoint_every_layer=True, embedding_serialization_factor=2)
@@ -282,7 +281,7 @@ def test_packed_line_by_line_batch_gives_the_unpacked_losses_and_gradients(token
     packed collator masks each line exactly as the unpacked collator does), same loss and gradients."""
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     lines = DatasetDict({"train": Dataset.from_dict({"text": open(assets["train_file"]).read().splitlines()[:60]})})
-    dataset = tokenize_for_masked_lm(lines, tokenizer, SEQ, line_by_line=True, pad_to_max_length=False)["train"]
+    dataset = script_module("run_mlm").tokenize_for_masked_lm(lines, tokenizer, SEQ, line_by_line=True, pad_to_max_length=False)["train"]
     masking = DataCollatorForLanguageModelingWithMaxTokensMasked(tokenizer, mlm_probability=0.15, max_seq_length=SEQ,
                                                                   seed=3)
     packed_dataset = pack_dataset(dataset.select(range(16)), SEQ, seed=0)
@@ -340,7 +339,7 @@ import sys  # noqa: E402
 
 from safetensors.torch import load_file  # noqa: E402
 
-from ipu_trainer.pretraining_data import add_mlm_labels, build_nsp_pairs, load_text_documents  # noqa: E402
+from ipu_trainer.data.nsp_pairs import add_mlm_labels, build_nsp_pairs, load_text_documents  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -445,7 +444,7 @@ def test_run_mlm_packing_needs_line_by_line(assets, tmp_path, monkeypatch):
 
 
 def test_the_training_log_counts_sequences_and_their_tokens_in_packed_rows():
-    from ipu_trainer.throughput import ThroughputMeter
+    from ipu_trainer.training.throughput import ThroughputMeter
 
     class Clock:
         now = 0.0

@@ -5,8 +5,8 @@ import torch
 from transformers import default_data_collator
 
 from ipu_trainer import IPUConfig, IPUTrainer, IPUTrainingArguments
-from ipu_trainer import precision as precision_module
-from ipu_trainer.precision import (
+from ipu_trainer.run import precision as precision_module
+from ipu_trainer.run.precision import (
     DEFAULT_LOSS_SCALE,
     DYNAMIC_GROWTH_INTERVAL,
     STATIC_GROWTH_INTERVAL,

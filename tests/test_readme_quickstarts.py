@@ -12,7 +12,7 @@ import pytest
 from conftest import REPO, bash_blocks, read_json
 
 with open(os.path.join(REPO, "README.md")) as _readme:
-    QUICK_STARTS = [lines for lines in bash_blocks(_readme.read()) if "ipu_trainer.offline_assets quickstart" in lines[0]]
+    QUICK_STARTS = [lines for lines in bash_blocks(_readme.read()) if "ipu_trainer.cli.offline_assets quickstart" in lines[0]]
 
 # What the README promises next to each quick start, checked on the run's own results files: the (masked-token)
 # loss falls by more than 1 and the accuracy rises by more than 0.05; pretraining's next-sentence accuracy ends

@@ -10,10 +10,10 @@ import torch
 from transformers import BertConfig, default_data_collator, get_scheduler
 
 from ipu_trainer import IncompatibleIPUConfigError, IPUConfig, IPUTrainer, IPUTrainingArguments
+from ipu_trainer.cli.startup import run_cli
 from ipu_trainer.models import BertForPreTrainingMaskedPositions
-from ipu_trainer.optimization import get_groupbert_schedule
-from ipu_trainer.resolved_run import dataloader_workers, effective_ipu_config, resolve_run
-from ipu_trainer.run_utils import run_cli
+from ipu_trainer.run.resolved_run import dataloader_workers, effective_ipu_config, resolve_run
+from ipu_trainer.training.optimizers import get_groupbert_schedule
 from tiny import masked_pairs, tiny_bert
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -197,7 +197,7 @@ def test_modes_that_would_change_the_batch_math_are_refused(tmp_path, monkeypatc
 
 
 def test_dataloader_workers_are_capped_per_local_process(monkeypatch):
-    monkeypatch.setattr("ipu_trainer.resolved_run.cpus_available", lambda: 16)
+    monkeypatch.setattr("ipu_trainer.run.resolved_run.cpus_available", lambda: 16)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
     workers, note = dataloader_workers(64, "async_rebatched")
     assert workers == 2 and "8 process(es) share 16 CPUs" in note
@@ -207,7 +207,7 @@ def test_dataloader_workers_are_capped_per_local_process(monkeypatch):
 
 
 def test_the_loop_gets_the_capped_workers_and_the_users_arguments_keep_theirs(tmp_path, monkeypatch):
-    monkeypatch.setattr("ipu_trainer.resolved_run.cpus_available", lambda: 2)
+    monkeypatch.setattr("ipu_trainer.run.resolved_run.cpus_available", lambda: 2)
     args = make_args(tmp_path, dataloader_num_workers=64)
     trainer = IPUTrainer(model=tiny_bert(), ipu_config=IPUConfig(layers_per_ipu=[-1]), args=args,
                          data_collator=default_data_collator, train_dataset=masked_pairs(8))
@@ -228,7 +228,7 @@ def test_ddp_does_not_search_for_unused_parameters_in_the_packages_models(tmp_pa
 
 def test_torch_empty_cache_steps_is_honoured(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr("ipu_trainer.trainer.clear_device_cache", lambda: calls.append(1))
+    monkeypatch.setattr("ipu_trainer.training.trainer.clear_device_cache", lambda: calls.append(1))
     args = make_args(tmp_path, max_steps=4, torch_empty_cache_steps=2, per_device_train_batch_size=2,
                      save_strategy="no")
     trainer = IPUTrainer(model=tiny_bert(), ipu_config=IPUConfig(layers_per_ipu=[-1]), args=args,

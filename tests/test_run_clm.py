@@ -11,12 +11,12 @@ from datasets import load_dataset
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import read_json, run_script
-from ipu_trainer.script_args import parse_script_args
+from conftest import read_json, run_script, script_module
 from ipu_trainer import IPUConfig, IPUTrainingArguments
-from ipu_trainer.resolved_run import effective_ipu_config
-from ipu_trainer.data import load_raw_datasets, tokenize_for_causal_lm
-from ipu_trainer.metrics import causal_lm_predictions, masked_accuracy
+from ipu_trainer.cli.datasets import load_raw_datasets
+from ipu_trainer.cli.script_args import parse_script_args
+from ipu_trainer.run.resolved_run import effective_ipu_config
+from ipu_trainer.training.metrics import causal_lm_predictions, masked_accuracy
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -91,7 +91,7 @@ def test_checkpoint_reloads_with_auto_class_and_reproduces_eval_loss_and_accurac
     assert type(model).__name__ == "GPT2LMHeadModel"
     tokenizer = AutoTokenizer.from_pretrained(out)
     raw = load_dataset("text", data_files={"validation": assets["validation_file"]}, keep_linebreaks=True)
-    blocks = tokenize_for_causal_lm(raw, tokenizer, BLOCK)["validation"].select(range(48)).with_format("torch")
+    blocks = script_module("run_clm").tokenize_for_causal_lm(raw, tokenizer, BLOCK)["validation"].select(range(48)).with_format("torch")
     losses, predictions, labels = [], [], []
     with torch.no_grad():
         for start in range(0, 48, 16):

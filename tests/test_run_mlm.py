@@ -11,12 +11,11 @@ import torch
 from datasets import load_dataset
 from transformers import AutoModelForMaskedLM, AutoTokenizer
 
-from conftest import assert_whole_words_masked, read_json, recorded_batches, run_script
-from ipu_trainer.script_args import parse_script_args
+from conftest import assert_whole_words_masked, read_json, recorded_batches, run_script, script_module
 from ipu_trainer import IPUConfig, IPUTrainingArguments
-from ipu_trainer.resolved_run import effective_ipu_config
-from ipu_trainer.data import tokenize_for_masked_lm
-from ipu_trainer.data_collators import DataCollatorForLanguageModelingWithMaxTokensMasked
+from ipu_trainer.cli.script_args import parse_script_args
+from ipu_trainer.data.collators import DataCollatorForLanguageModelingWithMaxTokensMasked
+from ipu_trainer.run.resolved_run import effective_ipu_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -103,7 +102,7 @@ def test_checkpoint_reloads_with_auto_class_and_reproduces_eval_loss(trained, as
     assert type(model).__name__ == "BertForMaskedLM"
     tokenizer = AutoTokenizer.from_pretrained(out)
     raw = load_dataset("text", data_files={"validation": assets["validation_file"]})
-    data = tokenize_for_masked_lm(raw, tokenizer, SEQ, line_by_line=False, pad_to_max_length=False)["validation"]
+    data = script_module("run_mlm").tokenize_for_masked_lm(raw, tokenizer, SEQ, line_by_line=False, pad_to_max_length=False)["validation"]
     data = data.select(range(48)).remove_columns("special_tokens_mask")
     collator = DataCollatorForLanguageModelingWithMaxTokensMasked(tokenizer, mlm_probability=0.15, max_seq_length=SEQ, seed=SEED)
     losses = []
@@ -151,7 +150,7 @@ def test_line_by_line_batches_are_padded_to_the_half_precision_multiple(assets, 
     made, batches = recorded_batches(monkeypatch, run_mlm)
     asked = []
 
-    def on_a_gpu_in_half_precision(run, max_length=None):  # the decision itself: tests/test_data_collators.py
+    def on_a_gpu_in_half_precision(run, max_length=None):  # the decision itself: tests/test_collators.py
         asked.append((run.precision.mixed_precision, max_length))
         return 8
 
@@ -243,7 +242,7 @@ def test_without_validation_data_the_first_percent_of_train_is_held_out(tmp_path
     """As the original and the transformers examples: validation = train[:N%], train = train[N%:]."""
     from datasets import load_dataset
 
-    from ipu_trainer.data import load_raw_datasets
+    from ipu_trainer.cli.datasets import load_raw_datasets
 
     lines = [f"line {i}" for i in range(40)]
     (tmp_path / "train.txt").write_text("\n".join(lines) + "\n")

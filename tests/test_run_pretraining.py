@@ -13,7 +13,7 @@ from transformers import AutoModelForPreTraining, HfArgumentParser
 
 from conftest import assert_whole_words_masked, read_json, recorded_batches, run_script
 from ipu_trainer import IPUConfig, IPUTrainingArguments
-from ipu_trainer.resolved_run import effective_ipu_config
+from ipu_trainer.run.resolved_run import effective_ipu_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)

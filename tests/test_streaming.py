@@ -17,9 +17,8 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 from ipu_trainer import IPUTrainer
-from ipu_trainer.data import tokenize_for_causal_lm, tokenize_for_masked_lm
-from ipu_trainer.pretraining_data import build_nsp_pairs, load_text_documents
-from ipu_trainer.run_utils import run_cli
+from ipu_trainer.cli.startup import run_cli
+from ipu_trainer.data.nsp_pairs import build_nsp_pairs, load_text_documents
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "streaming_worker.py")
 SAMPLES_PER_STEP = 16  # quickstart_argv: micro 8 x accumulation 2
@@ -44,11 +43,11 @@ def preprocessed_rows(script: str, assets: dict, line_by_line: bool = False) -> 
     """The training file's samples as the script preprocesses them without --streaming, in order (no shuffling)."""
     if script == "run_clm":
         raw = load_dataset("text", data_files={"train": assets["train_file"]}, keep_linebreaks=True)
-        rows = tokenize_for_causal_lm(raw, AutoTokenizer.from_pretrained(assets["bpe_tokenizer"]), 64)["train"]
+        rows = script_module("run_clm").tokenize_for_causal_lm(raw, AutoTokenizer.from_pretrained(assets["bpe_tokenizer"]), 64)["train"]
     elif script == "run_mlm":
         raw = load_dataset("text", data_files={"train": assets["train_file"]})
         tokenizer = AutoTokenizer.from_pretrained(assets["tokenizer"])
-        rows = tokenize_for_masked_lm(raw, tokenizer, 64, line_by_line, pad_to_max_length=line_by_line)["train"]
+        rows = script_module("run_mlm").tokenize_for_masked_lm(raw, tokenizer, 64, line_by_line, pad_to_max_length=line_by_line)["train"]
     else:  # fewer documents than one block of DOCUMENTS_PER_BLOCK: the stream's pairs are the same
         documents = load_text_documents({"train": assets["train_file"]})["train"]
         rows = build_nsp_pairs(documents, AutoTokenizer.from_pretrained(assets["tokenizer"]), 64, seed=7)
@@ -143,7 +142,8 @@ def test_every_data_source_is_read_as_a_stream_of_the_same_rows(source, tmp_path
     files: streams of the rows the same source gives without --streaming, the splits kept."""
     from datasets import Dataset, DatasetDict
 
-    from ipu_trainer.data import is_stream, load_raw_datasets, text_column_of
+    from ipu_trainer.cli.datasets import load_raw_datasets, text_column_of
+    from ipu_trainer.data.sources import is_stream
 
     rows = {"train": [{"text": f"train line {i}", "id": i} for i in range(30)],
             "validation": [{"text": f"validation line {i}", "id": i} for i in range(5)]}
@@ -178,7 +178,8 @@ def test_a_stream_is_checked_from_its_first_rows(tmp_path):
     its beginning only (the rest is read with replacement characters when it is trained on)."""
     from datasets import load_dataset
 
-    from ipu_trainer.data import check_text_file, text_column_of
+    from ipu_trainer.cli.datasets import text_column_of
+    from ipu_trainer.data.sources import check_text_file
 
     numbers = tmp_path / "numbers.csv"
     numbers.write_text("a,b\n" + "1,x\n" * 3)

@@ -7,10 +7,10 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, default_data_collator
 
 from ipu_trainer import IPUConfig, IPUTrainer, IPUTrainingArguments
-from ipu_trainer import throughput as throughput_module
-from ipu_trainer.mfu import transformer_training_flops_per_sequence
 from ipu_trainer.models import BertForPreTrainingMaskedPositions
-from ipu_trainer.throughput import ThroughputMeter, device_peak_flops, training_flops_function
+from ipu_trainer.training import throughput as throughput_module
+from ipu_trainer.training.mfu import transformer_training_flops_per_sequence
+from ipu_trainer.training.throughput import ThroughputMeter, device_peak_flops, training_flops_function
 from tiny import SEQ, masked_pairs, tiny_bert
 
 THROUGHPUT_KEYS = {"samples_per_second", "tokens_per_second"}

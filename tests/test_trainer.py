@@ -9,9 +9,9 @@ import torch
 from transformers import default_data_collator
 
 from ipu_trainer import IncompatibleIPUConfigError, IPUConfig, IPUTrainer, IPUTrainingArguments
-from ipu_trainer.optimization import Lamb
-from ipu_trainer.precision import DYNAMIC_GROWTH_INTERVAL, STATIC_GROWTH_INTERVAL, Precision
-from ipu_trainer.resolved_run import resolve_run
+from ipu_trainer.run.precision import DYNAMIC_GROWTH_INTERVAL, STATIC_GROWTH_INTERVAL, Precision
+from ipu_trainer.run.resolved_run import resolve_run
+from ipu_trainer.training.optimizers import Lamb
 from conftest import UpdateCounter
 from tiny import masked_pairs, tiny_bert
 

@@ -57,7 +57,7 @@ class BertForPreTrainingMaskedPositions(MaskedPositionsHeadMixin, BertForPreTrai
     In training mode the output carries only the loss, so the logits can be freed early (and, with
     the chunked projection, are never materialised at all).
 
-    Packed rows (`ipu_trainer.packing`): with `sequence_ids` [B, L] (and `position_ids` restarting at 0 in
+    Packed rows (`ipu_trainer.data.packing`): with `sequence_ids` [B, L] (and `position_ids` restarting at 0 in
     every sequence) attention stays inside each sequence (`ipu_trainer.models.packed`), and with
     `cls_positions` [B, M] the pooler and NSP head run at each sequence's [CLS], scored against
     `next_sentence_label` [B, M] (-100 on unused slots). The losses are those of the same sequences unpacked:

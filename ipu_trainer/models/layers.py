@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..ipu_config import IncompatibleIPUConfigError
+from ..config.ipu_config import IncompatibleIPUConfigError
 
 
 IGNORE_INDEX = -100

@@ -11,7 +11,7 @@ What differs is opt-in:
   BERT pretraining).
 - `parallelize(ipu_config)`: activation recomputation per layer and a `ChunkedVocabProjection` decoder when
   the IPU config asks for embedding/projection serialisation; `deparallelize()` undoes both.
-- packed rows (`ipu_trainer.packing`): `sequence_ids` [B, L] keep attention inside each sequence
+- packed rows (`ipu_trainer.data.packing`): `sequence_ids` [B, L] keep attention inside each sequence
   (`ipu_trainer.models.packed`) and `position_ids` count from 0 in every sequence; the MLM loss is the mean
   over the labelled tokens, as for the same sequences unpacked.
 """

@@ -1,4 +1,4 @@
-"""Model-side support for packed rows (several sequences in one row; see `ipu_trainer.packing`).
+"""Model-side support for packed rows (several sequences in one row; see `ipu_trainer.data.packing`).
 
 A packed row carries `sequence_ids` (1, 2, ... for its sequences, 0 on padding) and `position_ids` that
 restart at 0 in every sequence. Attention must never cross sequences: every query attends only to the keys

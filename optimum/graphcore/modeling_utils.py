@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any, NoReturn
 
-from ipu_trainer.ipu_config import ipu_only_error
-from ipu_trainer.layer_placement import get_layer_ipu, split_encoder_decoder_ipu_config
+from ipu_trainer.config.ipu_config import ipu_only_error
+from ipu_trainer.config.layer_placement import get_layer_ipu, split_encoder_decoder_ipu_config
 
 
 def to_pipelined(model: Any, ipu_config: Any, force: bool = False) -> NoReturn:

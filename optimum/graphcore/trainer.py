@@ -2,7 +2,7 @@
 
 from transformers import TrainerState
 
-from ipu_trainer.trainer import IPUTrainer
+from ipu_trainer.training.trainer import IPUTrainer
 
 # optimum-graphcore's trainer state class; upstream's TrainerState serves here.
 IPUTrainerState = TrainerState

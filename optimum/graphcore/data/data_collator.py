@@ -1,5 +1,5 @@
 """`optimum.graphcore.data.data_collator`, where optimum-graphcore defined the collators."""
 
-from ipu_trainer.data_collators import DataCollatorForLanguageModelingWithMaxTokensMasked, pad_on_batch_axis
+from ipu_trainer.data.collators import DataCollatorForLanguageModelingWithMaxTokensMasked, pad_on_batch_axis
 
 __all__ = ["DataCollatorForLanguageModelingWithMaxTokensMasked", "pad_on_batch_axis"]

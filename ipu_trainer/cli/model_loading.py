@@ -17,10 +17,10 @@ from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import RemoteEntryNotFoundError
 from transformers import CONFIG_MAPPING, AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase, set_seed
 
+from ..config.ipu_config import CONFIG_NAME as IPU_CONFIG_NAME
+from ..config.ipu_config import IPUConfig, parse_scalar
+from ..run.training_args import IPUTrainingArguments
 from .hub import HubError, hub_token, load_local_or_hub
-from .ipu_config import CONFIG_NAME as IPU_CONFIG_NAME
-from .ipu_config import IPUConfig, parse_scalar
-from .training_args import IPUTrainingArguments
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ def load_tokenizer(model_args: Any) -> PreTrainedTokenizerBase:
     if not name:
         raise ValueError(
             "No tokenizer given: this script does not train tokenizers. Pass --tokenizer_name (a folder saved with "
-            "save_pretrained or a hub id); to build one offline: python -m ipu_trainer.offline_assets quickstart."
+            "save_pretrained or a hub id); to build one offline: python -m ipu_trainer.cli.offline_assets quickstart."
         )
     flag = "--tokenizer_name" if model_args.tokenizer_name else "--model_name_or_path"
     _require_file_in_folder(flag, name, TOKENIZER_FILES, "a tokenizer",

@@ -7,7 +7,7 @@ since the previous log line) to the line, so they also land in `trainer_state.js
   `--packing`, sequences rather than packed rows).
 - `tokens_per_second`: the tokens of those samples that are not padding (the ones of the attention mask, or
   of a sequence in packed rows; every token of a batch without either), per second.
-- `mfu` (only on a CUDA GPU listed in `ipu_trainer.mfu`): model FLOPs per second over the datasheet peak of
+- `mfu` (only on a CUDA GPU listed in `ipu_trainer.training.mfu`): model FLOPs per second over the datasheet peak of
   all the processes' GPUs for the run's compute dtype. A batch of B rows padded to length S counts
   B x `transformer_training_flops_per_sequence(S)`, with the vocabulary projection at the masked positions
   only for the masked-position heads (their `max_num_masked_tokens`).
@@ -38,9 +38,9 @@ import torch
 import torch.distributed as dist
 from transformers import TrainerCallback
 
+from ..models.masked_positions import MaskedPositionsHeadMixin
+from ..run.resolved_run import num_hidden_layers_of
 from .mfu import datasheet_peak_flops, transformer_training_flops_per_sequence
-from .models.masked_positions import MaskedPositionsHeadMixin
-from .resolved_run import num_hidden_layers_of
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class Window:
 
 def device_peak_flops(device: torch.device, dtype: torch.dtype) -> Optional[tuple[float, str]]:
     """The datasheet dense peak (FLOP/s, description) of the CUDA GPU `device` for matmuls in `dtype`; None on
-    any other device and for a GPU that `ipu_trainer.mfu` does not list."""
+    any other device and for a GPU that `ipu_trainer.training.mfu` does not list."""
     if device.type != "cuda":
         return None
     tf32 = bool(torch.backends.cuda.matmul.allow_tf32)
@@ -153,7 +153,7 @@ class ThroughputMeter(TrainerCallback):
         rows, length = ids.shape[0], ids.shape[-1]
         sequence_ids = inputs.get("sequence_ids")
         if isinstance(sequence_ids, torch.Tensor):
-            # Packed rows (ipu_trainer.packing): a sample is a sequence (ids 1..n in each row), a token one that
+            # Packed rows (ipu_trainer.data.packing): a sample is a sequence (ids 1..n in each row), a token one that
             # belongs to a sequence (id > 0); counted on the device like the attention mask's tokens.
             counts = torch.stack([sequence_ids.amax(dim=1).sum(), (sequence_ids > 0).sum()])
             self._device_packed = counts if self._device_packed is None else self._device_packed + counts

@@ -1,20 +1,20 @@
 import math
 import pickle
 
-import ipu_trainer.data_collators as data_collators_module
+import ipu_trainer.data.collators as data_collators_module
 
 import pytest
 import torch
 
 from ipu_trainer import IPUConfig, IPUTrainingArguments
-from ipu_trainer import precision as precision_module
-from ipu_trainer.data_collators import (
+from ipu_trainer.data.collators import (
     DataCollatorForLanguageModelingWithMaxTokensMasked,
     max_num_masked_tokens,
     pad_on_batch_axis,
     pad_to_multiple_of_for,
 )
-from ipu_trainer.resolved_run import resolve_run
+from ipu_trainer.run import precision as precision_module
+from ipu_trainer.run.resolved_run import resolve_run
 
 
 def fixed_length_rows(tokenizer, documents, sequence_length):

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from transformers import DataCollatorForLanguageModeling, PreTrainedTokenizerBase, default_data_collator
 
 if TYPE_CHECKING:
-    from .resolved_run import ResolvedRun
+    from ..run.resolved_run import ResolvedRun
 
 logger = logging.getLogger(__name__)
 

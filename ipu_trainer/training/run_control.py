@@ -6,7 +6,8 @@
 - `RunLock`: one run per output folder. A lock file holds the owner's process id and host; a lock left by a
   process that no longer runs on this host is taken over, with a line saying so.
 - `RunFinished`, `TrainingInterrupted`, `CheckpointWriteError`: how a run ends other than by finishing;
-  `run_utils.run_cli` turns each into one line and an exit code.
+  `cli.startup.run_cli` turns each into one line and an exit code; `one_line` folds an error's message into
+  that line.
 """
 
 from __future__ import annotations
@@ -27,6 +28,11 @@ from transformers import TrainerCallback
 logger = logging.getLogger(__name__)
 
 LOCK_NAME = "run.lock"
+
+
+def one_line(error: BaseException) -> str:
+    """An exception's message with its line breaks folded, for the one `error:` line."""
+    return " ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
 
 
 class RunFinished(Exception):

@@ -176,7 +176,7 @@ def train_byte_level_bpe_tokenizer(
 if __name__ == "__main__":
     import sys
 
-    # python -m ipu_trainer.offline_assets [folder]: everything the README quick starts use.
+    # python -m ipu_trainer.cli.offline_assets [folder]: everything the README quick starts use.
     target = sys.argv[1] if len(sys.argv) > 1 else "quickstart"
     for name, path in write_quickstart_assets(target, bpe=True, with_docstrings=True).items():
         print(f"{name}: {path}")

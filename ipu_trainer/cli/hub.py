@@ -24,6 +24,8 @@ from huggingface_hub import constants as hub_constants
 from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
 from huggingface_hub.utils import get_session, validate_repo_id
 
+from ..training.run_control import one_line
+
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -146,11 +148,6 @@ def _causes(error: BaseException) -> list[BaseException]:
         chain.append(error)
         error = error.__cause__ or error.__context__
     return chain
-
-
-def one_line(error: BaseException) -> str:
-    """An exception's message with its line breaks folded, for the one `error:` line."""
-    return " ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
 
 
 def _first_line(error: BaseException) -> str:

@@ -10,8 +10,8 @@ import datasets
 import numpy as np
 import pytest
 
-from ipu_trainer.data_collators import max_num_masked_tokens
-from ipu_trainer.pretraining_data import (
+from ipu_trainer.data.collators import max_num_masked_tokens
+from ipu_trainer.data.nsp_pairs import (
     DOCUMENTS_PER_BLOCK,
     _truncated_lengths,
     add_mlm_labels,
@@ -250,14 +250,14 @@ def test_empty_missing_and_unsupported_files(tmp_path):
 def test_non_utf8_bytes_warn_and_are_replaced(tmp_path, caplog):
     path = tmp_path / "latin1.txt"
     path.write_bytes("Caf\xe9 au lait. Tr\xe8s bien.\n\nSecond document here.\n".encode("latin-1"))
-    with caplog.at_level(logging.WARNING, logger="ipu_trainer.pretraining_data"):
+    with caplog.at_level(logging.WARNING, logger="ipu_trainer.data.nsp_pairs"):
         loaded = load_text_documents({"train": str(path)}, cache_dir=str(tmp_path / "cache"))
     assert any("latin1.txt is not valid UTF-8" in record.getMessage() for record in caplog.records)
     assert loaded["train"]["text"] == ["Caf\ufffd au lait. Tr\ufffds bien.", "Second document here."]
 
     csv_path = tmp_path / "latin1.csv"
     csv_path.write_bytes("text\nCaf\xe9 noir.\n".encode("latin-1"))
-    with caplog.at_level(logging.WARNING, logger="ipu_trainer.pretraining_data"):
+    with caplog.at_level(logging.WARNING, logger="ipu_trainer.data.nsp_pairs"):
         loaded = load_text_documents({"train": str(csv_path)}, cache_dir=str(tmp_path / "cache"))
     assert any("latin1.csv is not valid UTF-8" in record.getMessage() for record in caplog.records)
     assert loaded["train"]["text"] == ["Caf\ufffd noir."]

@@ -38,7 +38,7 @@ import numpy as np
 import pyarrow.compute as pc
 import torch
 
-from .data_collators import content_seeded_generator, keep_at_most
+from .collators import content_seeded_generator, keep_at_most
 
 logger = logging.getLogger(__name__)
 

@@ -2,8 +2,8 @@
 
 Everything a run's numbers depend on is decided here, in one place, before any weights or data are
 loaded: the effective IPU config, its check against the model's layer count, the training and
-evaluation placements, the precision, the dataloader workers, and the one warmup formula
-(`warmup_steps_for`, which `IPUTrainingArguments.get_warmup_steps` applies for every schedule). The
+evaluation placements, the precision and the dataloader workers (the one warmup formula is
+`training_args.warmup_steps_for`, which `IPUTrainingArguments.get_warmup_steps` applies for every schedule). The
 scripts call `resolve_run` once and hand the result to `IPUTrainer`; an `IPUTrainer` built directly from
 an `IPUConfig` (as code written for optimum-graphcore does) resolves it itself.
 
@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import os
 import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
 
-from .ipu_config import IPUConfig
+from ..config.ipu_config import IPUConfig
 from .placement import Placement
 from .precision import Precision, resolve_precision
 
@@ -260,19 +259,3 @@ def resolve_run(ipu_config: IPUConfig, args: IPUTrainingArguments, model_config:
         dataloader_num_workers=workers,
         dataloader_workers_note=note,
     )
-
-
-def warmup_steps_for(num_training_steps: int, warmup_ratio: Optional[float] = None, warmup_steps: float = 0) -> int:
-    """Warmup length: `warmup_steps` >= 1 is a step count, 0 < `warmup_steps` < 1 a ratio (transformers 5's
-    form), else `warmup_ratio` (the IPU recipes' flag); a ratio r gives ceil(num_training_steps * r), computed
-    as the original computes it, in binary floating point: 10500 steps at 0.28 give 2941 (the product is
-    2940.0000000000005).
-    """
-    if warmup_steps < 0:
-        raise ValueError(f"warmup_steps={warmup_steps!r} is invalid: must be >= 0")
-    if warmup_steps >= 1:
-        return int(warmup_steps)
-    ratio = warmup_steps if warmup_steps > 0 else (warmup_ratio or 0.0)
-    if not 0.0 <= ratio <= 1.0:
-        raise ValueError(f"warmup_ratio={ratio!r} is invalid: must be in [0, 1]")
-    return math.ceil(num_training_steps * ratio)

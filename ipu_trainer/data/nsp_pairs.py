@@ -44,14 +44,8 @@ import torch
 from datasets.fingerprint import Hasher
 from transformers import PreTrainedTokenizerBase
 
-from ipu_trainer.data import (
-    STREAM_SCAN_BYTES,
-    check_text_file,
-    column_names_of,
-    first_example,
-    replacing_undecodable_bytes,
-)
-from ipu_trainer.data_collators import DataCollatorForLanguageModelingWithMaxTokensMasked
+from .collators import DataCollatorForLanguageModelingWithMaxTokensMasked
+from .sources import STREAM_SCAN_BYTES, check_text_file, column_names_of, first_example, replacing_undecodable_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +92,7 @@ _SENTENCE_BOUNDARY = re.compile(
 # ---------------------------------------------------------------------------------------------------
 # datasets has no public accessor for a dataset's fingerprint (the key its own cache uses), and the pair
 # builder's cache must follow it so that edited data is never served from an old cache file.
-# tests/test_pretraining_data.py fails by name if it disappears.
+# tests/test_nsp_pairs.py fails by name if it disappears.
 
 
 def dataset_fingerprint(dataset: datasets.Dataset) -> str:

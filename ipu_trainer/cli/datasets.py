@@ -1,18 +1,15 @@
-"""Dataset loading and text preprocessing shared by the example scripts.
+"""The example scripts' datasets: loading, splits, length rules and the checks of what was loaded.
 
 Data comes from the hub (`--dataset_name`), a `save_to_disk` folder (`--dataset_path`) or local
 csv/json/txt files; a validation split is carved out of train when the data has none.
 
 With `--streaming` every split is a `datasets.IterableDataset`, read and preprocessed as the run iterates it: the
-functions here take either kind. A stream has no length, so what needs one works from its first rows instead
-(`first_example`, `column_names_of`), the evaluation set is read into memory (`materialise`), and the training
-stream is read in order, again from its start whenever it ends (`train_and_eval_splits`).
+functions here take either kind (`ipu_trainer.data.sources` says how), and the training stream is read in order,
+again from its start whenever it ends (`train_and_eval_splits`).
 """
 
 from __future__ import annotations
 
-import codecs
-import csv
 import logging
 import os
 from itertools import chain
@@ -22,73 +19,22 @@ import datasets
 from datasets import DatasetDict, IterableDatasetDict, load_dataset, load_from_disk
 from datasets.exceptions import DataFilesNotFoundError, DatasetNotFoundError
 
+from ..data.sources import (
+    STREAM_SCAN_BYTES,
+    check_text_file,
+    column_names_of,
+    first_example,
+    is_stream,
+    limit_samples,
+    materialise,
+    replacing_undecodable_bytes,
+)
 from . import hub
 
 logger = logging.getLogger(__name__)
 
 FILE_BUILDERS = {"csv": "csv", "json": "json", "jsonl": "json", "txt": "text"}
 MAX_DEFAULT_SEQ_LENGTH = 1024
-# How much of a local file a streaming run checks before training (empty? UTF-8?): a stream is there so that a
-# large corpus is not read before the first step.
-STREAM_SCAN_BYTES = 64 << 20
-# Rows per in-memory table when a stream is read into a Dataset (`materialise`).
-MATERIALISE_ROWS = 1000
-
-
-def scan_text_file(path: str, max_bytes: Optional[int] = None) -> tuple[bool, bool]:
-    """`(has_text, is_valid_utf8)` of a file, read once in blocks (stops early once both are known), or of its
-    first `max_bytes` bytes when given (it reads on until it finds text)."""
-    has_text = False
-    valid = True
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="strict")
-    read = 0
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 20):
-            read += len(block)
-            try:
-                text = decoder.decode(block)
-            except UnicodeDecodeError:
-                valid = False
-                decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-                text = decoder.decode(block)
-            if not has_text and text.strip():
-                has_text = True
-            if has_text and (not valid or (max_bytes is not None and read >= max_bytes)):
-                break
-    return has_text, valid
-
-
-def check_text_file(path: str, label: str, max_bytes: Optional[int] = None) -> bool:
-    """Refuse a data file with nothing to train on; return whether its bytes are valid UTF-8.
-
-    `label` names it in messages (e.g. "--train_file corpus.txt"). Empty and whitespace-only files, and csv
-    files with a header but no rows, are refused. Bytes that are not UTF-8 are read as U+FFFD with a warning
-    naming the file, in every script alike: a few stray bytes in a large scraped corpus should not stop a
-    run, and the replacement character keeps the damage visible in the data. With `max_bytes` (streaming runs)
-    only the file's beginning is checked for UTF-8.
-    """
-    has_text, valid = scan_text_file(path, max_bytes)
-    if not has_text:
-        raise ValueError(f"{label} is empty (or only blank lines): nothing to train on")
-    if path.lower().endswith(".csv"):
-        with open(path, newline="", encoding="utf-8", errors="replace") as handle:
-            rows = csv.reader(handle)
-            header = next(rows, None)
-            if not any(any(cell.strip() for cell in row) for row in rows):
-                raise ValueError(f"{label} has a header ({', '.join(header or [])}) but no rows: nothing to train on")
-    if not valid:
-        logger.warning(
-            "%s is not valid UTF-8: undecodable bytes are replaced with U+FFFD. Re-encode the file as UTF-8 to keep "
-            "those characters.", label,
-        )
-    return valid
-
-
-def replacing_undecodable_bytes(builder: str) -> dict[str, str]:
-    """`load_dataset` arguments that make the csv / json / text builder read bytes that are not UTF-8 as U+FFFD.
-    The json builder applies `encoding_errors` only when re-encoding from another encoding, so it is given
-    "utf-8-sig" (UTF-8 that also drops a leading byte-order mark) to take that path."""
-    return {"encoding_errors": "replace", **({"encoding": "utf-8-sig"} if builder == "json" else {})}
 
 
 def data_files_of(data_args: Any) -> dict[str, str]:
@@ -214,63 +160,7 @@ def _split_validation(raw: DatasetDict, percentage: Optional[int]) -> DatasetDic
     return raw
 
 
-def limit_samples(dataset: datasets.Dataset, max_samples: Optional[int]) -> datasets.Dataset:
-    if max_samples is None:
-        return dataset
-    if is_stream(dataset):
-        return dataset.take(max_samples)
-    return dataset.select(range(min(max_samples, len(dataset))))
-
-
 # ---- streams -------------------------------------------------------------------------------------------------
-
-
-def is_stream(dataset: Any) -> bool:
-    """Whether `dataset` (a split, or a dict of splits) is read as a stream (--streaming)."""
-    if isinstance(dataset, (dict, DatasetDict, IterableDatasetDict)):
-        return any(is_stream(split) for split in dataset.values())
-    return isinstance(dataset, datasets.IterableDataset)
-
-
-def first_example(dataset: Any) -> Optional[dict[str, Any]]:
-    """The first row of a dataset or a stream (None when it has none). A stream is read up to its first row, through
-    its preprocessing, so this also says whether preprocessing leaves it any row."""
-    if not is_stream(dataset):
-        return dataset[0] if len(dataset) else None
-    return next(iter(dataset), None)
-
-
-def column_names_of(dataset: Any) -> list[str]:
-    """A dataset's columns; those of its first row for a stream whose columns are not known before it is read (csv,
-    json and text files, and streams after a `map`)."""
-    if dataset.column_names is not None:
-        return list(dataset.column_names)
-    example = first_example(dataset)
-    return list(example) if example is not None else []
-
-
-def map_data(
-    data: Any, function: Callable, num_proc: Optional[int] = None, overwrite_cache: bool = False,
-    desc: Optional[str] = None, **kwargs: Any,
-) -> Any:
-    """`data.map(function, **kwargs)` for a dataset or a stream (or a dict of either). A stream is mapped as it is
-    read, so the options of a materialised dataset's map (processes, cache, progress bar) do not apply to it."""
-    if is_stream(data):
-        return data.map(function, **kwargs)
-    return data.map(function, num_proc=num_proc, load_from_cache_file=not overwrite_cache, desc=desc, **kwargs)
-
-
-def materialise(dataset: Any, max_samples: Optional[int] = None) -> datasets.Dataset:
-    """A stream's first `max_samples` rows (all of them without a limit) read into an in-memory Dataset, so that
-    evaluation and its metrics see a sized dataset; a Dataset is only cut to `max_samples`."""
-    if not is_stream(dataset):
-        return limit_samples(dataset, max_samples)
-    stream = dataset.take(max_samples) if max_samples is not None else dataset
-    tables = [datasets.Dataset.from_dict(batch, features=dataset.features)
-              for batch in stream.iter(batch_size=MATERIALISE_ROWS)]
-    if not tables:
-        return datasets.Dataset.from_dict({name: [] for name in column_names_of(dataset)}, features=dataset.features)
-    return datasets.concatenate_datasets(tables)
 
 
 def require_eval_holdout(data_args: Any) -> None:
@@ -340,51 +230,6 @@ def text_column_of(dataset: datasets.Dataset | datasets.IterableDataset, source:
     return column
 
 
-def tokenize_for_masked_lm(
-    raw: DatasetDict,
-    tokenizer: Any,
-    max_seq_length: int,
-    line_by_line: bool,
-    pad_to_max_length: bool,
-    num_proc: Optional[int] = None,
-    overwrite_cache: bool = False,
-) -> DatasetDict:
-    """Text to token blocks for masked-LM training.
-
-    `line_by_line`: each non-empty line is one sample, truncated to `max_seq_length` (padded only with
-    `pad_to_max_length`). Otherwise all texts are concatenated and cut into `max_seq_length` blocks, the
-    remainder dropped. Special-token masks are kept so masking never picks [CLS]/[SEP].
-    """
-    column = text_column_of(raw["train"] if "train" in raw else next(iter(raw.values())))
-    remove = column_names_of(next(iter(raw.values())))
-
-    if line_by_line:
-        padding = "max_length" if pad_to_max_length else False
-
-        def tokenize_lines(examples):
-            lines = [line for line in examples[column] if line and not line.isspace()]
-            # Fast tokenizers fail on an empty batch; tokenize a stand-in to get the columns, then keep no rows.
-            encoded = tokenizer(
-                lines or [""], padding=padding, truncation=True, max_length=max_seq_length, return_special_tokens_mask=True
-            )
-            return encoded if lines else {key: [] for key in encoded}
-
-        return map_data(
-            raw, tokenize_lines, num_proc, overwrite_cache, "Tokenizing lines", batched=True, remove_columns=remove,
-        )
-
-    def tokenize_all(examples):
-        return tokenizer(examples[column], return_special_tokens_mask=True)
-
-    tokenized = map_data(
-        raw, tokenize_all, num_proc, overwrite_cache, "Tokenizing texts", batched=True, remove_columns=remove,
-    )
-    return map_data(
-        tokenized, group_texts, num_proc, overwrite_cache, f"Grouping texts in blocks of {max_seq_length}",
-        batched=True, fn_kwargs={"block_size": max_seq_length},
-    )
-
-
 def group_texts(examples: dict[str, list], block_size: int) -> dict[str, list]:
     """Concatenate every column and cut it into `block_size` pieces, dropping the remainder."""
     concatenated = {k: list(chain(*examples[k])) for k in examples.keys()}
@@ -403,69 +248,6 @@ def require_columns(dataset: datasets.Dataset, columns: list[str], hint: str, so
             f"{source} has no {', '.join(repr(c) for c in missing)} column{'s' if len(missing) > 1 else ''} "
             f"(it has {present}). {hint}"
         )
-
-
-def resolve_block_size(requested: Optional[int], tokenizer: Any, model_max_positions: Optional[int] = None) -> int:
-    """`--block_size` for causal LMs: the tokenizer maximum capped at 1024 (and at the model's positions) by
-    default; an explicit value longer than the model's positions is an error, one longer than the tokenizer
-    maximum is clipped to it with a warning (as the Hugging Face run_clm.py does)."""
-    if requested is not None and requested < 1:
-        raise ValueError(f"--block_size={requested} is invalid: must be >= 1")
-    if requested is not None and model_max_positions is not None and requested > model_max_positions:
-        raise ValueError(
-            f"--block_size {requested} is larger than the model's {model_max_positions} positions "
-            "(n_positions / max_position_embeddings): use --block_size <= "
-            f"{model_max_positions} or a model with more positions (e.g. --config_overrides n_positions={requested})"
-        )
-    tokenizer_max = tokenizer.model_max_length
-    if requested is None:
-        block_size = min(tokenizer_max, MAX_DEFAULT_SEQ_LENGTH)
-        if model_max_positions is not None and block_size > model_max_positions:
-            block_size = model_max_positions
-        if tokenizer_max > MAX_DEFAULT_SEQ_LENGTH:
-            logger.warning(
-                "The tokenizer's maximum length (%s) is large; using block_size=%d. Set --block_size to change it.",
-                tokenizer_max, block_size,
-            )
-        return block_size
-    if requested > tokenizer_max:
-        logger.warning(
-            "--block_size %d is longer than the tokenizer maximum (%d); using %d.", requested, tokenizer_max, tokenizer_max
-        )
-    return min(requested, tokenizer_max)
-
-
-def tokenize_for_causal_lm(
-    raw: DatasetDict,
-    tokenizer: Any,
-    block_size: int,
-    num_proc: Optional[int] = None,
-    overwrite_cache: bool = False,
-) -> DatasetDict:
-    """Text to `block_size` token blocks for causal-LM training, labels = input_ids (the model shifts them).
-
-    All texts are tokenized, concatenated and cut into blocks, the remainder dropped, as in the Hugging
-    Face run_clm.py; line breaks are whatever the loader kept (`--keep_linebreaks`).
-    """
-    column = text_column_of(raw["train"] if "train" in raw else next(iter(raw.values())))
-    remove = column_names_of(next(iter(raw.values())))
-
-    def tokenize_all(examples):
-        return tokenizer(examples[column])
-
-    tokenized = map_data(
-        raw, tokenize_all, num_proc, overwrite_cache, "Tokenizing texts", batched=True, remove_columns=remove,
-    )
-    return map_data(
-        tokenized, _blocks_with_labels, num_proc, overwrite_cache, f"Grouping texts in blocks of {block_size}",
-        batched=True, fn_kwargs={"block_size": block_size},
-    )
-
-
-def _blocks_with_labels(examples: dict[str, list], block_size: int) -> dict[str, list]:
-    blocks = group_texts(examples, block_size)
-    blocks["labels"] = [list(ids) for ids in blocks["input_ids"]]
-    return blocks
 
 
 def require_samples(dataset: datasets.Dataset, split: str, what: str, source: str = "") -> None:

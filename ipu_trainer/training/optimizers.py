@@ -82,7 +82,7 @@ class Lamb(Optimizer):
 
     # Private upstream touchpoints: the torch._foreach_* multi-tensor ops below are the kernels torch's own
     # optimizers are built on; there is no public multi-tensor API. The LAMB reference tests in
-    # tests/test_optimization.py fail by name if any of them disappears.
+    # tests/test_optimizers.py fail by name if any of them disappears.
     def _step_group(self, group: dict[str, Any]) -> None:
         params = [p for p in group["params"] if p.grad is not None]
         if not params:

@@ -19,10 +19,10 @@ import transformers
 from transformers import TrainerCallback
 from transformers.modelcard import TrainingSummary
 
-from .checkpoints import CHECKPOINT_PATTERN, TRAINER_STATE_NAME, last_resumable_checkpoint, list_checkpoints
-from .hub import HubError, check_push_to_hub, one_line
-from .ipu_config import IncompatibleIPUConfigError
-from .run_control import LOCK_NAME, CheckpointWriteError, RunFinished, RunLock, TrainingInterrupted
+from ..config.ipu_config import IncompatibleIPUConfigError
+from ..training.checkpoints import CHECKPOINT_PATTERN, TRAINER_STATE_NAME, last_resumable_checkpoint, list_checkpoints
+from ..training.run_control import LOCK_NAME, CheckpointWriteError, RunFinished, RunLock, TrainingInterrupted, one_line
+from .hub import HubError, check_push_to_hub
 
 logger = logging.getLogger(__name__)
 

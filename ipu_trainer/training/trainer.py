@@ -31,6 +31,13 @@ from transformers import Trainer, TrainerCallback, TrainerState, set_seed
 from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import TrainOutput
 
+from ..config.ipu_config import IPUConfig
+from ..data.collators import pad_on_batch_axis
+from ..models.layers import num_projection_chunks, set_recomputation
+from ..run.placement import Placement
+from ..run.precision import Precision
+from ..run.resolved_run import ResolvedRun, resolve_run
+from ..run.training_args import IPUTrainingArguments
 from .checkpoints import (
     TRAINER_STATE_NAME,
     checkpoint_problem,
@@ -39,18 +46,10 @@ from .checkpoints import (
     mark_complete,
     rotate_checkpoints,
 )
-
-from .data_collators import pad_on_batch_axis
-from .hub import one_line
-from .ipu_config import IPUConfig
-from .models.layers import num_projection_chunks, set_recomputation
-from .optimization import POPTORCH_MAX_WEIGHT_NORM, AdamW, Lamb, original_parameter_groups
-from .placement import HostOffloadedOptimizer, Placement, ShardedOptimizer, prepare_optimizer_for_checkpoint
-from .precision import Precision
-from .resolved_run import ResolvedRun, resolve_run
-from .run_control import CheckpointWriteError, StopOnSignal, StopOnSignalCallback, TrainingInterrupted
+from .optimizer_state import HostOffloadedOptimizer, ShardedOptimizer, prepare_optimizer_for_checkpoint
+from .optimizers import POPTORCH_MAX_WEIGHT_NORM, AdamW, Lamb, original_parameter_groups
+from .run_control import CheckpointWriteError, StopOnSignal, StopOnSignalCallback, TrainingInterrupted, one_line
 from .throughput import ThroughputMeter
-from .training_args import IPUTrainingArguments
 
 logger = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ from typing import Any, ClassVar, Optional
 
 from transformers import HfArgumentParser, TrainingArguments
 
-from .data import data_files_of, require_eval_holdout
-from .training_args import IPUTrainingArguments
+from ..run.training_args import IPUTrainingArguments
+from .datasets import data_files_of, require_eval_holdout
 
 
 WEIGHT_DTYPES = ("auto", "bfloat16", "float16", "float32")

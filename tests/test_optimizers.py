@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from ipu_trainer.optimization import AdamW, Lamb, get_groupbert_schedule
-from ipu_trainer.resolved_run import warmup_steps_for
+from ipu_trainer.run.training_args import warmup_steps_for
+from ipu_trainer.training.optimizers import AdamW, Lamb, get_groupbert_schedule
 
 BETAS = (0.9, 0.999)
 EPS = 1e-6

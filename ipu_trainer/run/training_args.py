@@ -18,8 +18,7 @@ import torch
 from transformers import TrainingArguments
 from transformers.integrations import INTEGRATION_TO_CALLBACK, get_available_reporting_integrations
 
-from .ipu_config import ALLOWED_POD_TYPES, VALID_N_IPU
-from .resolved_run import warmup_steps_for
+from ..config.ipu_config import ALLOWED_POD_TYPES, VALID_N_IPU
 
 logger = logging.getLogger(__name__)
 
@@ -374,3 +373,19 @@ class IPUTrainingArguments(TrainingArguments):
     def get_warmup_steps(self, num_training_steps: int) -> int:
         """Warmup steps of `num_training_steps`, from --warmup_steps or --warmup_ratio (see `warmup_steps_for`)."""
         return warmup_steps_for(num_training_steps, self.warmup_ratio, self.warmup_steps)
+
+
+def warmup_steps_for(num_training_steps: int, warmup_ratio: Optional[float] = None, warmup_steps: float = 0) -> int:
+    """Warmup length: `warmup_steps` >= 1 is a step count, 0 < `warmup_steps` < 1 a ratio (transformers 5's
+    form), else `warmup_ratio` (the IPU recipes' flag); a ratio r gives ceil(num_training_steps * r), computed
+    as the original computes it, in binary floating point: 10500 steps at 0.28 give 2941 (the product is
+    2940.0000000000005).
+    """
+    if warmup_steps < 0:
+        raise ValueError(f"warmup_steps={warmup_steps!r} is invalid: must be >= 0")
+    if warmup_steps >= 1:
+        return int(warmup_steps)
+    ratio = warmup_steps if warmup_steps > 0 else (warmup_ratio or 0.0)
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"warmup_ratio={ratio!r} is invalid: must be in [0, 1]")
+    return math.ceil(num_training_steps * ratio)
