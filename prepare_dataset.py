@@ -46,6 +46,7 @@ from ipu_trainer.data.nsp_pairs import (
     build_nsp_pairs,
     load_text_documents,
 )
+from ipu_trainer.models.layers import IGNORE_INDEX
 
 logger = logging.getLogger("prepare_dataset")
 
@@ -274,7 +275,7 @@ def tfrecord_to_spec(record: dict[str, np.ndarray], static_masking: bool = False
     else:
         real = positions > 0
     positions, originals = positions[real], originals[real]
-    labels = np.full_like(input_ids, -100)
+    labels = np.full_like(input_ids, IGNORE_INDEX)
     labels[positions] = originals
     if not static_masking:
         input_ids[positions] = originals
@@ -327,7 +328,7 @@ def summarize(dataset: datasets.Dataset) -> dict[str, float]:
     table = dataset.with_format("arrow")[:]
     attention = pyarrow.compute.list_flatten(table.column("attention_mask"))
     labels = pyarrow.compute.list_flatten(table.column("labels"))
-    num_masked = pyarrow.compute.sum(pyarrow.compute.not_equal(labels, -100)).as_py() or 0
+    num_masked = pyarrow.compute.sum(pyarrow.compute.not_equal(labels, IGNORE_INDEX)).as_py() or 0
     return {
         "pairs": len(dataset),
         "random_next_fraction": pyarrow.compute.mean(table.column("next_sentence_label")).as_py(),

@@ -20,6 +20,7 @@ from datasets import DatasetDict, IterableDatasetDict, load_dataset, load_from_d
 from datasets.exceptions import DataFilesNotFoundError, DatasetNotFoundError
 
 from ..data.sources import (
+    FILE_BUILDERS,
     STREAM_SCAN_BYTES,
     check_text_file,
     column_names_of,
@@ -33,7 +34,6 @@ from . import hub
 
 logger = logging.getLogger(__name__)
 
-FILE_BUILDERS = {"csv": "csv", "json": "json", "jsonl": "json", "txt": "text"}
 MAX_DEFAULT_SEQ_LENGTH = 1024
 
 

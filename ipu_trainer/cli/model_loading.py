@@ -7,7 +7,6 @@ an IPU config that is not JSON) is refused here, before any data or weights are 
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 from typing import Any, Optional
@@ -177,19 +176,12 @@ def load_ipu_config(training_args: IPUTrainingArguments, model_name_or_path: Opt
         ) from None
     except ValueError as error:
         raise ValueError(f"{flag} {name}: {error}") from None
-    if training_args.ipu_config_overrides:
-        # Tried here on a copy only so that an error names the flag (and the file, when the file is what is wrong);
-        # the run applies the overrides once, in resolve_run.
-        try:
-            overridden = copy.deepcopy(ipu_config)
-            overridden.update_from_string(training_args.ipu_config_overrides)
-            overridden.validate()
-        except ValueError as error:
-            try:
-                copy.deepcopy(ipu_config).validate()
-            except ValueError:
-                raise ValueError(f"{flag} {name}: {error}") from None
-            raise ValueError(f"--ipu_config_overrides {training_args.ipu_config_overrides!r}: {error}") from None
+    try:
+        # The file's own cross-field rules, so that a problem of the file names the file; the command line is applied
+        # (and checked) once, by resolve_run.
+        ipu_config.validate()
+    except ValueError as error:
+        raise ValueError(f"{flag} {name}: {error}") from None
     return ipu_config
 
 

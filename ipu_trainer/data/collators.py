@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from transformers import DataCollatorForLanguageModeling, PreTrainedTokenizerBase, default_data_collator
 
+from ..models.layers import IGNORE_INDEX
+
 if TYPE_CHECKING:
     from ..run.resolved_run import ResolvedRun
 
@@ -151,7 +153,7 @@ class DataCollatorForLanguageModelingWithMaxTokensMasked(DataCollatorForLanguage
                 chosen = keep_at_most(chosen, cap, generator)
             draw = torch.rand(inputs.shape, generator=generator)
 
-        labels[~chosen] = -100
+        labels[~chosen] = IGNORE_INDEX
         to_mask = chosen & (draw < self.mask_replace_prob)
         to_random = chosen & ~to_mask & (draw < self.mask_replace_prob + self.random_replace_prob)
         inputs[to_mask] = self.tokenizer.mask_token_id

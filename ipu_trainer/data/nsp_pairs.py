@@ -45,7 +45,14 @@ from datasets.fingerprint import Hasher
 from transformers import PreTrainedTokenizerBase
 
 from .collators import DataCollatorForLanguageModelingWithMaxTokensMasked
-from .sources import STREAM_SCAN_BYTES, check_text_file, column_names_of, first_example, replacing_undecodable_bytes
+from .sources import (
+    FILE_BUILDERS,
+    STREAM_SCAN_BYTES,
+    check_text_file,
+    column_names_of,
+    first_example,
+    replacing_undecodable_bytes,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +63,6 @@ PAIRS_PER_MASKING_BLOCK = 1024
 # Bump when the pair recipe changes so cached results from an older recipe are not reused.
 _RECIPE_VERSION = "nsp-pairs-v1"
 
-SUPPORTED_EXTENSIONS = ("txt", "csv", "json", "jsonl")
 
 PAIR_FEATURES = datasets.Features(
     {
@@ -116,9 +122,9 @@ def _check_files(files: Sequence[str], max_bytes: int | None = None) -> list[str
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path} does not exist")
         extension = _extension(path)
-        if extension not in SUPPORTED_EXTENSIONS:
+        if extension not in FILE_BUILDERS:
             raise ValueError(
-                f"{path} has an unsupported extension {extension!r}: use one of {', '.join(SUPPORTED_EXTENSIONS)}"
+                f"{path} has an unsupported extension {extension!r}: use one of {', '.join(FILE_BUILDERS)}"
             )
         if not check_text_file(path, path, max_bytes=max_bytes):
             non_utf8.append(path)

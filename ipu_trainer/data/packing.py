@@ -38,11 +38,10 @@ import numpy as np
 import pyarrow.compute as pc
 import torch
 
+from ..models.layers import IGNORE_INDEX
 from .collators import content_seeded_generator, keep_at_most
 
 logger = logging.getLogger(__name__)
-
-IGNORE_INDEX = -100
 
 
 # ---------------------------------------------------------------------------------------------------

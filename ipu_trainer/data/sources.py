@@ -17,6 +17,9 @@ from datasets import DatasetDict, IterableDatasetDict
 
 logger = logging.getLogger(__name__)
 
+# The local file extensions the scripts read, and the datasets builder of each.
+FILE_BUILDERS = {"csv": "csv", "json": "json", "jsonl": "json", "txt": "text"}
+
 # How much of a local file a streaming run checks before training (empty? UTF-8?): a stream is there so that a
 # large corpus is not read before the first step.
 STREAM_SCAN_BYTES = 64 << 20

@@ -14,6 +14,7 @@ from torch.utils.checkpoint import checkpoint
 from ..config.ipu_config import IncompatibleIPUConfigError
 
 
+# The label of a position that no loss counts (torch.nn.functional.cross_entropy's default ignore_index).
 IGNORE_INDEX = -100
 
 

@@ -61,15 +61,15 @@ def check_layers_fit(ipu_config: IPUConfig, model_config: Any) -> None:
     ipu_config.resolved_layers_per_ipu(num_layers, for_inference=True)
 
 
-def forwarded_ipu_overrides(args: IPUTrainingArguments) -> list[str]:
-    """The command-line flags that are IPU config settings, as overrides."""
-    forwarded = []
+def forwarded_ipu_settings(args: IPUTrainingArguments) -> dict[str, Any]:
+    """The command-line flags that are IPU config settings, as field values of the effective config."""
+    forwarded: dict[str, Any] = {}
     if args.gradient_accumulation_steps is not None:
-        forwarded.append(f"gradient_accumulation_steps={args.gradient_accumulation_steps}")
+        forwarded["gradient_accumulation_steps"] = args.gradient_accumulation_steps
     if getattr(args, "activation_checkpointing", None) or args.gradient_checkpointing:
-        forwarded.append("recompute_checkpoint_every_layer=true")
+        forwarded["recompute_checkpoint_every_layer"] = True
     if args.auto_loss_scaling:
-        forwarded.append("auto_loss_scaling=true")
+        forwarded["auto_loss_scaling"] = True
     return forwarded
 
 
@@ -78,14 +78,25 @@ def effective_ipu_config(ipu_config: IPUConfig, args: IPUTrainingArguments) -> I
     effective = copy.deepcopy(ipu_config)
     if args.n_ipu is not None:
         effective.apply_n_ipu(args.n_ipu)
-    given = (args.ipu_config_overrides or "").strip().strip(",")
-    overrides = ",".join(part for part in [given, *forwarded_ipu_overrides(args)] if part)
+    overrides = (args.ipu_config_overrides or "").strip().strip(",")
     if overrides:
-        effective.update_from_string(overrides)
+        try:
+            effective.update_from_string(overrides)
+        except ValueError as error:
+            raise ValueError(f"--ipu_config_overrides {args.ipu_config_overrides!r}: {error}") from None
+    forwarded = forwarded_ipu_settings(args)
+    for name, value in forwarded.items():
+        setattr(effective, name, value)  # each field's validator runs on assignment
     effective.seed = args.seed
-    effective.validate()
+    try:
+        effective.validate()
+    except ValueError as error:
+        if not overrides:
+            raise
+        raise ValueError(f"--ipu_config_overrides {args.ipu_config_overrides!r}: {error}") from None
     applied = [f"--n_ipu {args.n_ipu}"] if args.n_ipu is not None else []
     applied += [overrides] if overrides else []
+    applied += [f"{name}={value}" for name, value in forwarded.items()]
     if applied:
         logger.info("IPU config from the command line: %s", ", ".join(applied))
     return effective

@@ -9,6 +9,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from ..models.layers import IGNORE_INDEX
+
 logger = logging.getLogger(__name__)
 
 
@@ -36,9 +38,9 @@ def pretraining_predictions(logits: Any, labels: Any) -> tuple[torch.Tensor, ...
     nsp_labels = batch_labels[1] if len(batch_labels) > 1 and batch_labels[1] is not None else None
     batch = mlm_logits.shape[0]
     mlm_loss_sums = _row_cross_entropy_sums(mlm_logits, mlm_labels)
-    mlm_counts = (mlm_labels != -100).reshape(batch, -1).sum(dim=1)
+    mlm_counts = (mlm_labels != IGNORE_INDEX).reshape(batch, -1).sum(dim=1)
     if nsp_logits is None or nsp_labels is None:
-        nsp_predictions = nsp_labels = torch.full((batch,), -100, device=mlm_logits.device)
+        nsp_predictions = nsp_labels = torch.full((batch,), IGNORE_INDEX, device=mlm_logits.device)
         nsp_loss_sums = torch.zeros(batch, device=mlm_logits.device)
     else:
         nsp_predictions = nsp_logits.argmax(dim=-1)
@@ -49,7 +51,7 @@ def pretraining_predictions(logits: Any, labels: Any) -> tuple[torch.Tensor, ...
 def _row_cross_entropy_sums(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Per row of the batch: the float32 cross-entropy summed over the positions that carry a label."""
     losses = torch.nn.functional.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1).long(), ignore_index=-100, reduction="none"
+        logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1).long(), ignore_index=IGNORE_INDEX, reduction="none"
     )
     return losses.reshape(logits.shape[0], -1).sum(dim=1)
 
@@ -58,7 +60,7 @@ def pretraining_metrics(eval_prediction: Any) -> dict[str, float]:
     """Masked-token and next-sentence accuracy, and the two losses apart (each a mean over its labels)."""
     mlm_predictions, mlm_labels, nsp_predictions, nsp_labels, *loss_parts = eval_prediction.predictions
     metrics = {"mlm_accuracy": masked_accuracy(mlm_predictions, mlm_labels)}
-    has_nsp = (np.asarray(nsp_labels) != -100).any()
+    has_nsp = (np.asarray(nsp_labels) != IGNORE_INDEX).any()
     if has_nsp:
         metrics["nsp_accuracy"] = masked_accuracy(nsp_predictions, nsp_labels)
     if loss_parts:
@@ -66,7 +68,7 @@ def pretraining_metrics(eval_prediction: Any) -> dict[str, float]:
         if mlm_counts.sum() > 0:
             metrics["mlm_loss"] = float(mlm_loss_sums.sum() / mlm_counts.sum())
         if has_nsp:
-            metrics["nsp_loss"] = float(nsp_loss_sums.sum() / (np.asarray(nsp_labels) != -100).sum())
+            metrics["nsp_loss"] = float(nsp_loss_sums.sum() / (np.asarray(nsp_labels) != IGNORE_INDEX).sum())
     return metrics
 
 
@@ -74,7 +76,7 @@ def masked_accuracy(predictions: Any, labels: Any) -> float:
     """Accuracy over the positions that carry a label (labels of -100 are ignored)."""
     predictions = np.asarray(predictions).reshape(-1)
     labels = np.asarray(labels).reshape(-1)
-    counted = labels != -100
+    counted = labels != IGNORE_INDEX
     if not counted.any():
         return float("nan")
     return float((predictions[counted] == labels[counted]).mean())
@@ -124,7 +126,7 @@ class AccuracyMetric:
             return masked_accuracy(predictions, labels)
         predictions = np.asarray(predictions).reshape(-1)
         labels = np.asarray(labels).reshape(-1)
-        counted = labels != -100
+        counted = labels != IGNORE_INDEX
         if not counted.any():
             return float("nan")
         return float(self._metric.compute(predictions=predictions[counted], references=labels[counted])["accuracy"])
