@@ -405,6 +405,7 @@ def test_a_missing_local_folder_does_not_blame_the_network(assets, tmp_path, mon
     assert "no such folder" in line and not any(word in line.lower() for word in ("network", "connect", "internet", "hub ("))
 
 
+@pytest.mark.slow
 def test_an_unreachable_hub_fails_at_once_without_offline_mode(tmp_path):
     """The seed README's command with nothing cached and a hub that refuses connections: one line, in seconds,
     instead of five retries with back-off and a traceback. A real process, so the libraries read HF_ENDPOINT."""

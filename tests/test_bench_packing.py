@@ -5,11 +5,14 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "bench"))
 import packing as bench_packing  # noqa: E402
 
 
+@pytest.mark.slow  # the whole benchmark in a subprocess
 def test_bench_prints_the_three_sides_the_bound_and_the_speedup():
     done = subprocess.run(
         [sys.executable, os.path.join(REPO, "bench", "packing.py"), "--tiny", "--kinds", "lines", "--lengths", "64",

@@ -5,6 +5,7 @@ import re
 import subprocess
 import sys
 
+import pytest
 import torch
 from transformers import AutoTokenizer, BertConfig, BertForPreTraining
 
@@ -14,6 +15,7 @@ from ipu_trainer.models import BertForPreTrainingMaskedPositions
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow  # the whole benchmark in a subprocess
 def test_bench_prints_both_rows_and_the_speedup():
     done = subprocess.run(
         [sys.executable, os.path.join(REPO, "bench", "pretrain.py"), "--preset", "cpu", "--tiny",

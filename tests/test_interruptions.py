@@ -15,6 +15,8 @@ from safetensors.torch import load_file
 
 from ipu_trainer.training.checkpoints import COMPLETION_MARKER, list_checkpoints
 
+pytestmark = pytest.mark.slow  # several processes or full runs: left out by -m "not slow"
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 60
 TINY_BERT = ("vocab_size=2000,hidden_size=32,num_hidden_layers=1,num_attention_heads=2,intermediate_size=64,"

@@ -76,6 +76,7 @@ def run_python(code, pythonpath, cwd):
                           env=environment, timeout=300)
 
 
+@pytest.mark.slow
 def test_coexists_with_an_installed_optimum_and_warns_about_the_real_optimum_graphcore(tmp_path):
     # Another distribution's portion of the optimum namespace (as the optimum package installs it).
     other = tmp_path / "site"
@@ -105,6 +106,7 @@ def test_coexists_with_an_installed_optimum_and_warns_about_the_real_optimum_gra
     assert os.path.join(REPO, "optimum", "graphcore") in result.stderr
 
 
+@pytest.mark.slow
 def test_the_package_ships_optimum_graphcore_as_a_namespace_portion(tmp_path):
     source = tmp_path / "source"
     source.mkdir()

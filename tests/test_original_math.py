@@ -365,3 +365,15 @@ def test_the_causal_lm_loss_is_the_mean_next_token_cross_entropy():
     expected = F.cross_entropy(logits[:, :-1].reshape(-1, 64), input_ids[:, 1:].reshape(-1))
     model.train()
     torch.testing.assert_close(model(input_ids=input_ids, labels=input_ids).loss, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_nan_loss_shows_in_the_log_as_in_the_original(tmp_path):
+    """The original's training arguments default logging_nan_inf_filter to False (transformers' to True): a NaN
+    training loss is logged as NaN, not replaced by the window's average."""
+    model = tiny_bert()
+    with torch.no_grad():
+        model.cls.seq_relationship.bias.fill_(float("nan"))
+    trainer = make_trainer(tmp_path, model, max_steps=2)
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert losses and all(math.isnan(loss) for loss in losses)

@@ -11,6 +11,8 @@ import sys
 import pytest
 from conftest import REPO, bash_blocks, read_json
 
+pytestmark = pytest.mark.slow  # several processes or full runs: left out by -m "not slow"
+
 with open(os.path.join(REPO, "README.md")) as _readme:
     QUICK_STARTS = [lines for lines in bash_blocks(_readme.read()) if "ipu_trainer.cli.offline_assets quickstart" in lines[0]]
 

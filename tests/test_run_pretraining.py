@@ -146,6 +146,7 @@ ORIGINAL_FLAGS = {
 }
 
 
+@pytest.mark.slow
 def test_help_lists_every_flag_of_the_original():
     result = cli("--help")
     assert result.returncode == 0
@@ -160,6 +161,7 @@ def test_help_lists_every_flag_of_the_original():
     assert len(result.stdout.splitlines()) < len(everything.stdout.splitlines()) / 2
 
 
+@pytest.mark.slow
 def test_a_json_arguments_file_with_more_flags_is_refused(tmp_path):
     (tmp_path / "args.json").write_text('{"output_dir": "x", "dataset_name": "y"}')
     result = cli(str(tmp_path / "args.json"), "--do_train")
@@ -236,6 +238,7 @@ def test_prepare_dataset_output_trains_with_dataset_path(assets, tmp_path, monke
     assert results["train_samples"] > 0 and math.isfinite(results["eval_loss"])
 
 
+@pytest.mark.slow
 def test_compile_only_compiles_into_the_executable_cache_and_stops(assets, tmp_path, monkeypatch, caplog):
     cache = tmp_path / "exe_cache"
     argv = pretraining_argv(assets, tmp_path / "out", "--do_train", "--compile_only", "--max_train_samples", "16")

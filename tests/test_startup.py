@@ -4,9 +4,11 @@ import os
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO, quickstart_argv
 
 
+@pytest.mark.slow
 def test_the_start_up_log_is_short_and_says_each_thing_once(assets, tmp_path):
     argv = quickstart_argv("run_mlm", assets, tmp_path / "out", "--max_steps", "1")
     result = subprocess.run([sys.executable, os.path.join(REPO, argv[0]), *argv[1:]], cwd=REPO, capture_output=True,

@@ -88,6 +88,7 @@ def test_each_step_trains_on_the_next_rows_of_the_stream(script, held_out, asset
     assert results(tmp_path / "out")["eval_samples"] == 16
 
 
+@pytest.mark.slow
 def test_two_processes_share_each_step_of_the_stream_without_overlap_or_loss(assets, tmp_path):
     """torchrun, 2 processes (gloo): the first reads both processes' batches of a step and hands each its half. With
     --line_by_line the lines are padded to max_seq_length, so that both batches have one shape."""

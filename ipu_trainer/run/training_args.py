@@ -140,6 +140,11 @@ class IPUTrainingArguments(TrainingArguments):
         metadata={"help": "Fraction of the training steps used for a linear warmup of the learning rate (0 <= r < 1). "
                   "The IPU recipes' flag; the same as a fractional --warmup_steps."},
     )
+    logging_nan_inf_filter: bool = field(
+        default=False,
+        metadata={"help": "Log a NaN or inf loss as the average of the logging window instead. Off by default, as "
+                  "in the original: a diverging run shows in the log."},
+    )
     # Redefined with a default of None so that "not given" leaves the IPU config's value alone.
     gradient_accumulation_steps: Optional[int] = field(
         default=None,
