@@ -3,15 +3,10 @@ import logging
 
 import pytest
 
-from ipu_trainer.config.ipu_config import (
-    _DEFAULTS,
-    _VALIDATORS,
-    IPU_ONLY_SETTINGS,
-    IncompatibleIPUConfigError,
-    IPUConfig,
-)
+from conftest import REPO
+from ipu_trainer.config.ipu_config import FIELDS, IncompatibleIPUConfigError, IPUConfig, field_table
 
-# SPEC section 9: the ipu_config.json shipped next to the scripts.
+# The ipu_config.json of the original examples, shipped next to the scripts.
 SEED_CONFIG = {
     "async_dataloader": True,
     "embedding_serialization_factor": 1,
@@ -36,9 +31,26 @@ def seed_dir(tmp_path):
     return tmp_path
 
 
-def test_every_field_has_a_default_and_a_validator():
-    assert _DEFAULTS.keys() == _VALIDATORS.keys()
-    assert set(IPU_ONLY_SETTINGS) <= _DEFAULTS.keys()
+def test_the_readme_field_table_is_the_one_the_fields_document():
+    """README's table of what each field does is field_table()'s output: it cannot drift from FIELDS."""
+    with open(f"{REPO}/README.md") as readme:
+        text = readme.read()
+    heading = "## What each `ipu_config.json` field does here\n\n"
+    start = text.index(heading) + len(heading)
+    assert text[start : start + len(field_table())] == field_table(), "regenerate it: print(field_table())"
+
+
+def test_every_field_is_documented_with_its_evaluation_twin():
+    names = {field.name for field in FIELDS}
+    assert len(names) == len(FIELDS)
+    for field in FIELDS:
+        if field.twin_of in names:
+            assert not (field.on_ipu or field.here), f"{field.name} is documented with {field.twin_of}"
+        else:
+            assert field.on_ipu and field.here, f"{field.name} has no documentation"
+    # A fresh config holds every field at its default.
+    config = IPUConfig()
+    assert sorted(config.to_dict()) == sorted(names)
 
 
 def test_seed_config_loads_from_folder_and_file(seed_dir):

@@ -39,6 +39,7 @@ import math
 import re
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -52,86 +53,6 @@ VALID_N_IPU = (1, 2, 4, 8, 16, 32, 64)
 ALLOWED_POD_TYPES = ("pod4", "pod8", "pod16", "pod32", "pod64")
 OUTPUT_MODES = ("all", "sum", "final", "default")
 MODES = ("training", "inference")
-
-# Settings that steer the Poplar compiler or the placement of layers on IPUs. Off-IPU they change
-# nothing, so the trainer names them once in its log instead of silently ignoring them. The README
-# lists the same names; keep the two in sync. executable_cache_dir is not here: the trainer reuses it
-# as the torch.compile cache.
-IPU_ONLY_SETTINGS: tuple[str, ...] = (
-    "layers_per_ipu",
-    "inference_layers_per_ipu",
-    "ipus_per_replica",
-    "inference_ipus_per_replica",
-    "matmul_proportion",
-    "inference_matmul_proportion",
-    "enable_half_partials",
-    "serialized_embedding_splits_per_ipu",
-    "inference_serialized_embedding_splits_per_ipu",
-    "serialized_projection_splits_per_ipu",
-    "inference_serialized_projection_splits_per_ipu",
-    "optimizer_state_offchip",
-    "replicated_tensor_sharding",
-    "output_mode",
-    "async_dataloader",
-    "enable_half_first_order_momentum",
-    "parallelize_kwargs",
-    "inference_parallelize_kwargs",
-    "explicit_ir_inference",
-    "execute_encoder_on_cpu_for_generation",
-)
-
-_DEFAULTS: dict[str, Any] = {
-    # Batch shape: one host step sees micro * replication * accumulation * device_iterations samples.
-    "replication_factor": 1,
-    "inference_replication_factor": 1,
-    "gradient_accumulation_steps": 1,
-    "device_iterations": 1,
-    "inference_device_iterations": 1,
-    # Pipeline placement; None follows another value (see _FOLLOWING).
-    "layers_per_ipu": [-1],
-    "inference_layers_per_ipu": None,
-    "ipus_per_replica": None,
-    "inference_ipus_per_replica": None,
-    # Vocabulary embedding / projection split into chunks; None is 1 unless serialized splits are given.
-    "embedding_serialization_factor": None,
-    "inference_embedding_serialization_factor": None,
-    "projection_serialization_factor": None,
-    "inference_projection_serialization_factor": None,
-    "serialized_embedding_splits_per_ipu": None,
-    "inference_serialized_embedding_splits_per_ipu": None,
-    "serialized_projection_splits_per_ipu": None,
-    "inference_serialized_projection_splits_per_ipu": None,
-    # Memory and numerics.
-    "recompute_checkpoint_every_layer": False,
-    "optimizer_state_offchip": False,
-    "replicated_tensor_sharding": False,
-    "matmul_proportion": 0.2,
-    "inference_matmul_proportion": None,
-    "enable_half_partials": True,
-    "enable_half_first_order_momentum": False,
-    "auto_loss_scaling": False,
-    # Runtime.
-    "output_mode": "final",
-    "seed": None,
-    "executable_cache_dir": "",
-    "async_dataloader": False,
-    "explicit_ir_inference": False,
-    "execute_encoder_on_cpu_for_generation": False,
-    "parallelize_kwargs": None,
-    "inference_parallelize_kwargs": None,
-}
-
-# Fields that, when not given (None), follow another value; the order is the order they are derived in.
-_FOLLOWING: tuple[str, ...] = (
-    "ipus_per_replica",
-    "inference_layers_per_ipu",
-    "inference_ipus_per_replica",
-    "inference_matmul_proportion",
-    "embedding_serialization_factor",
-    "projection_serialization_factor",
-    "inference_embedding_serialization_factor",
-    "inference_projection_serialization_factor",
-)
 
 # The inference default of a list-valued matmul_proportion that does not fit the inference pipeline.
 _FALLBACK_MATMUL_PROPORTION = 0.2
@@ -310,41 +231,122 @@ def _kwargs_dict(name: str, value: Any) -> dict:
     return copy.deepcopy(value) if value else {}
 
 
-_VALIDATORS: dict[str, Validator] = {
-    "replication_factor": _int_at_least(1),
-    "inference_replication_factor": _int_at_least(1),
-    "gradient_accumulation_steps": _int_at_least(1),
-    "device_iterations": _int_at_least(1),
-    "inference_device_iterations": _int_at_least(1),
-    "layers_per_ipu": _layers_per_ipu(optional=False),
-    "inference_layers_per_ipu": _layers_per_ipu(optional=True),
-    "ipus_per_replica": _int_at_least(1, optional=True),
-    "inference_ipus_per_replica": _int_at_least(1, optional=True),
-    "embedding_serialization_factor": _int_at_least(1, optional=True),
-    "inference_embedding_serialization_factor": _int_at_least(1, optional=True),
-    "projection_serialization_factor": _int_at_least(1, optional=True),
-    "inference_projection_serialization_factor": _int_at_least(1, optional=True),
-    "serialized_embedding_splits_per_ipu": _splits_per_ipu,
-    "inference_serialized_embedding_splits_per_ipu": _splits_per_ipu,
-    "serialized_projection_splits_per_ipu": _splits_per_ipu,
-    "inference_serialized_projection_splits_per_ipu": _splits_per_ipu,
-    "recompute_checkpoint_every_layer": _boolean,
-    "optimizer_state_offchip": _boolean,
-    "replicated_tensor_sharding": _boolean,
-    "matmul_proportion": _matmul_proportion(optional=False),
-    "inference_matmul_proportion": _matmul_proportion(optional=True),
-    "enable_half_partials": _boolean,
-    "enable_half_first_order_momentum": _boolean,
-    "auto_loss_scaling": _boolean,
-    "output_mode": _output_mode,
-    "seed": _optional_int,
-    "executable_cache_dir": _string,
-    "async_dataloader": _boolean,
-    "explicit_ir_inference": _boolean,
-    "execute_encoder_on_cpu_for_generation": _boolean,
-    "parallelize_kwargs": _kwargs_dict,
-    "inference_parallelize_kwargs": _kwargs_dict,
-}
+# The fields ------------------------------------------------------------------------------------
+# Each setting once: its default, its validator, whether it only means something on an IPU, whether its None
+# follows another value, and what it does. An `inference_` field is the evaluation twin of the field named
+# after it and is documented with it. The README's field table is `field_table()`'s output (a test checks).
+
+NO_EFFECT = "validated, logged once as having no effect"
+
+
+@dataclass(frozen=True)
+class Field:
+    """One setting of an `ipu_config.json`."""
+
+    name: str
+    default: Any
+    validator: Validator
+    on_ipu: str = ""  # what it set on the IPU
+    here: str = ""  # what it does on CPUs and GPUs
+    flag: str = ""  # the command-line flag that also sets it
+    ipu_only: bool = False  # no effect off the IPU: named once in the start-up log
+    follows: bool = False  # None (its default) follows another value (see IPUConfig._derive)
+
+    @property
+    def twin_of(self) -> str | None:
+        """The training field an `inference_` field is the evaluation twin of."""
+        return self.name[len("inference_"):] if self.name.startswith("inference_") else None
+
+
+FIELDS: tuple[Field, ...] = (
+    Field("replication_factor", 1, _int_at_least(1), flag="`--n_ipu` ÷ `ipus_per_replica`",
+          on_ipu="data-parallel replicas",
+          here="replicas: one data-parallel process each under `torchrun`; replicas without a process of their own "
+          "are emulated by accumulating their micro-batches (same average gradient)"),
+    Field("inference_replication_factor", 1, _int_at_least(1)),
+    Field("gradient_accumulation_steps", 1, _int_at_least(1), flag="`--gradient_accumulation_steps`",
+          on_ipu="micro-batches per weight update", here="the same"),
+    Field("device_iterations", 1, _int_at_least(1), on_ipu="weight updates (evaluation: batches) per host call",
+          here="weight updates per trainer step; the learning-rate schedule advances once per step and `--max_steps` "
+          "counts steps; evaluation batch = `per_device_eval_batch_size` × `inference_replication_factor` × "
+          "`inference_device_iterations`"),
+    Field("inference_device_iterations", 1, _int_at_least(1)),
+    Field("layers_per_ipu", [-1], _layers_per_ipu(optional=False), ipu_only=True, on_ipu="layers per pipeline stage",
+          here="checked against the model's layer count (the same error as the original); one device holds a whole "
+          "replica"),
+    Field("inference_layers_per_ipu", None, _layers_per_ipu(optional=True), ipu_only=True, follows=True),
+    Field("ipus_per_replica", None, _int_at_least(1, optional=True), ipu_only=True, follows=True,
+          on_ipu="pipeline stages per replica (default: one per `layers_per_ipu` entry)",
+          here="checked against `layers_per_ipu`; `--n_ipu` ÷ it gives the replicas"),
+    Field("inference_ipus_per_replica", None, _int_at_least(1, optional=True), ipu_only=True, follows=True),
+    Field("embedding_serialization_factor", None, _int_at_least(1, optional=True), follows=True,
+          on_ipu="vocabulary matmul split in N",
+          here="masked-LM and causal-LM vocabulary projection and loss computed in N chunks, each recomputed in "
+          "backward: same numbers, lower peak memory"),
+    Field("inference_embedding_serialization_factor", None, _int_at_least(1, optional=True), follows=True),
+    Field("projection_serialization_factor", None, _int_at_least(1, optional=True), follows=True,
+          on_ipu="vocabulary projection split in N", here="as `embedding_serialization_factor`"),
+    Field("inference_projection_serialization_factor", None, _int_at_least(1, optional=True), follows=True),
+    Field("serialized_embedding_splits_per_ipu", None, _splits_per_ipu, ipu_only=True,
+          on_ipu="embedding split over IPUs", here=NO_EFFECT),
+    Field("inference_serialized_embedding_splits_per_ipu", None, _splits_per_ipu, ipu_only=True),
+    Field("serialized_projection_splits_per_ipu", None, _splits_per_ipu, ipu_only=True,
+          on_ipu="projection split over IPUs", here=NO_EFFECT),
+    Field("inference_serialized_projection_splits_per_ipu", None, _splits_per_ipu, ipu_only=True),
+    Field("recompute_checkpoint_every_layer", False, _boolean, flag="`--gradient_checkpointing`",
+          on_ipu="recomputation checkpoints", here="activation checkpointing of every layer"),
+    Field("optimizer_state_offchip", False, _boolean, ipu_only=True, on_ipu="optimizer state in streaming memory",
+          here="on a GPU, optimizer state (and the update) in host memory: no optimizer state on the device, three "
+          "parameter-sized copies per update; no effect on a CPU"),
+    Field("replicated_tensor_sharding", False, _boolean, ipu_only=True,
+          on_ipu="optimizer state sharded over replicas",
+          here="optimizer state sharded over the data-parallel processes (ZeRO stage 1); no effect with one process"),
+    Field("matmul_proportion", 0.2, _matmul_proportion(optional=False), ipu_only=True,
+          on_ipu="IPU memory for matmuls", here=NO_EFFECT),
+    Field("inference_matmul_proportion", None, _matmul_proportion(optional=True), ipu_only=True, follows=True),
+    Field("enable_half_partials", True, _boolean, ipu_only=True, on_ipu="float16 matmul partials", here=NO_EFFECT),
+    Field("enable_half_first_order_momentum", False, _boolean, ipu_only=True, on_ipu="float16 first-order momentum",
+          here=NO_EFFECT + " (optimizer state is float32)"),
+    Field("auto_loss_scaling", False, _boolean, flag="`--auto_loss_scaling`", on_ipu="automatic loss scaling",
+          here="float16 runs: a dynamic loss scale starting at `--loss_scaling`"),
+    Field("output_mode", "final", _output_mode, ipu_only=True, on_ipu="which micro-batches' outputs reach the host",
+          here=NO_EFFECT),
+    Field("seed", None, _optional_int, on_ipu="IPU random seed", here="set from `--seed`, which seeds the run"),
+    Field("executable_cache_dir", "", _string, on_ipu="compiled executables",
+          here="`torch.compile` (inductor) cache for `--torch_compile` and `--compile_only`"),
+    Field("async_dataloader", False, _boolean, ipu_only=True, on_ipu="asynchronous data loading",
+          here=NO_EFFECT + " (`--dataloader_mode` chooses)"),
+    Field("explicit_ir_inference", False, _boolean, ipu_only=True, on_ipu="PopART option (optimum-graphcore 0.7)",
+          here=NO_EFFECT),
+    Field("execute_encoder_on_cpu_for_generation", False, _boolean, ipu_only=True,
+          on_ipu="PopART option (optimum-graphcore 0.7)", here=NO_EFFECT),
+    Field("parallelize_kwargs", None, _kwargs_dict, ipu_only=True, on_ipu="arguments of the model's parallelize()",
+          here=NO_EFFECT),
+    Field("inference_parallelize_kwargs", None, _kwargs_dict, ipu_only=True),
+)
+_FIELDS_BY_NAME = {field.name: field for field in FIELDS}
+_DEFAULTS: dict[str, Any] = {field.name: field.default for field in FIELDS}
+_VALIDATORS: dict[str, Validator] = {field.name: field.validator for field in FIELDS}
+_FOLLOWING = frozenset(field.name for field in FIELDS if field.follows)
+# Settings that steer the Poplar compiler or the placement of layers on IPUs: off the IPU they change nothing, so
+# the trainer names them once in its log instead of silently ignoring them. executable_cache_dir is not among them:
+# the trainer reuses it as the torch.compile cache.
+IPU_ONLY_SETTINGS: tuple[str, ...] = tuple(field.name for field in FIELDS if field.ipu_only)
+
+
+def field_table() -> str:
+    """The README's table of what each field does here, one row per field and its evaluation twin."""
+    rows = ["| field | on the IPU | on CPU / GPU |", "| --- | --- | --- |"]
+    for field in FIELDS:
+        if field.twin_of in _FIELDS_BY_NAME:
+            continue
+        label = f"`{field.name}`"
+        if f"inference_{field.name}" in _FIELDS_BY_NAME:
+            label += f", `inference_{field.name}`"
+        if field.flag:
+            label += f" ({field.flag})"
+        rows.append(f"| {label} | {field.on_ipu} | {field.here} |")
+    return "\n".join(rows) + "\n"
 
 
 def _is_pod_table(name: str, value: Any) -> bool:
@@ -447,42 +449,10 @@ class IPUConfig:
     _serialized_projection_splits_per_ipu = _ModeField("serialized_projection_splits_per_ipu")
     _parallelize_kwargs = _ModeField("parallelize_kwargs")
 
-    replication_factor: int
-    inference_replication_factor: int
-    gradient_accumulation_steps: int
-    device_iterations: int
-    inference_device_iterations: int
-    layers_per_ipu: list[int]
-    inference_layers_per_ipu: list[int]
-    ipus_per_replica: int
-    inference_ipus_per_replica: int
-    embedding_serialization_factor: int | None
-    inference_embedding_serialization_factor: int | None
-    projection_serialization_factor: int | None
-    inference_projection_serialization_factor: int | None
-    serialized_embedding_splits_per_ipu: list[int] | None
-    inference_serialized_embedding_splits_per_ipu: list[int] | None
-    serialized_projection_splits_per_ipu: list[int] | None
-    inference_serialized_projection_splits_per_ipu: list[int] | None
-    recompute_checkpoint_every_layer: bool
-    optimizer_state_offchip: bool
-    replicated_tensor_sharding: bool
-    matmul_proportion: float | list[float]
-    inference_matmul_proportion: float | list[float]
-    enable_half_partials: bool
-    enable_half_first_order_momentum: bool
-    auto_loss_scaling: bool
-    output_mode: str
-    seed: int | None
-    executable_cache_dir: str
-    async_dataloader: bool
-    explicit_ir_inference: bool
-    execute_encoder_on_cpu_for_generation: bool
-    parallelize_kwargs: dict[str, Any]
-    inference_parallelize_kwargs: dict[str, Any]
+    # The settings themselves are the attributes named in FIELDS (defaults and validators there).
 
     def __init__(self, pod_type: str | None = None, **kwargs: Any) -> None:
-        """Every field is a keyword argument (see `_DEFAULTS`); `pod_type` picks the entries of per-POD-type
+        """Every field is a keyword argument (see `FIELDS`); `pod_type` picks the entries of per-POD-type
         values (a "default" entry otherwise).
 
         Keys that are not IPU settings are kept and written back with a warning: files in the wild carry
