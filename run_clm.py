@@ -23,9 +23,9 @@ from transformers import AutoModelForCausalLM, default_data_collator, set_seed
 
 from ipu_trainer import IPUTrainer
 from ipu_trainer.cli.datasets import (
-    MAX_DEFAULT_SEQ_LENGTH,
     group_texts,
     load_raw_datasets,
+    resolve_sequence_length,
     text_column_of,
     train_and_eval_splits,
 )
@@ -78,36 +78,6 @@ class DataTrainingArguments(SharedDataArguments):
 # ---- Text to token blocks --------------------------------------------------------------------------------
 
 
-def resolve_block_size(requested: Optional[int], tokenizer: Any, model_max_positions: Optional[int] = None) -> int:
-    """`--block_size` for causal LMs: the tokenizer maximum capped at 1024 (and at the model's positions) by
-    default; an explicit value longer than the model's positions is an error, one longer than the tokenizer
-    maximum is clipped to it with a warning (as the Hugging Face run_clm.py does)."""
-    if requested is not None and requested < 1:
-        raise ValueError(f"--block_size={requested} is invalid: must be >= 1")
-    if requested is not None and model_max_positions is not None and requested > model_max_positions:
-        raise ValueError(
-            f"--block_size {requested} is larger than the model's {model_max_positions} positions "
-            "(n_positions / max_position_embeddings): use --block_size <= "
-            f"{model_max_positions} or a model with more positions (e.g. --config_overrides n_positions={requested})"
-        )
-    tokenizer_max = tokenizer.model_max_length
-    if requested is None:
-        block_size = min(tokenizer_max, MAX_DEFAULT_SEQ_LENGTH)
-        if model_max_positions is not None and block_size > model_max_positions:
-            block_size = model_max_positions
-        if tokenizer_max > MAX_DEFAULT_SEQ_LENGTH:
-            logger.warning(
-                "The tokenizer's maximum length (%s) is large; using block_size=%d. Set --block_size to change it.",
-                tokenizer_max, block_size,
-            )
-        return block_size
-    if requested > tokenizer_max:
-        logger.warning(
-            "--block_size %d is longer than the tokenizer maximum (%d); using %d.", requested, tokenizer_max, tokenizer_max
-        )
-    return min(requested, tokenizer_max)
-
-
 def tokenize_for_causal_lm(
     raw: DatasetDict,
     tokenizer: Any,
@@ -155,7 +125,7 @@ def main():
     tokenizer = load_tokenizer(model_args)
 
     # Data: all texts concatenated and cut into block_size blocks; labels are the inputs (shifted in the model)
-    block_size = resolve_block_size(data_args.block_size, tokenizer, max_positions_of(config))
+    block_size = resolve_sequence_length("--block_size", data_args.block_size, tokenizer, max_positions_of(config))
     raw_datasets = load_raw_datasets(data_args, model_args, text_builder_kwargs={"keep_linebreaks": data_args.keep_linebreaks})
     with training_args.main_process_first(desc="tokenizing the dataset"):
         lm_datasets = tokenize_for_causal_lm(

@@ -27,7 +27,7 @@ from ipu_trainer.cli.datasets import (
     group_texts,
     load_raw_datasets,
     pad_lines_to_max_length,
-    resolve_max_seq_length,
+    resolve_sequence_length,
     text_column_of,
     train_and_eval_splits,
 )
@@ -157,7 +157,7 @@ def main():
 
     # Data: line by line, or concatenated and cut into max_seq_length blocks
     raw_datasets = load_raw_datasets(data_args, model_args)
-    max_seq_length = resolve_max_seq_length(data_args.max_seq_length, tokenizer, max_positions_of(config))
+    max_seq_length = resolve_sequence_length("--max_seq_length", data_args.max_seq_length, tokenizer, max_positions_of(config))
     with training_args.main_process_first(desc="tokenizing the dataset"):
         tokenized_datasets = tokenize_for_masked_lm(
             raw_datasets, tokenizer, max_seq_length, data_args.line_by_line,

@@ -29,7 +29,7 @@ from ipu_trainer.cli.datasets import (
     load_raw_datasets,
     require_columns,
     require_eval_holdout,
-    resolve_max_seq_length,
+    resolve_sequence_length,
     split_source,
     text_column_of,
     train_and_eval_splits,
@@ -154,7 +154,7 @@ def main():
     else:
         if data_args.is_already_masked:
             raise ValueError("--is_already_masked needs pre-built, masked data (input_ids ... labels), not raw text.")
-        max_seq_length = resolve_max_seq_length(data_args.max_seq_length, tokenizer, max_positions_of(config))
+        max_seq_length = resolve_sequence_length("--max_seq_length", data_args.max_seq_length, tokenizer, max_positions_of(config))
     if not already_pairs and data_args.streaming:
         # Pairs built block by block as the stream is read. Without validation data, evaluation takes the pairs of the
         # first blocks of documents, and training starts after them (no document in both)

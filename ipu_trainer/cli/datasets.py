@@ -188,22 +188,36 @@ def pad_lines_to_max_length(data_args: Any, world_size: int) -> bool:
     return False
 
 
-def resolve_max_seq_length(requested: Optional[int], tokenizer: Any, model_max_positions: Optional[int] = None) -> int:
-    """`--max_seq_length`, defaulting to the tokenizer maximum capped at 1024, clipped to the tokenizer maximum."""
-    tokenizer_max = tokenizer.model_max_length
-    if model_max_positions is not None:
-        tokenizer_max = min(tokenizer_max, model_max_positions)
-    if requested is None:
-        if tokenizer_max > MAX_DEFAULT_SEQ_LENGTH:
-            logger.warning(
-                "The tokenizer's maximum length (%s) is large; using max_seq_length=%d. Set --max_seq_length to change it.",
-                tokenizer.model_max_length, MAX_DEFAULT_SEQ_LENGTH,
-            )
-        return min(tokenizer_max, MAX_DEFAULT_SEQ_LENGTH)
-    if requested > tokenizer_max:
-        logger.warning(
-            "--max_seq_length %d is longer than the model/tokenizer maximum (%d); using %d.", requested, tokenizer_max, tokenizer_max
+def resolve_sequence_length(
+    flag: str, requested: Optional[int], tokenizer: Any, model_max_positions: Optional[int] = None
+) -> int:
+    """`--max_seq_length` (run_mlm, run_pretraining) or `--block_size` (run_clm), one rule for both.
+
+    Not given: the tokenizer maximum capped at 1024 and at the model's positions. Given: longer than the model's
+    positions is an error (the first step would fail inside the embeddings); longer than the tokenizer maximum is
+    clipped to it with a warning, as the Hugging Face examples do.
+    """
+    if requested is not None and requested < 1:
+        raise ValueError(f"{flag}={requested} is invalid: must be >= 1")
+    if requested is not None and model_max_positions is not None and requested > model_max_positions:
+        raise ValueError(
+            f"{flag} {requested} is larger than the model's {model_max_positions} positions "
+            f"(n_positions / max_position_embeddings): use {flag} <= {model_max_positions} or a model with more "
+            f"positions (e.g. --config_overrides max_position_embeddings={requested} for a new BERT, "
+            f"n_positions={requested} for a new GPT-2)"
         )
+    tokenizer_max = tokenizer.model_max_length
+    if requested is None:
+        length = min(tokenizer_max, MAX_DEFAULT_SEQ_LENGTH)
+        if model_max_positions is not None:
+            length = min(length, model_max_positions)
+        if tokenizer_max > MAX_DEFAULT_SEQ_LENGTH:
+            logger.warning("The tokenizer's maximum length (%s) is large; using %s %d. Set %s to change it.",
+                           tokenizer_max, flag, length, flag)
+        return length
+    if requested > tokenizer_max:
+        logger.warning("%s %d is longer than the tokenizer maximum (%d); using %d.", flag, requested, tokenizer_max,
+                       tokenizer_max)
     return min(requested, tokenizer_max)
 
 
