@@ -37,7 +37,9 @@ def test_the_readme_field_table_is_the_one_the_fields_document():
         text = readme.read()
     heading = "## What each `ipu_config.json` field does here\n\n"
     start = text.index(heading) + len(heading)
-    assert text[start : start + len(field_table())] == field_table(), "regenerate it: print(field_table())"
+    # The whole table, up to the blank line after it: a row added, dropped or edited in the README fails.
+    end = text.index("\n\n", start) + 1
+    assert text[start:end] == field_table(), "regenerate it: print(field_table())"
 
 
 def test_every_field_is_documented_with_its_evaluation_twin():
@@ -51,6 +53,21 @@ def test_every_field_is_documented_with_its_evaluation_twin():
     # A fresh config holds every field at its default.
     config = IPUConfig()
     assert sorted(config.to_dict()) == sorted(names)
+
+
+def test_per_mode_fields_read_the_training_field_or_its_inference_twin():
+    per_mode = [field.name for field in FIELDS if field.per_mode]
+    assert "layers_per_ipu" in per_mode and "replication_factor" not in per_mode
+    config = IPUConfig(layers_per_ipu=[1, 2], inference_layers_per_ipu=[3], parallelize_kwargs={"a": 1})
+    for name in per_mode:
+        assert f"inference_{name}" in {field.name for field in FIELDS}, f"{name} has no inference_ twin"
+        assert getattr(config, f"_{name}") == getattr(config, name)
+        config.eval()
+        assert getattr(config, f"_{name}") == getattr(config, f"inference_{name}")
+        config.train()
+    config.eval()
+    config._layers_per_ipu = [4, 4]
+    assert config.inference_layers_per_ipu == [4, 4] and config.layers_per_ipu == [1, 2]
 
 
 def test_seed_config_loads_from_folder_and_file(seed_dir):

@@ -57,9 +57,6 @@ MODES = ("training", "inference")
 # The inference default of a list-valued matmul_proportion that does not fit the inference pipeline.
 _FALLBACK_MATMUL_PROPORTION = 0.2
 
-# Fields whose value is legitimately a dict, so a dict there is not a per-POD-type table.
-_DICT_FIELDS = frozenset({"parallelize_kwargs", "inference_parallelize_kwargs"})
-
 # Bookkeeping keys that files written by optimum-graphcore carry (its base config's attributes). They
 # are kept like other unknown keys, without a warning: they are not settings anyone meant to change.
 _METADATA_KEYS = frozenset({
@@ -233,8 +230,9 @@ def _kwargs_dict(name: str, value: Any) -> dict:
 
 # The fields ------------------------------------------------------------------------------------
 # Each setting once: its default, its validator, whether it only means something on an IPU, whether its None
-# follows another value, and what it does. An `inference_` field is the evaluation twin of the field named
-# after it and is documented with it. The README's field table is `field_table()`'s output (a test checks).
+# follows another value, whether a private name reads it per mode, and what it does. An `inference_` field is
+# the evaluation twin of the field named after it and is documented with it. The README's field table is
+# `field_table()`'s output (a test checks).
 
 NO_EFFECT = "validated, logged once as having no effect"
 
@@ -251,6 +249,8 @@ class Field:
     flag: str = ""  # the command-line flag that also sets it
     ipu_only: bool = False  # no effect off the IPU: named once in the start-up log
     follows: bool = False  # None (its default) follows another value (see IPUConfig._derive)
+    # `config._<name>` reads and writes this field in training mode and its `inference_` twin in inference mode
+    per_mode: bool = False
 
     @property
     def twin_of(self) -> str | None:
@@ -271,26 +271,27 @@ FIELDS: tuple[Field, ...] = (
           "counts steps; evaluation batch = `per_device_eval_batch_size` × `inference_replication_factor` × "
           "`inference_device_iterations`"),
     Field("inference_device_iterations", 1, _int_at_least(1)),
-    Field("layers_per_ipu", [-1], _layers_per_ipu(optional=False), ipu_only=True, on_ipu="layers per pipeline stage",
+    Field("layers_per_ipu", [-1], _layers_per_ipu(optional=False), per_mode=True, ipu_only=True,
+          on_ipu="layers per pipeline stage",
           here="checked against the model's layer count (the same error as the original); one device holds a whole "
           "replica"),
     Field("inference_layers_per_ipu", None, _layers_per_ipu(optional=True), ipu_only=True, follows=True),
-    Field("ipus_per_replica", None, _int_at_least(1, optional=True), ipu_only=True, follows=True,
+    Field("ipus_per_replica", None, _int_at_least(1, optional=True), per_mode=True, ipu_only=True, follows=True,
           on_ipu="pipeline stages per replica (default: one per `layers_per_ipu` entry)",
           here="checked against `layers_per_ipu`; `--n_ipu` ÷ it gives the replicas"),
     Field("inference_ipus_per_replica", None, _int_at_least(1, optional=True), ipu_only=True, follows=True),
-    Field("embedding_serialization_factor", None, _int_at_least(1, optional=True), follows=True,
+    Field("embedding_serialization_factor", None, _int_at_least(1, optional=True), per_mode=True, follows=True,
           on_ipu="vocabulary matmul split in N",
           here="masked-LM and causal-LM vocabulary projection and loss computed in N chunks, each recomputed in "
           "backward: same numbers, lower peak memory"),
     Field("inference_embedding_serialization_factor", None, _int_at_least(1, optional=True), follows=True),
-    Field("projection_serialization_factor", None, _int_at_least(1, optional=True), follows=True,
+    Field("projection_serialization_factor", None, _int_at_least(1, optional=True), per_mode=True, follows=True,
           on_ipu="vocabulary projection split in N", here="as `embedding_serialization_factor`"),
     Field("inference_projection_serialization_factor", None, _int_at_least(1, optional=True), follows=True),
-    Field("serialized_embedding_splits_per_ipu", None, _splits_per_ipu, ipu_only=True,
+    Field("serialized_embedding_splits_per_ipu", None, _splits_per_ipu, per_mode=True, ipu_only=True,
           on_ipu="embedding split over IPUs", here=NO_EFFECT),
     Field("inference_serialized_embedding_splits_per_ipu", None, _splits_per_ipu, ipu_only=True),
-    Field("serialized_projection_splits_per_ipu", None, _splits_per_ipu, ipu_only=True,
+    Field("serialized_projection_splits_per_ipu", None, _splits_per_ipu, per_mode=True, ipu_only=True,
           on_ipu="projection split over IPUs", here=NO_EFFECT),
     Field("inference_serialized_projection_splits_per_ipu", None, _splits_per_ipu, ipu_only=True),
     Field("recompute_checkpoint_every_layer", False, _boolean, flag="`--gradient_checkpointing`",
@@ -301,7 +302,7 @@ FIELDS: tuple[Field, ...] = (
     Field("replicated_tensor_sharding", False, _boolean, ipu_only=True,
           on_ipu="optimizer state sharded over replicas",
           here="optimizer state sharded over the data-parallel processes (ZeRO stage 1); no effect with one process"),
-    Field("matmul_proportion", 0.2, _matmul_proportion(optional=False), ipu_only=True,
+    Field("matmul_proportion", 0.2, _matmul_proportion(optional=False), per_mode=True, ipu_only=True,
           on_ipu="IPU memory for matmuls", here=NO_EFFECT),
     Field("inference_matmul_proportion", None, _matmul_proportion(optional=True), ipu_only=True, follows=True),
     Field("enable_half_partials", True, _boolean, ipu_only=True, on_ipu="float16 matmul partials", here=NO_EFFECT),
@@ -320,7 +321,8 @@ FIELDS: tuple[Field, ...] = (
           here=NO_EFFECT),
     Field("execute_encoder_on_cpu_for_generation", False, _boolean, ipu_only=True,
           on_ipu="PopART option (optimum-graphcore 0.7)", here=NO_EFFECT),
-    Field("parallelize_kwargs", None, _kwargs_dict, ipu_only=True, on_ipu="arguments of the model's parallelize()",
+    Field("parallelize_kwargs", None, _kwargs_dict, per_mode=True, ipu_only=True,
+          on_ipu="arguments of the model's parallelize()",
           here=NO_EFFECT),
     Field("inference_parallelize_kwargs", None, _kwargs_dict, ipu_only=True),
 )
@@ -332,6 +334,8 @@ _FOLLOWING = frozenset(field.name for field in FIELDS if field.follows)
 # the trainer names them once in its log instead of silently ignoring them. executable_cache_dir is not among them:
 # the trainer reuses it as the torch.compile cache.
 IPU_ONLY_SETTINGS: tuple[str, ...] = tuple(field.name for field in FIELDS if field.ipu_only)
+# Fields whose value is legitimately a dict, so a dict there is not a per-POD-type table.
+_DICT_FIELDS = frozenset(field.name for field in FIELDS if field.validator is _kwargs_dict)
 
 
 def field_table() -> str:
@@ -440,16 +444,8 @@ class IPUConfig:
     FULL_CONFIGURATION_FILE = CONFIG_NAME
     modes = MODES
 
-    _layers_per_ipu = _ModeField("layers_per_ipu")
-    _ipus_per_replica = _ModeField("ipus_per_replica")
-    _matmul_proportion = _ModeField("matmul_proportion")
-    _embedding_serialization_factor = _ModeField("embedding_serialization_factor")
-    _serialized_embedding_splits_per_ipu = _ModeField("serialized_embedding_splits_per_ipu")
-    _projection_serialization_factor = _ModeField("projection_serialization_factor")
-    _serialized_projection_splits_per_ipu = _ModeField("serialized_projection_splits_per_ipu")
-    _parallelize_kwargs = _ModeField("parallelize_kwargs")
-
-    # The settings themselves are the attributes named in FIELDS (defaults and validators there).
+    # The settings themselves are the attributes named in FIELDS (defaults and validators there), and the
+    # private mode fields (`_layers_per_ipu`, ...) are added after the class for the fields marked per_mode.
 
     def __init__(self, pod_type: str | None = None, **kwargs: Any) -> None:
         """Every field is a keyword argument (see `FIELDS`); `pod_type` picks the entries of per-POD-type
@@ -897,6 +893,12 @@ class IPUConfig:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__} {self.to_json_string()}"
+
+
+for _field in FIELDS:
+    if _field.per_mode:
+        setattr(IPUConfig, f"_{_field.name}", _ModeField(_field.name))
+del _field
 
 
 def _default_dict() -> dict[str, Any]:
