@@ -23,10 +23,9 @@ from transformers import AutoModelForCausalLM, default_data_collator, set_seed
 
 from ipu_trainer import IPUTrainer
 from ipu_trainer.cli.datasets import (
-    group_texts,
     load_raw_datasets,
     resolve_sequence_length,
-    text_column_of,
+    text_blocks,
     train_and_eval_splits,
 )
 from ipu_trainer.cli.model_loading import (
@@ -46,7 +45,6 @@ from ipu_trainer.cli.startup import (
     setup_logging,
     train_evaluate_and_report,
 )
-from ipu_trainer.data.sources import column_names_of, map_data
 from ipu_trainer.models import causal_lm_model_for
 from ipu_trainer.run.resolved_run import resolve_run
 from ipu_trainer.training.metrics import AccuracyMetric, causal_lm_predictions, token_accuracy_metrics
@@ -90,25 +88,7 @@ def tokenize_for_causal_lm(
     All texts are tokenized, concatenated and cut into blocks, the remainder dropped, as in the Hugging
     Face run_clm.py; line breaks are whatever the loader kept (`--keep_linebreaks`).
     """
-    column = text_column_of(raw["train"] if "train" in raw else next(iter(raw.values())))
-    remove = column_names_of(next(iter(raw.values())))
-
-    def tokenize_all(examples):
-        return tokenizer(examples[column])
-
-    tokenized = map_data(
-        raw, tokenize_all, num_proc, overwrite_cache, "Tokenizing texts", batched=True, remove_columns=remove,
-    )
-    return map_data(
-        tokenized, _blocks_with_labels, num_proc, overwrite_cache, f"Grouping texts in blocks of {block_size}",
-        batched=True, fn_kwargs={"block_size": block_size},
-    )
-
-
-def _blocks_with_labels(examples: dict[str, list], block_size: int) -> dict[str, list]:
-    blocks = group_texts(examples, block_size)
-    blocks["labels"] = [list(ids) for ids in blocks["input_ids"]]
-    return blocks
+    return text_blocks(raw, tokenizer, block_size, num_proc, overwrite_cache, with_labels=True)
 
 
 def main():

@@ -24,11 +24,11 @@ from transformers import AutoModelForMaskedLM, set_seed
 
 from ipu_trainer import DataCollatorForLanguageModelingWithMaxTokensMasked, IPUTrainer
 from ipu_trainer.cli.datasets import (
-    group_texts,
     load_raw_datasets,
     pad_lines_to_max_length,
     resolve_sequence_length,
-    text_column_of,
+    text_and_other_columns,
+    text_blocks,
     train_and_eval_splits,
 )
 from ipu_trainer.cli.model_loading import load_ipu_config, load_model, load_model_config, load_tokenizer, max_positions_of
@@ -44,7 +44,7 @@ from ipu_trainer.cli.startup import (
 )
 from ipu_trainer.data.collators import max_num_masked_tokens, pad_to_multiple_of_for
 from ipu_trainer.data.packing import pack_for_training
-from ipu_trainer.data.sources import column_names_of, map_data
+from ipu_trainer.data.sources import map_data
 from ipu_trainer.models import masked_lm_model_for
 from ipu_trainer.run.resolved_run import resolve_run
 from ipu_trainer.training.metrics import AccuracyMetric, masked_lm_predictions, token_accuracy_metrics
@@ -110,10 +110,8 @@ def tokenize_for_masked_lm(
     `pad_to_max_length`). Otherwise all texts are concatenated and cut into `max_seq_length` blocks, the
     remainder dropped. Special-token masks are kept so masking never picks [CLS]/[SEP].
     """
-    column = text_column_of(raw["train"] if "train" in raw else next(iter(raw.values())))
-    remove = column_names_of(next(iter(raw.values())))
-
     if line_by_line:
+        column, remove = text_and_other_columns(raw)
         padding = "max_length" if pad_to_max_length else False
 
         def tokenize_lines(examples):
@@ -128,16 +126,7 @@ def tokenize_for_masked_lm(
             raw, tokenize_lines, num_proc, overwrite_cache, "Tokenizing lines", batched=True, remove_columns=remove,
         )
 
-    def tokenize_all(examples):
-        return tokenizer(examples[column], return_special_tokens_mask=True)
-
-    tokenized = map_data(
-        raw, tokenize_all, num_proc, overwrite_cache, "Tokenizing texts", batched=True, remove_columns=remove,
-    )
-    return map_data(
-        tokenized, group_texts, num_proc, overwrite_cache, f"Grouping texts in blocks of {max_seq_length}",
-        batched=True, fn_kwargs={"block_size": max_seq_length},
-    )
+    return text_blocks(raw, tokenizer, max_seq_length, num_proc, overwrite_cache, return_special_tokens_mask=True)
 
 
 def main():

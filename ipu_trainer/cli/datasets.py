@@ -27,6 +27,7 @@ from ..data.sources import (
     first_example,
     is_stream,
     limit_samples,
+    map_data,
     materialise,
     replacing_undecodable_bytes,
 )
@@ -252,6 +253,38 @@ def group_texts(examples: dict[str, list], block_size: int) -> dict[str, list]:
     return {
         k: [t[i : i + block_size] for i in range(0, total_length, block_size)] for k, t in concatenated.items()
     }
+
+
+def text_and_other_columns(raw: Any) -> tuple[str, list[str]]:
+    """The text column of the run's data (of "train" when there is one) and every column the tokenization replaces."""
+    column = text_column_of(raw["train"] if "train" in raw else next(iter(raw.values())))
+    return column, column_names_of(next(iter(raw.values())))
+
+
+def text_blocks(
+    raw: Any, tokenizer: Any, block_size: int, num_proc: Optional[int] = None, overwrite_cache: bool = False,
+    with_labels: bool = False, **tokenizer_kwargs: Any,
+) -> Any:
+    """All texts tokenized (with `tokenizer_kwargs`), concatenated and cut into `block_size` blocks, the remainder
+    dropped, as the Hugging Face examples do; `with_labels` adds labels = input_ids (a causal LM shifts them)."""
+    column, remove = text_and_other_columns(raw)
+
+    def tokenize_all(examples):
+        return tokenizer(examples[column], **tokenizer_kwargs)
+
+    tokenized = map_data(
+        raw, tokenize_all, num_proc, overwrite_cache, "Tokenizing texts", batched=True, remove_columns=remove,
+    )
+    return map_data(
+        tokenized, _blocks_with_labels if with_labels else group_texts, num_proc, overwrite_cache,
+        f"Grouping texts in blocks of {block_size}", batched=True, fn_kwargs={"block_size": block_size},
+    )
+
+
+def _blocks_with_labels(examples: dict[str, list], block_size: int) -> dict[str, list]:
+    blocks = group_texts(examples, block_size)
+    blocks["labels"] = [list(ids) for ids in blocks["input_ids"]]
+    return blocks
 
 
 def require_columns(dataset: datasets.Dataset, columns: list[str], hint: str, source: str = "the dataset") -> None:

@@ -211,20 +211,18 @@ def original_parameter_groups(model: torch.nn.Module, weight_decay: float, lamb:
         id(param) for module in model.modules() if isinstance(module, torch.nn.LayerNorm)
         for param in module.parameters(recurse=False)
     }
-    kinds = {"decay": [], "bias": [], "rest": []}
     named = [(name, param) for name, param in model.named_parameters() if param.requires_grad]
-    kind_of = {}
-    for name, param in named:
-        kind_of[name] = "bias" if "bias" in name else "rest" if id(param) in in_layer_norm else "decay"
-        kinds[kind_of[name]].append(param)
-    if lamb:
-        return [
-            {"params": kinds["decay"], "weight_decay": weight_decay},
-            {"params": kinds["bias"], "weight_decay": 0.0, "max_weight_norm": 0.0},
-            {"params": kinds["rest"], "weight_decay": 0.0},
-        ]
-    no_decay = [param for name, param in named if kind_of[name] != "decay"]  # in the model's order, as the original
-    return [{"params": kinds["decay"], "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    decay = [param for name, param in named if "bias" not in name and id(param) not in in_layer_norm]
+    if not lamb:  # the rest in the model's order, as the original listed them
+        decayed = {id(param) for param in decay}
+        return [{"params": decay, "weight_decay": weight_decay},
+                {"params": [param for _, param in named if id(param) not in decayed], "weight_decay": 0.0}]
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": [param for name, param in named if "bias" in name], "weight_decay": 0.0, "max_weight_norm": 0.0},
+        {"params": [param for name, param in named if "bias" not in name and id(param) in in_layer_norm],
+         "weight_decay": 0.0},
+    ]
 
 
 def _trust_ratios(weight_norms: list[torch.Tensor], update_norms: list[torch.Tensor]) -> list[torch.Tensor]:
