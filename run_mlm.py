@@ -134,7 +134,7 @@ def main():
     model_args, data_args, training_args = parse_script_args(ModelArguments, DataTrainingArguments)
     setup_logging(training_args)
     check_outputs_before_loading(training_args)
-    last_checkpoint = claim_output_dir(training_args)
+    claim = claim_output_dir(training_args, model_args, data_args)
     set_seed(training_args.seed)
 
     # Model config and IPU config, resolved into the run before any weights or data are loaded
@@ -200,7 +200,7 @@ def main():
 
     # Train, evaluate, write results (or only compile, with --compile_only)
     train_evaluate_and_report(
-        trainer, training_args, model_args, data_args, last_checkpoint, train_dataset, eval_dataset, tasks="fill-mask"
+        trainer, training_args, model_args, data_args, claim, train_dataset, eval_dataset, tasks="fill-mask"
     )
 
 

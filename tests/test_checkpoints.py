@@ -23,6 +23,7 @@ from ipu_trainer.training.checkpoints import (
     rotate_checkpoints,
 )
 from ipu_trainer.training.run_control import CheckpointWriteError, RunFinished, RunLock
+from ipu_trainer.training.run_record import RunRecord, weight_shaping_arguments
 from tiny import masked_pairs, tiny_bert
 
 STEPS = 6
@@ -224,35 +225,39 @@ def test_a_finished_run_rerun_unchanged_changes_nothing(uninterrupted, tmp_path)
     copy_checkpoints(out, tmp_path)
     (tmp_path / "train_results.json").write_text("{}")
     (tmp_path / "trainer_state.json").write_text((out / "checkpoint-6" / "trainer_state.json").read_text())
+    record = RunRecord(weight_shaping_arguments(make_args(tmp_path, do_train=True)))
+    record.mark_finished(str(tmp_path))
     files = [name for name in os.listdir(tmp_path) if os.path.isfile(tmp_path / name)]
     before = {name: (tmp_path / name).read_bytes() for name in files}
-    with pytest.raises(RunFinished, match=r"trained to its last step \(6 of 6\): nothing to do"):
+    with pytest.raises(RunFinished, match=r"already holds this run, finished .*, 6 of 6 steps: nothing to do"):
         claim_output_dir(make_args(tmp_path, do_train=True))
     after = {name: (tmp_path / name).read_bytes() for name in files}
     assert after == before and len(list_checkpoints(str(tmp_path))) == 3
     # A longer run of the same folder goes on from the last checkpoint.
-    assert claim_output_dir(make_args(tmp_path, do_train=True, max_steps=8)) == str(tmp_path / "checkpoint-6")
+    assert claim_output_dir(make_args(tmp_path, do_train=True, max_steps=8)).checkpoint == str(tmp_path / "checkpoint-6")
 
 
 def test_overwrite_output_dir_sets_the_old_checkpoints_aside(uninterrupted, tmp_path, monkeypatch):
     out, _ = uninterrupted
     copy_checkpoints(out, tmp_path)
     args = make_args(tmp_path, do_train=True, overwrite_output_dir=True)
-    assert claim_output_dir(args) is None
+    claim = claim_output_dir(args)
+    assert claim.checkpoint is None and claim.set_aside
     assert len(list_checkpoints(str(tmp_path))) == 3  # nothing moves before every input was accepted
     trained = []
     monkeypatch.setattr(IPUTrainer, "train", lambda self, resume_from_checkpoint=None: trained.append(
         (resume_from_checkpoint, list_checkpoints(str(tmp_path)))) or TrainOutput(0, 0.0, {}))
     trainer = IPUTrainer(model=tiny_bert(), ipu_config=IPUConfig(layers_per_ipu=[-1]), args=args,
                          data_collator=default_data_collator, train_dataset=masked_pairs(8))
-    train_and_save(trainer, args, None, 8)
+    train_and_save(trainer, args, claim, 8)
     assert trained == [(None, [])]  # moved aside before training started, and not resumed
     assert list_checkpoints(str(tmp_path)) == []
     aside = [name for name in os.listdir(tmp_path) if name.startswith("overwritten-")]
     assert len(aside) == 1 and sorted(os.listdir(tmp_path / aside[0])) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
-    # A later plain run does not resume from the overwritten run (here: nothing of the new run was saved yet).
-    with pytest.raises(ValueError, match="holds no checkpoint"):
-        claim_output_dir(make_args(tmp_path, do_train=True))
+    assert RunRecord.read(str(tmp_path)).identity == claim.record.identity  # the folder now holds the new run
+    # A later run of the same command does not resume from the overwritten run (here: nothing of the new run
+    # was saved yet, so it starts afresh).
+    assert claim_output_dir(make_args(tmp_path, do_train=True)).checkpoint is None
 
 
 def test_run_cli_releases_the_lock_and_reports_a_finished_run(tmp_path, capsys):

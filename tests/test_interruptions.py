@@ -1,8 +1,10 @@
 """A run stopped at any moment (kill -9, SIGINT, SIGTERM, also in the middle of a save) continues when the same
 command is run again, and ends with the weights of an uninterrupted run."""
 
+import json
 import os
 import random
+import shlex
 import signal
 import subprocess
 import sys
@@ -14,6 +16,7 @@ from datasets import Dataset, DatasetDict
 from safetensors.torch import load_file
 
 from ipu_trainer.training.checkpoints import COMPLETION_MARKER, list_checkpoints
+from ipu_trainer.training.run_record import RunRecord
 
 pytestmark = pytest.mark.slow  # several processes or full runs: left out by -m "not slow"
 
@@ -102,7 +105,8 @@ def test_runs_stopped_at_any_moment_resume_to_the_uninterrupted_weights(dataset_
         if how in ("SIGTERM", "SIGINT") and code == 128 + (signal.SIGTERM if how == "SIGTERM" else signal.SIGINT):
             # Caught during training: the step was finished, a checkpoint saved, and one line says so.
             last = err.strip().splitlines()[-1]
-            assert last.startswith(f"interrupted by {how} at step") and "run the same command again" in last
+            assert last.startswith(f"interrupted by {how} at step") and "the same command resumes from it" in last
+            assert last.endswith(shlex.join(["python", *cmd[1:]]))  # the command itself, to copy
             clean_stops += 1
         elif code == 0:
             break  # the run finished before the signal landed; the rest is checked below
@@ -127,7 +131,7 @@ def test_runs_stopped_at_any_moment_resume_to_the_uninterrupted_weights(dataset_
 
 def test_a_second_run_on_the_same_output_folder_is_refused(dataset_path, tokenizer_dir, tmp_path):
     out = tmp_path / "busy"
-    cmd = command(dataset_path, tokenizer_dir, out)
+    cmd = [*command(dataset_path, tokenizer_dir, out), "--max_steps", "100000"]  # still training when the second starts
     first = start(cmd)
     try:
         deadline = time.monotonic() + 120
@@ -140,3 +144,65 @@ def test_a_second_run_on_the_same_output_folder_is_refused(dataset_path, tokeniz
     finally:
         first.kill()
         first.wait()
+
+
+def unfinished(output_dir):
+    record = RunRecord.read(str(output_dir))
+    return record is not None and record.finished is None
+
+
+def stop_with_sigint_after(cmd, output_dir, step):
+    """Start the run, wait until a run in training has saved a checkpoint past `step`, press Ctrl-C; the exit code
+    and the output."""
+    process = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while not (unfinished(output_dir) and newest_step(output_dir) > step) and process.poll() is None \
+            and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
+    output, _ = process.communicate(timeout=120)
+    return process.returncode, output
+
+
+def test_the_same_command_resumes_an_interrupted_rerun_of_a_finished_run(dataset_path, tokenizer_dir, tmp_path):
+    """Finish a run; run the same command (with --overwrite_output_dir) again and stop it; run that command
+    again and stop it; run it without --overwrite_output_dir: the second run resumes each time and ends with
+    its own results, never the first run's, and nothing is deleted."""
+    out = tmp_path / "out"
+    cmd = [*command(dataset_path, tokenizer_dir, out), "--overwrite_output_dir"]
+    assert subprocess.run(cmd, cwd=REPO, capture_output=True).returncode == 0
+    first = RunRecord.read(str(out))
+    assert first.finished and "model.safetensors" in first.files
+
+    code, output = stop_with_sigint_after(cmd, out, 2)  # the finished run is set aside; the new one stopped
+    assert code == 128 + signal.SIGINT, output
+    (aside,) = [name for name in os.listdir(out) if name.startswith("overwritten-")]
+    assert sorted(os.listdir(out / aside)) == sorted([*first.files, "run.json"] + [f"checkpoint-{s}" for s in range(1, STEPS + 1)])
+    second = RunRecord.read(str(out))
+    assert second.started_at > first.started_at and second.finished is None
+    assert "Training completed" not in output  # it did not complete
+    assert not (out / "model.safetensors").exists()  # no results at the top but the second run's, when it ends
+    stopped_at = newest_step(out)
+
+    code, output = stop_with_sigint_after(cmd, out, stopped_at)  # the same command again: resumes
+    assert code == 128 + signal.SIGINT, output
+    assert f"Resuming from {out / f'checkpoint-{stopped_at}'}" in output and "from scratch" not in output
+    stopped_at = newest_step(out)
+
+    plain = [arg for arg in cmd if arg != "--overwrite_output_dir"]
+    result = subprocess.run(plain, cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert f"Resuming from {out / f'checkpoint-{stopped_at}'}" in result.stdout
+    ended = RunRecord.read(str(out))
+    assert ended.started_at == second.started_at and ended.finished and "model.safetensors" in ended.files
+    assert read_state(out)["global_step"] == STEPS
+    # The same command and seed: the second run ends with the first run's weights, bit for bit.
+    first_weights = load_file(str(out / aside / "model.safetensors"))
+    for name, value in final_weights(out).items():
+        torch.testing.assert_close(value, first_weights[name], rtol=0, atol=0, msg=name)
+
+
+def read_state(output_dir):
+    with open(os.path.join(str(output_dir), "trainer_state.json")) as handle:
+        return json.load(handle)

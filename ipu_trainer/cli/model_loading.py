@@ -52,7 +52,6 @@ def load_model_config(model_args: Any) -> PretrainedConfig:
                 f"--config_name {model_args.model_type} instead."
             )
         config = CONFIG_MAPPING[model_args.model_type]()
-        logger.warning("Training a new %s model from scratch.", model_args.model_type)
     else:
         raise ValueError("No model given: pass --model_name_or_path, --config_name or --model_type.")
 
@@ -264,7 +263,7 @@ def load_model(
             model = model_class(config)
         if isinstance(dtype, torch.dtype) and model_class is not auto_class:
             model = model.to(dtype)
-        logger.info("New %s model from scratch: %.1fM parameters.", config.model_type,
+        logger.info("New %s model: %.1fM parameters.", config.model_type,
                     sum(p.numel() for p in model.parameters()) / 1e6)
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         logger.info("Resizing the token embeddings to the tokenizer's %d tokens.", len(tokenizer))

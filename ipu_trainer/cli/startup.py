@@ -4,13 +4,13 @@ results files, and turning bad input into one clear error line."""
 from __future__ import annotations
 
 import atexit
-import datetime
-import json
 import logging
 import math
 import os
+import shlex
 import sys
 import tempfile
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import datasets
@@ -20,8 +20,8 @@ from transformers import TrainerCallback
 from transformers.modelcard import TrainingSummary
 
 from ..config.ipu_config import IncompatibleIPUConfigError
-from ..training.checkpoints import CHECKPOINT_PATTERN, TRAINER_STATE_NAME, last_resumable_checkpoint, list_checkpoints
-from ..training.run_control import LOCK_NAME, CheckpointWriteError, RunFinished, RunLock, TrainingInterrupted, one_line
+from ..training.run_control import CheckpointWriteError, RunFinished, RunLock, TrainingInterrupted, one_line
+from ..training.run_record import Decision, RunRecord, decide, set_aside_previous_run, weight_shaping_arguments
 from .hub import HubError, check_push_to_hub
 
 logger = logging.getLogger(__name__)
@@ -80,95 +80,71 @@ def end_distributed() -> None:
         torch.distributed.destroy_process_group()
 
 
-def _on_every_process(first_process: Callable[[], Optional[str]], training_args: Any) -> None:
-    """Run `first_process` on process 0 only and raise its error (a message, or None) on every process, so that
-    all processes of a torchrun stop together instead of waiting for one that gave up."""
-    message = first_process() if training_args.process_index == 0 else None
+def _on_every_process(first_process: Callable[[], Any], training_args: Any) -> Any:
+    """Run `first_process` on process 0 only and give its result to every process, or raise its error (as a
+    `ValueError`) on every process, so that all processes of a torchrun act on one decision and stop together
+    instead of waiting for one that gave up."""
+    outcome: Any = None
+    if training_args.process_index == 0:
+        try:
+            outcome = ("value", first_process())
+        except (ValueError, OSError) as error:
+            outcome = ("error", str(error))
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        shared = [message]
+        shared = [outcome]
         torch.distributed.broadcast_object_list(shared, src=0)
-        message = shared[0]
-    if message is not None:
-        raise ValueError(message)
+        outcome = shared[0]
+    kind, value = outcome
+    if kind == "error":
+        raise ValueError(value)
+    return value
 
 
-def _finished_run(training_args: Any) -> Optional[str]:
-    """The message for an output folder that already holds this run, trained to its last step; else None."""
-    output_dir = training_args.output_dir
-    state_file = os.path.join(output_dir, TRAINER_STATE_NAME)
-    if not os.path.isfile(os.path.join(output_dir, "train_results.json")) or not os.path.isfile(state_file):
-        return None
-    try:
-        with open(state_file, encoding="utf-8") as handle:
-            state = json.load(handle)
-        global_step, max_steps = int(state["global_step"]), int(state["max_steps"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    same_length = (training_args.max_steps == max_steps if training_args.max_steps > 0
-                   else training_args.num_train_epochs == state.get("num_train_epochs"))
-    if global_step < max_steps or not same_length:
-        return None
-    return (f"{output_dir} already holds this run, trained to its last step ({global_step} of {max_steps}): nothing to "
-            "do. Pass --overwrite_output_dir to train again from scratch, or a larger --max_steps to train further.")
+@dataclass
+class ClaimedOutputDir:
+    """What a training command does with its `--output_dir`, decided once by process 0 for every process."""
+
+    checkpoint: Optional[str]  # resume from it; None: start afresh
+    set_aside: bool  # the previous run is moved aside when training starts
+    record: Optional[RunRecord]  # the run's `run.json`, written when training starts
 
 
-def _set_aside_checkpoints(output_dir: str) -> None:
-    """--overwrite_output_dir: the overwritten run's checkpoints move to a folder of their own, so no later resume
-    picks them up; nothing is deleted."""
-    checkpoints = list_checkpoints(output_dir)
-    if not checkpoints:
-        return
-    aside = os.path.join(output_dir, "overwritten-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
-    os.makedirs(aside, exist_ok=True)
-    for path in checkpoints:
-        os.replace(path, os.path.join(aside, os.path.basename(path)))
-    logger.warning("--overwrite_output_dir: moved the previous run's %d checkpoint(s) to %s; this run starts afresh.",
-                   len(checkpoints), aside)
-
-
-def claim_output_dir(training_args: Any) -> Optional[str]:
-    """Take `--output_dir` for this run before anything heavy happens, and return the checkpoint to resume from.
+def claim_output_dir(training_args: Any, *script_args: Any) -> ClaimedOutputDir:
+    """Take `--output_dir` for this run before anything heavy happens, and decide what the command does with it.
 
     - One run per output folder: a lock held until the script ends (see `run_control.RunLock`).
-    - The same command re-run on a finished run ends with `RunFinished`: nothing changes.
-    - `--overwrite_output_dir` starts afresh: the old run's checkpoints are moved aside (by `train_and_save`, once
-      every input has been checked), never resumed.
-    - Otherwise the newest complete checkpoint is resumed (`checkpoints.last_resumable_checkpoint`), unless
-      `--resume_from_checkpoint` names one; a non-empty folder without one is refused (as the original did).
+    - The run's identity is its arguments that shape the weights (`training_args` and the script's other
+      argument dataclasses, `script_args`); `run_record.decide` applies the rule: the same command resumes an
+      interrupted run, with or without --overwrite_output_dir, and changes nothing in a finished one
+      (`RunFinished`); --overwrite_output_dir sets a finished or different previous run aside (in
+      `train_and_save`, once every input has been checked, so a refused command leaves the folder as it was).
+    - `--resume_from_checkpoint` names the checkpoint itself (checked by the trainer).
     """
-    output_dir = training_args.output_dir
     if not training_args.do_train:
-        return None
+        return ClaimedOutputDir(None, False, None)
+    output_dir = training_args.output_dir
+    current = RunRecord(weight_shaping_arguments(training_args, *script_args), command=shlex.join(sys.argv))
 
-    def take_lock() -> Optional[str]:
+    def take_lock_and_decide() -> Decision:
         lock = RunLock(output_dir)
-        try:
-            lock.acquire()
-        except ValueError as error:
-            return str(error)
+        lock.acquire()
         _held_locks.append(lock)
-        return None
+        if training_args.resume_from_checkpoint is not None:
+            previous = RunRecord.read(output_dir)
+            same = previous is not None and previous.identity == current.identity
+            return Decision(started=previous.started, started_at=previous.started_at) if same else Decision()
+        return decide(output_dir, current, training_args.overwrite_output_dir,
+                      needs_optimizer=not training_args.save_only_model)
 
-    _on_every_process(take_lock, training_args)
-    finished = None if training_args.overwrite_output_dir else _finished_run(training_args)
-    if finished:
-        raise RunFinished(finished)
-    if training_args.overwrite_output_dir or training_args.resume_from_checkpoint is not None:
-        return None
-    checkpoint, skipped = last_resumable_checkpoint(output_dir, needs_optimizer=not training_args.save_only_model)
-    if skipped:
-        logger.warning("Skipped checkpoint(s) that cannot be resumed from: %s", "; ".join(map(str, skipped)))
-    # What an interrupted run of this command leaves (its lock, checkpoints it never completed) is no reason to
-    # refuse the folder: the run starts afresh and its saves replace them.
-    others = [name for name in os.listdir(output_dir) if name != LOCK_NAME and not CHECKPOINT_PATTERN.match(name)]
-    if checkpoint is None and others:
-        raise ValueError(
-            f"--output_dir {output_dir} is not empty and holds no checkpoint to resume from: pass "
-            "--overwrite_output_dir to train afresh there, or choose another --output_dir"
-        )
-    if checkpoint is not None:
-        logger.info("Resuming training from %s (pass --overwrite_output_dir to train from scratch instead).", checkpoint)
-    return checkpoint
+    decision = _on_every_process(take_lock_and_decide, training_args)
+    if decision.finished is not None:
+        raise RunFinished(decision.finished)
+    if decision.started is not None:
+        current.started, current.started_at = decision.started, decision.started_at
+    if decision.checkpoint is not None:
+        logger.info("Resuming from %s: the weights, optimizer, schedule and data position come from it.",
+                    decision.checkpoint)
+    return ClaimedOutputDir(decision.checkpoint, decision.set_aside, current)
 
 
 def perplexity(loss: float) -> float:
@@ -200,14 +176,23 @@ class StreamResumeNote(TrainerCallback):
                     steps, steps, steps * self.samples_per_step)
 
 
-def train_and_save(trainer: Any, training_args: Any, last_checkpoint: Optional[str], num_train_samples: int) -> dict:
-    if training_args.overwrite_output_dir:
-        # Only now, when every input was accepted: a refused command leaves the folder as it was.
-        def set_aside() -> None:
-            _set_aside_checkpoints(training_args.output_dir)
+def train_and_save(trainer: Any, training_args: Any, claim: ClaimedOutputDir, num_train_samples: int) -> dict:
+    """Train (resuming what `claim` says), then write the model, `train_results.json` and the trainer state."""
+    output_dir = training_args.output_dir
 
-        _on_every_process(set_aside, training_args)
-    checkpoint = training_args.resume_from_checkpoint or last_checkpoint
+    def start_the_run() -> None:
+        # Only now, when every input was accepted: a refused command leaves the folder as it was.
+        if claim.set_aside:
+            aside = set_aside_previous_run(output_dir)
+            if aside is not None:
+                logger.warning("--overwrite_output_dir: moved the previous run's checkpoints and results to %s; this "
+                               "run starts afresh.", aside)
+        os.makedirs(output_dir, exist_ok=True)
+        claim.record.write(output_dir)
+
+    if claim.record is not None:
+        _on_every_process(start_the_run, training_args)
+    checkpoint = training_args.resume_from_checkpoint or claim.checkpoint
     train_result = trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_model()  # the model, the tokenizer and ipu_config.json
     metrics = dict(train_result.metrics)
@@ -260,10 +245,11 @@ def write_model_card(trainer: Any, model_args: Any, data_args: Any, tasks: str) 
 
 
 def train_evaluate_and_report(
-    trainer: Any, training_args: Any, model_args: Any, data_args: Any, last_checkpoint: Optional[str],
+    trainer: Any, training_args: Any, model_args: Any, data_args: Any, claim: ClaimedOutputDir,
     train_dataset: Any, eval_dataset: Any, tasks: str,
 ) -> None:
-    """The end of every script: --compile_only, or train, evaluate and write the results and model card."""
+    """The end of every script: --compile_only, or train, evaluate and write the results and model card; then
+    the run's `run.json` says it finished, which makes the folder's top-level results this run's."""
     if training_args.compile_only:
         trainer.compile_only()
         return
@@ -274,11 +260,13 @@ def train_evaluate_and_report(
             num_train_samples = samples_per_step * training_args.max_steps
         else:
             num_train_samples = len(train_dataset)
-        train_and_save(trainer, training_args, last_checkpoint, num_train_samples)
+        train_and_save(trainer, training_args, claim, num_train_samples)
     if training_args.do_eval:
         evaluate_and_save(trainer, len(eval_dataset))
     if training_args.do_train:
         write_model_card(trainer, model_args, data_args, tasks=tasks)
+        if trainer.is_world_process_zero() and claim.record is not None:
+            claim.record.mark_finished(training_args.output_dir)
 
 
 def check_output_dir_writable(output_dir: str) -> None:
@@ -317,6 +305,14 @@ def _reports_errors() -> bool:
     return rank in ("", "0")
 
 
+def resume_command() -> str:
+    """The command that resumes this run: this process's own, or under torchrun (whose own arguments a process
+    cannot see) the same torchrun command."""
+    if "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ:
+        return "the same torchrun command"
+    return shlex.join(["python", *sys.argv])
+
+
 def error_line(error: BaseException) -> str:
     """`error: <message>` on one line, whatever line breaks an upstream message carries."""
     return f"error: {one_line(error)}"
@@ -333,13 +329,13 @@ def run_cli(main: Callable[[], Any], user_errors: tuple[type[BaseException], ...
     except RunFinished as finished:
         line, code = one_line(finished), 0
     except TrainingInterrupted as interrupted:
-        line, code = one_line(interrupted), interrupted.exit_code
+        line, code = f"{one_line(interrupted)}: {resume_command()}", interrupted.exit_code
     except CheckpointWriteError as error:
         line, code = error_line(error), 1
     except user_errors as error:
         line, code = error_line(error), 2
     except KeyboardInterrupt:
-        line, code = "interrupted: the newest complete checkpoint (if any) resumes with the same command", 130
+        line, code = f"interrupted: the newest complete checkpoint (if any) resumes with the same command: {resume_command()}", 130
     finally:
         _release_locks()
         end_distributed()

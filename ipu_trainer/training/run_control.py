@@ -124,11 +124,14 @@ def _process_alive(pid: int) -> bool:
 
 
 class RunLock:
-    """One run per output folder: `acquire()` creates `<output_dir>/run.lock` exclusively, `release()` removes it."""
+    """One run per output folder: `acquire()` creates `<output_dir>/run.lock` exclusively, `release()` removes it,
+    and the folder too when `acquire()` created it and nothing else was written there (a refused run leaves no
+    empty output folder behind)."""
 
     def __init__(self, output_dir: str) -> None:
         self.path = os.path.join(output_dir, LOCK_NAME)
         self.held = False
+        self.created_folder = False
 
     def _owner(self) -> Optional[dict]:
         try:
@@ -144,7 +147,9 @@ class RunLock:
             return float("inf")
 
     def acquire(self) -> None:
-        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        folder = os.path.dirname(self.path) or "."
+        self.created_folder = not os.path.isdir(folder)
+        os.makedirs(folder, exist_ok=True)
         me = {"pid": os.getpid(), "host": socket.gethostname(),
               "started": datetime.datetime.now().isoformat(timespec="seconds"), "command": " ".join(sys.argv)}
         for _ in range(3):
@@ -182,4 +187,9 @@ class RunLock:
                 os.remove(self.path)
             except FileNotFoundError:
                 pass
+            if self.created_folder:
+                try:
+                    os.rmdir(os.path.dirname(self.path) or ".")  # only succeeds when it is empty
+                except OSError:
+                    pass
         self.held = False

@@ -21,7 +21,7 @@ import os
 import shutil
 import signal
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from accelerate.utils import send_to_device
@@ -108,6 +108,22 @@ def _call_scheduler_partial(
         if name in parameters and parameters[name].default is inspect.Parameter.empty
     }
     return partial(optimizer, **missing)
+
+
+@contextlib.contextmanager
+def _silence_completion_after_a_signal(stop: StopOnSignal) -> Iterator[None]:
+    """Upstream's loop ends with "Training completed" also when a signal stopped it; that line is dropped once a
+    signal was received, since the run is not complete. A filter on the one upstream logger that writes it."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return stop.signal_number is None or "Training completed" not in record.getMessage()
+
+    upstream = logging.getLogger("transformers.trainer")
+    upstream.addFilter(keep)
+    try:
+        yield
+    finally:
+        upstream.removeFilter(keep)
 
 
 class IPUTrainer(Trainer):
@@ -444,7 +460,7 @@ class IPUTrainer(Trainer):
             finished = self._already_finished(checkpoint)
             if finished is not None:
                 return finished
-        with StopOnSignal() as stop:
+        with StopOnSignal() as stop, _silence_completion_after_a_signal(stop):
             self._stop_on_signal.stop = stop
             try:
                 output = super().train(resume_from_checkpoint=checkpoint, trial=trial,
@@ -459,7 +475,8 @@ class IPUTrainer(Trainer):
             name = signal.Signals(stop.signal_number).name
             raise TrainingInterrupted(
                 f"interrupted by {name} at step {self.state.global_step}: checkpoint-{self.state.global_step} is saved "
-                f"in {self.args.output_dir}; run the same command again to resume from it",
+                f"in {self.args.output_dir}, and the same command resumes from it (with or without "
+                "--overwrite_output_dir)",
                 stop.signal_number,
             )
         return output
