@@ -25,3 +25,16 @@ def test_the_start_up_log_is_short_and_says_each_thing_once(assets, tmp_path):
     # transformers' and datasets' lines come through the same handler and format as the package's own
     assert any(" - INFO - transformers.trainer - " in line for line in lines)
     assert not any(line.startswith("[INFO|") for line in result.stdout.splitlines() + result.stderr.splitlines())
+
+
+def test_the_resume_command_is_the_command_itself_or_the_same_torchrun(monkeypatch):
+    from ipu_trainer.cli.startup import resume_command
+
+    for name in ("TORCHELASTIC_RUN_ID", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(sys, "argv", ["run_mlm.py", "--config_overrides", "n_layer=2,n_head=2", "--do_train"])
+    assert resume_command() == "python run_mlm.py --config_overrides n_layer=2,n_head=2 --do_train"
+    monkeypatch.setattr(sys, "argv", ["run_mlm.py", "--ipu_config_overrides", "layers_per_ipu=[-1]"])
+    assert resume_command() == "python run_mlm.py --ipu_config_overrides 'layers_per_ipu=[-1]'"  # quoted for the shell
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert resume_command() == "the same torchrun command"
