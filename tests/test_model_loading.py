@@ -4,13 +4,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import script_module
 from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer, BertConfig, BertForMaskedLM
 
 from ipu_trainer.cli import datasets as data_module
 from ipu_trainer.cli.datasets import load_raw_datasets
 from ipu_trainer.cli.model_loading import load_model, load_model_config, load_tokenizer
-from ipu_trainer.cli.script_args import parse_script_args
 
 
 def model_args(path):
@@ -31,20 +29,6 @@ def test_a_bfloat16_checkpoint_trains_in_float32_unless_asked(tmp_path, tokenize
 
 
 # ---- the flags users paste from the transformers examples ----------------------------------------------------
-
-
-
-@pytest.mark.parametrize("script", ["run_pretraining", "run_mlm", "run_clm"])
-def test_token_trust_remote_code_and_dtype_flags_parse_in_every_script(script, monkeypatch):
-    module = script_module(script)
-    monkeypatch.setattr("sys.argv", [f"{script}.py", "--token", "hf_secret", "--trust_remote_code", "--dtype",
-                                     "bfloat16", "--dataset_name", "x", "--output_dir", "o"])
-    model_args, _, _ = parse_script_args(module.ModelArguments, module.DataTrainingArguments)
-    assert (model_args.token, model_args.trust_remote_code, model_args.dtype) == ("hf_secret", True, "bfloat16")
-    monkeypatch.setattr("sys.argv", [f"{script}.py", "--torch_dtype", "float16", "--dtype", "bfloat16",
-                                     "--dataset_name", "x", "--output_dir", "o"])
-    with pytest.raises(ValueError, match="--torch_dtype float16 and --dtype bfloat16 disagree"):
-        parse_script_args(module.ModelArguments, module.DataTrainingArguments)
 
 
 def test_token_and_trust_remote_code_reach_transformers_and_datasets(tmp_path, tokenizer_dir, monkeypatch):
