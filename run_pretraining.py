@@ -26,9 +26,9 @@ from ipu_trainer import (
 )
 from ipu_trainer.cli.datasets import (
     data_source_of,
+    eval_held_out_of_train,
     load_raw_datasets,
     require_columns,
-    require_eval_holdout,
     resolve_sequence_length,
     split_source,
     text_column_of,
@@ -157,13 +157,14 @@ def main():
         max_seq_length = resolve_sequence_length("--max_seq_length", data_args.max_seq_length, tokenizer, max_positions_of(config))
     if not already_pairs and data_args.streaming:
         # Pairs built block by block as the stream is read. Without validation data, evaluation takes the pairs of the
-        # first blocks of documents, and training starts after them (no document in both)
+        # first blocks of documents, and training starts after them (no document in both); evaluation alone takes the
+        # first pairs, in train_and_eval_splits
         text_columns = {name: text_column_of(split, split_source(data_args, name)) for name, split in raw_datasets.items()}
         pair_options = dict(tokenizer=tokenizer, max_seq_length=max_seq_length, seed=training_args.seed)
         tokenized_datasets = {name: stream_nsp_pairs(split, text_column=text_columns[name], **pair_options)
                               for name, split in raw_datasets.items()}
-        if training_args.do_train and training_args.do_eval and "validation" not in raw_datasets:
-            require_eval_holdout(data_args)
+        if (eval_held_out_of_train(data_args, training_args, "validation" in raw_datasets) and training_args.do_train
+                and "train" in raw_datasets):
             tokenized_datasets["validation"], tokenized_datasets["train"] = hold_out_nsp_pairs(
                 raw_datasets["train"], data_args.max_eval_samples, text_column=text_columns["train"],
                 source=split_source(data_args, "train"), **pair_options)
