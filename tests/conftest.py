@@ -220,3 +220,18 @@ def unreachable(monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(hub, "_reachability", {})
+
+
+def cache_hub_file(cache_dir, repo_id: str, filename: str, content: str, repo_type: str = "model") -> str:
+    """Put `content` in a hub cache at `cache_dir` as `filename` of `repo_id`'s main branch, laid out as the hub
+    libraries write it (refs/main naming a snapshot), so that they find it without asking the hub. Returns its path."""
+    repo = os.path.join(str(cache_dir), f"{repo_type}s--" + repo_id.replace("/", "--"))
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    os.makedirs(os.path.join(repo, "refs"), exist_ok=True)
+    with open(os.path.join(repo, "refs", "main"), "w") as handle:
+        handle.write(commit)
+    path = os.path.join(repo, "snapshots", commit, filename)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as handle:
+        handle.write(content)
+    return path
