@@ -190,16 +190,16 @@ def main():
     model = load_model(AutoModelForPreTraining, model_args, config, tokenizer,
                        model_class=masked_positions_model_for(config), seed=training_args.seed)
 
-    # Masking: dynamic (every batch masked afresh) unless the data's own masking is kept. Sentence pairs all have
-    # max_seq_length tokens (built padded to it here; pre-built data comes at one length), so batches are never
-    # padded and there is no padding to round up to a multiple of 8 in half precision (pad_to_multiple_of_for).
+    # Masking: dynamic (every batch masked afresh) unless the data's own masking is kept, capped at the model's
+    # max_num_masked_tokens (the collator is given the cap, not the length to derive it from again). Sentence pairs
+    # all have max_seq_length tokens (built padded to it here; pre-built data comes at one length), so batches are
+    # never padded and there is no padding to round up to a multiple of 8 in half precision (pad_to_multiple_of_for).
     if data_args.is_already_masked:
         data_collator = default_data_collator
     else:
         data_collator = DataCollatorForLanguageModelingWithMaxTokensMasked(
-            tokenizer=tokenizer, mlm_probability=data_args.mlm_probability, max_seq_length=max_seq_length,
-            max_num_masked_tokens=masked_tokens_cap, seed=training_args.masking_seed,
-            whole_word_mask=data_args.whole_word_mask,
+            tokenizer=tokenizer, mlm_probability=data_args.mlm_probability, max_num_masked_tokens=masked_tokens_cap,
+            seed=training_args.masking_seed, whole_word_mask=data_args.whole_word_mask,
         )
 
     # Packing (--packing): several sentence pairs per row of max_seq_length, each masked on its own; a micro-batch
