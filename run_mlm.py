@@ -165,11 +165,12 @@ def main():
         logger.info("No masked-position head for model type %r: the MLM head runs on every position.", config.model_type)
     model = load_model(AutoModelForMaskedLM, model_args, config, tokenizer, model_class=model_class, seed=training_args.seed)
 
-    # Dynamic masking, capped at max_num_masked_tokens per sequence; seeded so runs (and evaluations) repeat.
-    # Dynamically padded batches (--line_by_line) are rounded up to a multiple of 8 in half precision on a GPU.
+    # Dynamic masking, capped at max_num_masked_tokens per sequence (the collator is given the cap, not the length to
+    # derive it from again); seeded so runs (and evaluations) repeat. Dynamically padded batches (--line_by_line) are
+    # rounded up to a multiple of 8 in half precision on a GPU, never past max_seq_length.
     data_collator = DataCollatorForLanguageModelingWithMaxTokensMasked(
-        tokenizer=tokenizer, mlm_probability=data_args.mlm_probability, max_seq_length=max_seq_length,
-        max_num_masked_tokens=masked_tokens_cap, whole_word_mask=data_args.whole_word_mask,
+        tokenizer=tokenizer, mlm_probability=data_args.mlm_probability, max_num_masked_tokens=masked_tokens_cap,
+        whole_word_mask=data_args.whole_word_mask,
         pad_to_multiple_of=pad_to_multiple_of_for(run, max_seq_length),
         seed=training_args.masking_seed,
     )

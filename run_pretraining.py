@@ -26,9 +26,9 @@ from ipu_trainer import (
 )
 from ipu_trainer.cli.datasets import (
     data_source_of,
+    eval_held_out_of_train,
     load_raw_datasets,
     require_columns,
-    require_eval_holdout,
     resolve_sequence_length,
     split_source,
     text_column_of,
@@ -157,13 +157,14 @@ def main():
         max_seq_length = resolve_sequence_length("--max_seq_length", data_args.max_seq_length, tokenizer, max_positions_of(config))
     if not already_pairs and data_args.streaming:
         # Pairs built block by block as the stream is read. Without validation data, evaluation takes the pairs of the
-        # first blocks of documents, and training starts after them (no document in both)
+        # first blocks of documents, and training starts after them (no document in both); evaluation alone takes the
+        # first pairs, in train_and_eval_splits
         text_columns = {name: text_column_of(split, split_source(data_args, name)) for name, split in raw_datasets.items()}
         pair_options = dict(tokenizer=tokenizer, max_seq_length=max_seq_length, seed=training_args.seed)
         tokenized_datasets = {name: stream_nsp_pairs(split, text_column=text_columns[name], **pair_options)
                               for name, split in raw_datasets.items()}
-        if training_args.do_train and training_args.do_eval and "validation" not in raw_datasets:
-            require_eval_holdout(data_args)
+        if (eval_held_out_of_train(data_args, training_args, "validation" in raw_datasets) and training_args.do_train
+                and "train" in raw_datasets):
             tokenized_datasets["validation"], tokenized_datasets["train"] = hold_out_nsp_pairs(
                 raw_datasets["train"], data_args.max_eval_samples, text_column=text_columns["train"],
                 source=split_source(data_args, "train"), **pair_options)
@@ -189,16 +190,16 @@ def main():
     model = load_model(AutoModelForPreTraining, model_args, config, tokenizer,
                        model_class=masked_positions_model_for(config), seed=training_args.seed)
 
-    # Masking: dynamic (every batch masked afresh) unless the data's own masking is kept. Sentence pairs all have
-    # max_seq_length tokens (built padded to it here; pre-built data comes at one length), so batches are never
-    # padded and there is no padding to round up to a multiple of 8 in half precision (pad_to_multiple_of_for).
+    # Masking: dynamic (every batch masked afresh) unless the data's own masking is kept, capped at the model's
+    # max_num_masked_tokens (the collator is given the cap, not the length to derive it from again). Sentence pairs
+    # all have max_seq_length tokens (built padded to it here; pre-built data comes at one length), so batches are
+    # never padded and there is no padding to round up to a multiple of 8 in half precision (pad_to_multiple_of_for).
     if data_args.is_already_masked:
         data_collator = default_data_collator
     else:
         data_collator = DataCollatorForLanguageModelingWithMaxTokensMasked(
-            tokenizer=tokenizer, mlm_probability=data_args.mlm_probability, max_seq_length=max_seq_length,
-            max_num_masked_tokens=masked_tokens_cap, seed=training_args.masking_seed,
-            whole_word_mask=data_args.whole_word_mask,
+            tokenizer=tokenizer, mlm_probability=data_args.mlm_probability, max_num_masked_tokens=masked_tokens_cap,
+            seed=training_args.masking_seed, whole_word_mask=data_args.whole_word_mask,
         )
 
     # Packing (--packing): several sentence pairs per row of max_seq_length, each masked on its own; a micro-batch

@@ -4,8 +4,12 @@ import os
 import re
 import sys
 
+import datasets
+import huggingface_hub
 import pytest
 
+from ipu_trainer import IPUTrainingArguments
+from ipu_trainer.cli import hub
 from ipu_trainer.cli.offline_assets import english_text_documents, train_wordpiece_tokenizer, write_quickstart_assets
 from ipu_trainer.cli.startup import run_cli
 
@@ -190,3 +194,44 @@ def snapshot_files(folder, skip: tuple[str, ...] = ()) -> dict[str, bytes]:
             with open(path, "rb") as handle:
                 files[os.path.relpath(path, folder)] = handle.read()
     return files
+
+
+# ---- arguments and the hub, as the tests set them up ----------------------------------------------------------
+
+
+def make_args(tmp_path, **values):
+    """Training arguments of a quiet float32 CPU run writing into `tmp_path`/out, with `values` on top."""
+    defaults = dict(output_dir=str(tmp_path / "out"), report_to=[], use_cpu=True, disable_tqdm=True, fp32=True)
+    return IPUTrainingArguments(**{**defaults, **values})
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """HF_HUB_OFFLINE=1 as the libraries see it once imported (they read the variable at import)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+
+
+@pytest.fixture
+def unreachable(monkeypatch):
+    """A hub endpoint that refuses connections (HF_ENDPOINT=http://127.0.0.1:9 as the libraries see it)."""
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub, "_reachability", {})
+
+
+def cache_hub_file(cache_dir, repo_id: str, filename: str, content: str, repo_type: str = "model") -> str:
+    """Put `content` in a hub cache at `cache_dir` as `filename` of `repo_id`'s main branch, laid out as the hub
+    libraries write it (refs/main naming a snapshot), so that they find it without asking the hub. Returns its path."""
+    repo = os.path.join(str(cache_dir), f"{repo_type}s--" + repo_id.replace("/", "--"))
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    os.makedirs(os.path.join(repo, "refs"), exist_ok=True)
+    with open(os.path.join(repo, "refs", "main"), "w") as handle:
+        handle.write(commit)
+    path = os.path.join(repo, "snapshots", commit, filename)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as handle:
+        handle.write(content)
+    return path

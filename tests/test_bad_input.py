@@ -12,13 +12,10 @@ import sys
 import tempfile
 import time
 
-import datasets
-import huggingface_hub
 import pytest
 from conftest import REPO, quickstart_argv, script_module, snapshot_files
 from datasets import Dataset, DatasetDict
 
-from ipu_trainer.cli import hub
 from ipu_trainer.cli.startup import run_cli
 
 SENTINEL = "notes.txt"
@@ -331,23 +328,6 @@ def edit(argv, changes):
     return argv
 
 
-@pytest.fixture
-def offline(monkeypatch):
-    """HF_HUB_OFFLINE=1 as the libraries see it once imported (they read the variable at import)."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-
-
-@pytest.fixture
-def unreachable(monkeypatch):
-    """A hub endpoint that refuses connections (HF_ENDPOINT=http://127.0.0.1:9 as the libraries see it)."""
-    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(hub, "_reachability", {})
-
-
 @pytest.mark.parametrize("row", list(ROWS), ids=list(ROWS))
 def test_bad_input_is_one_error_line_and_touches_nothing(row, request, assets, trained_output, tmp_path, monkeypatch, capsys):
     script, changes, expected, options = ROWS[row]
@@ -425,18 +405,6 @@ def test_an_unreachable_hub_fails_at_once_without_offline_mode(tmp_path):
     assert seconds < 20  # the interpreter and its imports; the retries alone took ~25 s
 
 
-def test_a_cached_hub_id_still_loads_when_the_hub_cannot_be_asked(tmp_path, offline):
-    """Offline is not an error for what the cache holds: load_local_or_hub asks for the cached copy."""
-    asked = []
-
-    def load(local_only):
-        asked.append(local_only)
-        return "config"
-
-    assert hub.load_local_or_hub("--config_name", "bert-base-uncased", load) == "config"
-    assert asked == [True]
-
-
 def test_config_overrides_of_settings_that_default_to_none_take_the_type_of_the_text():
     from transformers import BertConfig, GPT2Config
 
@@ -494,34 +462,3 @@ def test_under_torchrun_the_first_process_of_each_machine_prints_the_error(monke
     assert run_cli(refused) == 2
     err = capsys.readouterr().err
     assert err == ("error: --max_seq_length=0 is invalid: must be >= 1\n" if prints else "")
-
-
-def test_a_hub_id_the_reachable_hub_does_not_know_is_one_line(monkeypatch):
-    import httpx2
-    from huggingface_hub.errors import RepositoryNotFoundError
-
-    monkeypatch.setattr(hub, "hub_usable", lambda: True)
-
-    def load(local_only):
-        assert not local_only
-        response = httpx2.Response(404, request=httpx2.Request("HEAD", "https://huggingface.co/someone/nothing"))
-        try:
-            raise RepositoryNotFoundError("404 Client Error.\n\nRepository Not Found", response=response)
-        except RepositoryNotFoundError as error:  # as transformers re-raises it
-            raise OSError("someone/nothing is not a local folder and is not a valid model identifier\n...") from error
-
-    with pytest.raises(hub.HubError, match=r"^--config_name someone/nothing: not a local folder, and no such "
-                                           r"repository on the hub \(if it is private, log in"):
-        hub.load_local_or_hub("--config_name", "someone/nothing", load)
-
-
-def test_push_to_hub_without_a_login_is_refused_before_training(monkeypatch):
-    from types import SimpleNamespace
-
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(hub, "unreachable_reason", lambda: None)
-    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
-    with pytest.raises(hub.HubError, match="--push_to_hub needs a hub login: run hf auth login"):
-        hub.check_push_to_hub(SimpleNamespace(push_to_hub=True, hub_token=None))
-    hub.check_push_to_hub(SimpleNamespace(push_to_hub=True, hub_token="hf_x"))
-    hub.check_push_to_hub(SimpleNamespace(push_to_hub=False, hub_token=None))

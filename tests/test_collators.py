@@ -65,21 +65,17 @@ def test_collator_owns_max_num_masked_tokens(tokenizer):
             make(max_num_masked_tokens=bad)
 
 
-def test_cap_is_computed_once_at_construction(tokenizer, rows128, monkeypatch):
-    calls = []
-    original = data_collators_module.max_num_masked_tokens
-
-    def counting(*args):
-        calls.append(args)
-        return original(*args)
-
-    monkeypatch.setattr(data_collators_module, "max_num_masked_tokens", counting)
-    collator = DataCollatorForLanguageModelingWithMaxTokensMasked(
-        tokenizer, mlm_probability=0.15, max_seq_length=128, seed=0
-    )
-    for start in (0, 8, 16):
-        collator(rows128[start : start + 8])
-    assert calls == [(128, 0.15)]
+def test_the_cap_from_max_seq_length_binds_on_every_batch_whatever_its_length(tokenizer, rows128):
+    # Set once at construction: L=20, p=0.5 gives 16, while the batches' own lengths would give 96 (128) and 48 (64)
+    # and p=0.5 chooses ~63 and ~31 tokens a row.
+    collator = DataCollatorForLanguageModelingWithMaxTokensMasked(tokenizer, mlm_probability=0.5, max_seq_length=20,
+                                                                  seed=0)
+    assert collator.max_num_masked_tokens == 16
+    short_rows = [{key: value[:64] for key, value in row.items()} for row in rows128[8:16]]
+    for examples in (rows128[:8], short_rows, rows128[16:24]):
+        counts = (collator(examples)["labels"] != -100).sum(dim=1)
+        assert counts.max() == 16 and (counts == 16).all()
+    assert collator.max_num_masked_tokens == 16
 
 
 def test_explicit_cap_is_the_one_the_masking_uses(tokenizer, rows128):
@@ -375,22 +371,22 @@ def test_whole_word_masking_is_seeded_by_the_batch(tokenizer, rows128):
     assert not torch.equal(first["labels"], mask(rows128[:16], seed=4)["labels"])
 
 
-def test_word_boundaries_are_looked_up_once(tokenizer, rows128, monkeypatch):
-    calls = []
-    original = data_collators_module.WordBoundaries.of
-
-    def counting(tok):
-        calls.append(tok)
-        return original(tok)
-
-    monkeypatch.setattr(data_collators_module.WordBoundaries, "of", counting)
-    collator = DataCollatorForLanguageModelingWithMaxTokensMasked(tokenizer, seed=0, whole_word_mask=True)
+def test_the_collator_masks_by_the_vocabularys_word_boundaries_in_every_batch(tokenizer, rows128):
+    whole_words = DataCollatorForLanguageModelingWithMaxTokensMasked(tokenizer, mlm_probability=0.5, seed=0,
+                                                                     whole_word_mask=True)
+    table = data_collators_module.WordBoundaries.of(tokenizer)
+    assert torch.equal(whole_words.word_boundaries.continues, table.continues)
+    assert torch.equal(whole_words.word_boundaries.ends, table.ends)
     for start in (0, 8, 16):
-        collator(rows128[start : start + 8])
-    assert calls == [tokenizer]
-    # ... and not at all for token masking
-    DataCollatorForLanguageModelingWithMaxTokensMasked(tokenizer, seed=0)(rows128[:8])
-    assert len(calls) == 1
+        examples = rows128[start : start + 8]
+        batch = whole_words(examples)
+        original = torch.tensor([e["input_ids"] for e in examples])
+        assert masked_words(tokenizer, batch, original)[1] == []  # no word labelled in part
+    # Token masking has no word table, and labels the pieces of a word independently.
+    tokens = DataCollatorForLanguageModelingWithMaxTokensMasked(tokenizer, mlm_probability=0.5, seed=0)
+    assert tokens.word_boundaries is None
+    batch = tokens(rows128[:8])
+    assert masked_words(tokenizer, batch, torch.tensor([e["input_ids"] for e in rows128[:8]]))[1] != []
 
 
 def test_word_boundaries_tables(tokenizer, bpe_tokenizer):

@@ -1,10 +1,17 @@
 import json
 import logging
+from pathlib import Path
 
 import pytest
 
-from conftest import REPO
-from ipu_trainer.config.ipu_config import FIELDS, IncompatibleIPUConfigError, IPUConfig, field_table
+from conftest import REPO, cache_hub_file
+from ipu_trainer.config.ipu_config import (
+    FIELDS,
+    IncompatibleIPUConfigError,
+    IPUConfig,
+    field_table,
+    locate_config_file,
+)
 
 # The ipu_config.json of the original examples, shipped next to the scripts.
 SEED_CONFIG = {
@@ -346,3 +353,32 @@ def test_ipu_only_settings(seed_dir):
     assert "gradient_accumulation_steps" not in settings
     assert "recompute_checkpoint_every_layer" not in settings
     assert "executable_cache_dir" not in settings  # the trainer reuses it as the compile cache
+
+
+# ---- where the file is: one locator for folders, files and hub ids -------------------------------------------
+
+
+def test_the_locator_finds_a_folders_file_a_json_file_or_a_cached_hub_file(tmp_path):
+    config = IPUConfig(layers_per_ipu=[1, 2], device_iterations=4)
+    folder_file = config.save_pretrained(tmp_path / "folder")
+    assert locate_config_file(tmp_path / "folder") == folder_file
+    assert locate_config_file(str(folder_file)) == folder_file
+    config.save_pretrained(tmp_path / "repo" / "sub")
+    assert locate_config_file(tmp_path / "repo", subfolder="sub") == tmp_path / "repo" / "sub" / "ipu_config.json"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no ipu_config.json in folder"):
+        locate_config_file(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="IPU config file not found: ./missing.json"):
+        locate_config_file("./missing.json")
+    cached = cache_hub_file(tmp_path / "cache", "someone/ipu", "ipu_config.json", config.to_json_string())
+    assert locate_config_file("someone/ipu", cache_dir=str(tmp_path / "cache"), local_files_only=True) == Path(cached)
+    assert IPUConfig.from_pretrained("someone/ipu", cache_dir=str(tmp_path / "cache"), local_files_only=True) == config
+    with pytest.raises(OSError, match="could not download ipu_config.json from the hub repo 'someone/other'"):
+        locate_config_file("someone/other", cache_dir=str(tmp_path / "cache"), local_files_only=True)
+
+
+def test_a_json_file_is_read_with_the_pod_types_entries(tmp_path):
+    path = tmp_path / "ipu.json"
+    path.write_text(json.dumps({"layers_per_ipu": [-1], "device_iterations": {"default": 1, "pod16": 8}}))
+    assert IPUConfig.from_json_file(path, pod_type="pod16").device_iterations == 8
+    assert IPUConfig.from_json_file(path).device_iterations == 1

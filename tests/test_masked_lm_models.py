@@ -487,20 +487,6 @@ def test_causal_blocks_have_labels_equal_to_inputs_and_drop_the_remainder(tokeni
     assert {len(ids) for ids in blocks["input_ids"]} == {24}
 
 
-def test_block_size_defaults_and_limits():
-    from ipu_trainer.cli.datasets import resolve_sequence_length
-
-    tokenizer = SimpleNamespace(model_max_length=int(1e30))
-    assert resolve_sequence_length("--block_size", None, tokenizer) == 1024
-    assert resolve_sequence_length("--block_size", None, tokenizer, model_max_positions=256) == 256
-    assert resolve_sequence_length("--block_size", None, SimpleNamespace(model_max_length=512), 1024) == 512
-    assert resolve_sequence_length("--block_size", 2048, SimpleNamespace(model_max_length=512), 4096) == 512  # clipped to the tokenizer
-    with pytest.raises(ValueError, match="--block_size 2048 is larger than the model's 1024 positions"):
-        resolve_sequence_length("--block_size", 2048, tokenizer, 1024)
-    with pytest.raises(ValueError, match="--block_size=0"):
-        resolve_sequence_length("--block_size", 0, tokenizer, 1024)
-
-
 def test_max_positions_account_for_the_roberta_padding_offset():
     assert max_positions_of(roberta_config()) == SEQ
     assert max_positions_of(bert_config()) == SEQ
@@ -515,11 +501,3 @@ def test_chunked_projection_loss_matches_full_logits():
     labels[0, 0] = -100
     expected = F.cross_entropy(linear(hidden).reshape(-1, 50), labels.reshape(-1), ignore_index=-100)
     torch.testing.assert_close(ChunkedVocabProjection(linear, 3).loss(hidden, labels), expected)
-
-
-def test_max_seq_length_follows_the_same_rule_as_block_size():
-    from ipu_trainer.cli.datasets import resolve_sequence_length
-
-    assert resolve_sequence_length("--max_seq_length", None, SimpleNamespace(model_max_length=512), 128) == 128
-    with pytest.raises(ValueError, match="--max_seq_length 256 is larger than the model's 128 positions"):
-        resolve_sequence_length("--max_seq_length", 256, SimpleNamespace(model_max_length=512), 128)

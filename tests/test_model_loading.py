@@ -1,16 +1,20 @@
-"""Models load as the run needs them: float32 weights unless --torch_dtype asks otherwise."""
+"""Models, configs and the IPU config load as the run needs them: float32 weights unless --torch_dtype asks otherwise,
+the IPU config from a folder, a .json file or the hub (its cache when the hub cannot be asked)."""
 
+import json
 from types import SimpleNamespace
 
+import huggingface_hub
 import pytest
 import torch
-from conftest import script_module
+from conftest import cache_hub_file
 from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer, BertConfig, BertForMaskedLM
 
+import ipu_trainer.config.ipu_config as ipu_config_module
 from ipu_trainer.cli import datasets as data_module
+from ipu_trainer.cli import hub
 from ipu_trainer.cli.datasets import load_raw_datasets
-from ipu_trainer.cli.model_loading import load_model, load_model_config, load_tokenizer
-from ipu_trainer.cli.script_args import parse_script_args
+from ipu_trainer.cli.model_loading import load_ipu_config, load_model, load_model_config, load_tokenizer
 
 
 def model_args(path):
@@ -31,20 +35,6 @@ def test_a_bfloat16_checkpoint_trains_in_float32_unless_asked(tmp_path, tokenize
 
 
 # ---- the flags users paste from the transformers examples ----------------------------------------------------
-
-
-
-@pytest.mark.parametrize("script", ["run_pretraining", "run_mlm", "run_clm"])
-def test_token_trust_remote_code_and_dtype_flags_parse_in_every_script(script, monkeypatch):
-    module = script_module(script)
-    monkeypatch.setattr("sys.argv", [f"{script}.py", "--token", "hf_secret", "--trust_remote_code", "--dtype",
-                                     "bfloat16", "--dataset_name", "x", "--output_dir", "o"])
-    model_args, _, _ = parse_script_args(module.ModelArguments, module.DataTrainingArguments)
-    assert (model_args.token, model_args.trust_remote_code, model_args.dtype) == ("hf_secret", True, "bfloat16")
-    monkeypatch.setattr("sys.argv", [f"{script}.py", "--torch_dtype", "float16", "--dtype", "bfloat16",
-                                     "--dataset_name", "x", "--output_dir", "o"])
-    with pytest.raises(ValueError, match="--torch_dtype float16 and --dtype bfloat16 disagree"):
-        parse_script_args(module.ModelArguments, module.DataTrainingArguments)
 
 
 def test_token_and_trust_remote_code_reach_transformers_and_datasets(tmp_path, tokenizer_dir, monkeypatch):
@@ -88,3 +78,46 @@ def test_missing_tokenizer_points_at_the_offline_assets_module():
     args = SimpleNamespace(tokenizer_name=None, model_name_or_path=None)
     with pytest.raises(ValueError, match=r"python -m ipu_trainer\.cli\.offline_assets quickstart"):
         load_tokenizer(args)
+
+
+# ---- the IPU config file ------------------------------------------------------------------------------------
+
+
+def ipu_args(name, pod_type=None):
+    return SimpleNamespace(ipu_config_name=name, pod_type=pod_type)
+
+
+def test_the_ipu_config_of_a_folder_a_file_or_a_cached_hub_id_is_loaded(tmp_path, monkeypatch, offline):
+    per_pod = json.dumps({"layers_per_ipu": [1, 2], "device_iterations": {"default": 1, "pod16": 8}})
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "ipu_config.json").write_text(per_pod)
+    assert load_ipu_config(ipu_args(None), str(tmp_path / "folder")).layers_per_ipu == [1, 2]
+    assert load_ipu_config(ipu_args(str(tmp_path / "folder" / "ipu_config.json"), "pod16"), None).device_iterations == 8
+    (tmp_path / "model").mkdir()
+    with pytest.raises(ValueError, match=r"You must provide an IPUConfig: --model_name_or_path .*model holds no ipu_config"):
+        load_ipu_config(ipu_args(None), str(tmp_path / "model"))
+    with pytest.raises(FileNotFoundError, match=r"--ipu_config_name .*model: the folder holds no ipu_config.json"):
+        load_ipu_config(ipu_args(str(tmp_path / "model")), None)
+    # A hub id: the cached file, without asking the hub (HF_HUB_OFFLINE=1).
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    cache_hub_file(tmp_path / "cache", "someone/ipu", "ipu_config.json", per_pod)
+    assert load_ipu_config(ipu_args("someone/ipu", "pod16"), None).device_iterations == 8
+    with pytest.raises(hub.HubError, match="--ipu_config_name someone/other: .*HF_HUB_OFFLINE=1 is set"):
+        load_ipu_config(ipu_args("someone/other"), None)
+
+
+def test_a_hub_repository_without_an_ipu_config_is_one_line(monkeypatch):
+    import httpx2
+    from huggingface_hub.errors import RemoteEntryNotFoundError
+
+    def no_such_file(**kwargs):
+        url = f"https://huggingface.co/{kwargs['repo_id']}/resolve/main/ipu_config.json"
+        response = httpx2.Response(404, request=httpx2.Request("HEAD", url))
+        raise RemoteEntryNotFoundError("404 Client Error.\n\nEntry Not Found", response=response)
+
+    monkeypatch.setattr(hub, "hub_usable", lambda: True)
+    monkeypatch.setattr(ipu_config_module, "hf_hub_download", no_such_file)
+    with pytest.raises(hub.HubError, match="^--ipu_config_name someone/model: the hub repository holds no ipu_config.json$"):
+        load_ipu_config(ipu_args("someone/model"), None)
+    with pytest.raises(ValueError, match="^You must provide an IPUConfig: someone/model on the hub has no ipu_config.json"):
+        load_ipu_config(ipu_args(None), "someone/model")

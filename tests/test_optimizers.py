@@ -6,7 +6,6 @@ import pytest
 import torch
 from torch import nn
 
-from ipu_trainer.run.training_args import warmup_steps_for
 from ipu_trainer.training.optimizers import AdamW, Lamb, get_groupbert_schedule
 
 BETAS = (0.9, 0.999)
@@ -191,13 +190,6 @@ def test_groupbert_schedule_without_warmup():
     assert scheduler.lr_lambdas[0](5) == pytest.approx(1 + (1e-6 - 1) * 0.5)
     with pytest.raises(ValueError, match="lr_end=1.0 is invalid"):
         get_groupbert_schedule(optimizer, 0, 10, lr_end=1.0)
-
-
-def test_warmup_steps_for():
-    assert warmup_steps_for(10500, 0.28) == 2941  # the original's math.ceil of 2940.0000000000005
-    assert warmup_steps_for(2038, 0.128) == 261
-    assert warmup_steps_for(100, 0.1, warmup_steps=7) == 7
-    assert warmup_steps_for(100, 0.0) == 0
 
 
 # ---- AdamW without bias correction (the original's default optimizer) -----------------------------------------

@@ -7,6 +7,7 @@ import time
 
 import pytest
 import torch
+from conftest import make_args
 from transformers import BertConfig, default_data_collator, get_scheduler
 
 from ipu_trainer import IncompatibleIPUConfigError, IPUConfig, IPUTrainer, IPUTrainingArguments
@@ -20,11 +21,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import run_pretraining  # noqa: E402
 
 SEED_IPU_CONFIG_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def make_args(tmp_path, **values):
-    defaults = dict(output_dir=str(tmp_path / "out"), report_to=[], use_cpu=True, disable_tqdm=True, fp32=True)
-    return IPUTrainingArguments(**{**defaults, **values})
 
 
 def four_ipu_config(**values):
@@ -59,22 +55,10 @@ def test_gradient_checkpointing_wins_over_an_override_and_seed_is_taken_last(tmp
     assert effective.seed == 7
 
 
-def test_the_masking_seed_is_data_seed_when_given(tmp_path):
-    # run_mlm.py and run_pretraining.py seed their masking (and packing) with it.
-    assert make_args(tmp_path, seed=3).masking_seed == 3
-    assert make_args(tmp_path, seed=3, data_seed=11).masking_seed == 11
-
-
 def test_the_file_config_is_not_changed(tmp_path):
     config = four_ipu_config(gradient_accumulation_steps=512)
     effective_ipu_config(config, make_args(tmp_path, n_ipu=16, gradient_accumulation_steps=2))
     assert (config.replication_factor, config.gradient_accumulation_steps) == (1, 512)
-
-
-def test_the_original_batch_size_defaults_replace_transformers_eight(tmp_path):
-    args = IPUTrainingArguments(output_dir=str(tmp_path), report_to=[])
-    assert (args.per_device_train_batch_size, args.per_device_eval_batch_size) == (1, 1)
-    assert args.gradient_accumulation_steps is None
 
 
 # ---- the user's arguments keep their values -----------------------------------------------------------------
@@ -177,20 +161,6 @@ def test_several_gpus_in_one_process_are_refused_with_the_torchrun_command(tmp_p
     assert run_cli(run_pretraining.main) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "torchrun --nproc_per_node 4 run_pretraining.py" in err[0]
-
-
-@pytest.mark.parametrize("values, environment, flag", [
-    (dict(deepspeed="ds_config.json"), {}, "--deepspeed"),
-    ({}, {"ACCELERATE_USE_DEEPSPEED": "true"}, "--deepspeed"),
-    (dict(fsdp="full_shard"), {}, "--fsdp"),
-    ({}, {"ACCELERATE_USE_FSDP": "true"}, "--fsdp"),
-    (dict(auto_find_batch_size=True), {}, "--auto_find_batch_size"),
-])
-def test_modes_that_would_change_the_batch_math_are_refused(tmp_path, monkeypatch, values, environment, flag):
-    for name, value in environment.items():
-        monkeypatch.setenv(name, value)
-    with pytest.raises(ValueError, match=f"^{flag} is not supported"):
-        make_args(tmp_path, **values)
 
 
 # ---- the loop's view: workers, DDP, empty cache ------------------------------------------------------------

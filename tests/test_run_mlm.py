@@ -141,6 +141,8 @@ def test_whole_word_mask_trains(assets, tmp_path, monkeypatch):
     run_script(monkeypatch, mlm_argv(assets, tmp_path, "--do_train", "--max_steps", "3", "--save_strategy", "no",
                               "--line_by_line", "--whole_word_mask", "--logging_steps", "1"))
     assert [collator.whole_word_mask for collator in made] == [True] and made[0].word_boundaries is not None
+    # One cap for the collator and the model: the one of --max_seq_length 64.
+    assert made[0].max_num_masked_tokens == read_json(tmp_path / "config.json")["max_num_masked_tokens"] == 16
     assert_whole_words_masked(AutoTokenizer.from_pretrained(assets["tokenizer"]), batches)
     losses = [e["loss"] for e in read_json(tmp_path / "trainer_state.json")["log_history"] if "loss" in e]
     assert len(losses) == 3 and all(math.isfinite(loss) for loss in losses)

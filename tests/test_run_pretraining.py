@@ -111,6 +111,8 @@ def test_data_seed_seeds_the_masking(assets, tmp_path, monkeypatch):
     run_script(monkeypatch, pretraining_argv(assets, tmp_path / "out", "--do_train", "--max_steps", "1",
                                              "--save_strategy", "no", "--data_seed", "11"))
     assert [collator.seed for collator in made] == [11]
+    # One cap for the collator and the model: the one of the pairs' 64 tokens.
+    assert made[0].max_num_masked_tokens == read_json(tmp_path / "out" / "config.json")["max_num_masked_tokens"] == 16
 
 
 def test_whole_word_mask_with_data_masked_in_advance_is_refused(assets, tmp_path, monkeypatch):

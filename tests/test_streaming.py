@@ -137,43 +137,6 @@ def test_a_resumed_streaming_run_ends_with_the_weights_of_an_uninterrupted_one(a
                "skipped" in record.getMessage() for record in caplog.records)
 
 
-@pytest.mark.parametrize("source", ["--dataset_name", "--dataset_path", "--train_file"])
-def test_every_data_source_is_read_as_a_stream_of_the_same_rows(source, tmp_path):
-    """A hub dataset (a local folder of data files goes through the same loader), a save_to_disk folder and local
-    files: streams of the rows the same source gives without --streaming, the splits kept."""
-    from datasets import Dataset, DatasetDict
-
-    from ipu_trainer.cli.datasets import load_raw_datasets, text_column_of
-    from ipu_trainer.data.sources import is_stream
-
-    rows = {"train": [{"text": f"train line {i}", "id": i} for i in range(30)],
-            "validation": [{"text": f"validation line {i}", "id": i} for i in range(5)]}
-    folder = tmp_path / "data"
-    folder.mkdir()
-    for split, split_rows in rows.items():
-        Dataset.from_list(split_rows).to_json(str(folder / f"{split}.json"))
-    values = {"--dataset_name": str(folder), "--dataset_path": str(tmp_path / "saved"),
-              "--train_file": str(folder / "train.json")}
-    DatasetDict({split: Dataset.from_list(split_rows) for split, split_rows in rows.items()}).save_to_disk(values["--dataset_path"])
-
-    def data_args(streaming):
-        arguments = dict(dataset_name=None, dataset_config_name=None, dataset_path=None, train_file=None,
-                         validation_file=None, validation_split_percentage=0, streaming=streaming)
-        arguments[source[2:]] = values[source]
-        if source == "--train_file":
-            arguments["validation_file"] = str(folder / "validation.json")
-        return type("DataArguments", (), arguments)()
-
-    model_args = type("ModelArguments", (), {"cache_dir": str(tmp_path / "cache")})()
-    streamed = load_raw_datasets(data_args(True), model_args)
-    loaded = load_raw_datasets(data_args(False), model_args)
-    assert is_stream(streamed) and not is_stream(loaded)
-    assert sorted(streamed) == sorted(loaded) == ["train", "validation"]
-    for split in loaded:
-        assert list(streamed[split]) == loaded[split].to_list() == rows[split]
-        assert text_column_of(streamed[split]) == "text"
-
-
 def test_a_stream_is_checked_from_its_first_rows(tmp_path):
     """What is checked of a stream before training: its text column by the first row, the UTF-8 of a local file by
     its beginning only (the rest is read with replacement characters when it is trained on)."""

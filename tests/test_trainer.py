@@ -210,11 +210,6 @@ def test_n_ipu_sets_the_replication_factor(tmp_path):
     assert trainer.train_placement.samples_per_update == 2 * 4
 
 
-def test_invalid_n_ipu_is_refused():
-    with pytest.raises(ValueError, match="n_ipu=12"):
-        IPUTrainingArguments(output_dir="unused", n_ipu=12)
-
-
 def test_layers_per_ipu_must_match_the_model(tmp_path):
     config = IPUConfig(layers_per_ipu=[1, 2])
     with pytest.raises(IncompatibleIPUConfigError, match="has 2"):

@@ -164,16 +164,25 @@ def _split_validation(raw: DatasetDict, percentage: Optional[int]) -> DatasetDic
 # ---- streams -------------------------------------------------------------------------------------------------
 
 
-def require_eval_holdout(data_args: Any) -> None:
-    """--streaming --do_eval without validation data evaluates on the first --max_eval_samples samples of the training
-    data (and trains on the rest): refused without that number, since a percentage of a stream of unknown size
-    cannot be taken."""
+def eval_held_out_of_train(data_args: Any, training_args: Any, has_validation: bool) -> bool:
+    """The streaming hold-out rule of every script: whether evaluation takes the first --max_eval_samples samples of
+    the training data (and training skips them). So it does with --streaming --do_eval and no validation data
+    (`has_validation`: a validation split, or --validation_file), and it is refused without --max_eval_samples,
+    since a percentage of a stream of unknown size cannot be taken.
+
+    Each caller asks as soon as it knows whether there is validation data: the flags for local files, before
+    anything is loaded (`script_args.check_streaming_args`); the loaded splits otherwise (`train_and_eval_splits`,
+    and run_pretraining, which holds out whole blocks of documents when it builds the pairs itself).
+    """
+    if not (getattr(data_args, "streaming", False) and training_args.do_eval) or has_validation:
+        return False
     if data_args.max_eval_samples is None:
         raise ValueError(
             "--streaming with --do_eval and no validation data (no validation split, no --validation_file) needs "
             "--max_eval_samples N: the first N samples are held out for evaluation (a --validation_split_percentage "
             "of a stream of unknown size cannot be taken)"
         )
+    return True
 
 
 def pad_lines_to_max_length(data_args: Any, world_size: int) -> bool:
@@ -337,18 +346,16 @@ def train_and_eval_splits(
     --max_steps steps always find full step batches and a resumed run can skip the batches already trained on
     whatever the number of passes; its size stays unknown, so the one-step check is left out. The evaluation set is
     read into memory (`materialise`): the validation split, or without one the first --max_eval_samples training
-    samples, which training then skips (`require_eval_holdout`).
+    samples, which training then skips (`eval_held_out_of_train`).
     """
     train_dataset = eval_dataset = None
     train_source = datasets_by_split.get("train")
     held_out = None
-    if is_stream(datasets_by_split) and training_args.do_eval and "validation" not in datasets_by_split:
-        require_eval_holdout(data_args)
-        if train_source is not None:
-            held_out = materialise(train_source, data_args.max_eval_samples)
-            train_source = train_source.skip(data_args.max_eval_samples)
-            logger.info("--streaming: the first %d samples of the training data are held out for evaluation (and not "
-                        "trained on)", len(held_out))
+    if eval_held_out_of_train(data_args, training_args, "validation" in datasets_by_split) and train_source is not None:
+        held_out = materialise(train_source, data_args.max_eval_samples)
+        train_source = train_source.skip(data_args.max_eval_samples)
+        logger.info("--streaming: the first %d samples of the training data are held out for evaluation (and not "
+                    "trained on)", len(held_out))
     if training_args.do_train:
         if train_source is None:
             raise ValueError("--do_train requires a train split (--train_file, --dataset_name or --dataset_path)")

@@ -130,7 +130,7 @@ def load_local_or_hub(
 def _hub_failure_line(flag: str, name: str, error: BaseException, local_only: bool, what: str) -> str:
     if local_only:
         return not_reachable_line(flag, name, what)
-    causes = _causes(error)
+    causes = error_chain(error)
     if any(isinstance(cause, GatedRepoError) for cause in causes):
         return (f"{flag} {name}: a gated repository on the hub: ask for access on its page, then log in "
                 "(hf auth login) and pass --use_auth_token")
@@ -142,7 +142,8 @@ def _hub_failure_line(flag: str, name: str, error: BaseException, local_only: bo
     return f"{flag} {name}: {_first_line(error)}"
 
 
-def _causes(error: BaseException) -> list[BaseException]:
+def error_chain(error: BaseException) -> list[BaseException]:
+    """`error` and the errors it was raised from or while handling, outermost first (at most ten)."""
     chain = []
     while error is not None and len(chain) < 10:
         chain.append(error)

@@ -12,14 +12,13 @@ import os
 from typing import Any, Optional
 
 import torch
-from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import RemoteEntryNotFoundError
 from transformers import CONFIG_MAPPING, AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase, set_seed
 
 from ..config.ipu_config import CONFIG_NAME as IPU_CONFIG_NAME
-from ..config.ipu_config import IPUConfig, parse_scalar
+from ..config.ipu_config import IPUConfig, locate_config_file, parse_scalar
 from ..run.training_args import IPUTrainingArguments
-from .hub import HubError, hub_token, load_local_or_hub
+from .hub import HubError, error_chain, hub_token, load_local_or_hub
 
 logger = logging.getLogger(__name__)
 
@@ -153,21 +152,25 @@ def load_ipu_config(training_args: IPUTrainingArguments, model_name_or_path: Opt
         raise ValueError(f"You must provide an IPUConfig: {give_one}.")
     flag = "--ipu_config_name" if training_args.ipu_config_name else "--model_name_or_path"
     path = os.path.expanduser(name)
-    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, IPU_CONFIG_NAME)):
-        if flag == "--model_name_or_path":
-            raise ValueError(f"You must provide an IPUConfig: --model_name_or_path {name} holds no {IPU_CONFIG_NAME}; {give_one}")
-        raise FileNotFoundError(f"--ipu_config_name {name}: the folder holds no {IPU_CONFIG_NAME}")
-    if not os.path.exists(path):
+    if os.path.exists(path):
         try:
-            path = load_local_or_hub(flag, name, lambda local_only: hf_hub_download(
-                name, IPU_CONFIG_NAME, local_files_only=local_only), what="folder or .json file",
-                example="Graphcore/bert-base-ipu")
+            path = locate_config_file(path)
+        except FileNotFoundError:  # a folder without the file
+            if flag == "--model_name_or_path":
+                raise ValueError(f"You must provide an IPUConfig: --model_name_or_path {name} holds no {IPU_CONFIG_NAME}; {give_one}") from None
+            raise FileNotFoundError(f"--ipu_config_name {name}: the folder holds no {IPU_CONFIG_NAME}") from None
+    else:
+        try:
+            path = load_local_or_hub(flag, name, lambda local_only: locate_config_file(name, local_files_only=local_only),
+                                     what="folder or .json file", example="Graphcore/bert-base-ipu")
         except HubError as error:
-            if flag == "--model_name_or_path" and isinstance(error.__context__, RemoteEntryNotFoundError):
+            if not any(isinstance(cause, RemoteEntryNotFoundError) for cause in error_chain(error)):
+                raise
+            if flag == "--model_name_or_path":
                 raise ValueError(f"You must provide an IPUConfig: {name} on the hub has no {IPU_CONFIG_NAME}; {give_one}") from None
-            raise
+            raise HubError(f"--ipu_config_name {name}: the hub repository holds no {IPU_CONFIG_NAME}") from None
     try:
-        ipu_config = IPUConfig.from_pretrained(path, pod_type=training_args.pod_type)
+        ipu_config = IPUConfig.from_json_file(path, pod_type=training_args.pod_type)
     except UnicodeDecodeError:
         raise ValueError(
             f"{flag} {name}: {path} is not a text file (not UTF-8 JSON); give the IPU config as an ipu_config.json "

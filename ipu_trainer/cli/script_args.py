@@ -12,7 +12,7 @@ from typing import Any, ClassVar, Optional
 from transformers import HfArgumentParser, TrainingArguments
 
 from ..run.training_args import IPUTrainingArguments
-from .datasets import data_files_of, require_eval_holdout
+from .datasets import data_files_of, eval_held_out_of_train
 
 
 WEIGHT_DTYPES = ("auto", "bfloat16", "float16", "float32")
@@ -134,9 +134,9 @@ def parse_script_args(model_arguments: type, data_arguments: type) -> tuple[Any,
 
 def check_streaming_args(data_args: Any, training_args: Any) -> None:
     """What --streaming needs from the other flags, refused before anything is loaded: a stream has no length, so
-    training needs --max_steps, and evaluation without validation data needs --max_eval_samples (the rows held out).
-    Whether a hub dataset or a --dataset_path folder has a validation split is known once it is opened
-    (`data.train_and_eval_splits` checks it then)."""
+    training needs --max_steps, and evaluation without validation data needs --max_eval_samples (the rows held out,
+    `eval_held_out_of_train`). Local files say here whether there is validation data; whether a hub dataset or a
+    --dataset_path folder has a validation split is known once it is opened (`train_and_eval_splits` asks then)."""
     if not getattr(data_args, "streaming", False):
         return
     if training_args.do_train and training_args.max_steps <= 0:
@@ -144,9 +144,8 @@ def check_streaming_args(data_args: Any, training_args: Any) -> None:
             "--streaming with --do_train needs --max_steps N (> 0): a stream has no length, so the number of steps "
             "cannot come from --num_train_epochs"
         )
-    local_train_only = data_args.train_file is not None and data_args.validation_file is None
-    if training_args.do_eval and local_train_only:
-        require_eval_holdout(data_args)
+    if data_args.train_file is not None:
+        eval_held_out_of_train(data_args, training_args, has_validation=data_args.validation_file is not None)
 
 
 @dataclass

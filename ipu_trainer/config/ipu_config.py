@@ -865,8 +865,9 @@ class IPUConfig:
         return (config, unused) if return_unused_kwargs else config
 
     @classmethod
-    def from_json_file(cls, json_file: str | Path) -> IPUConfig:
-        return cls.from_dict(_read_json(Path(json_file)))
+    def from_json_file(cls, json_file: str | Path, pod_type: str | None = None) -> IPUConfig:
+        """Read a .json file of IPU settings; `pod_type` picks the per-POD entries, as in `from_dict`."""
+        return cls.from_dict(_read_json(Path(json_file)), pod_type=pod_type)
 
     @classmethod
     def from_pretrained(
@@ -881,7 +882,7 @@ class IPUConfig:
         hub = {name: kwargs.pop(name) for name in list(kwargs) if name in _HUB_KWARGS}
         if hub.pop("trust_remote_code", False):
             logger.warning("trust_remote_code has no meaning for an IPU config (it holds no code); ignored")
-        path = _locate_config_file(str(pretrained_model_name_or_path), hub)
+        path = locate_config_file(pretrained_model_name_or_path, **hub)
         return cls.from_dict(_read_json(path), pod_type=pod_type, **kwargs)
 
     def __eq__(self, other: object) -> bool:
@@ -918,7 +919,12 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def _locate_config_file(name_or_path: str, hub: dict[str, Any]) -> Path:
+def locate_config_file(name_or_path: str | Path, **hub: Any) -> Path:
+    """Where the IPU config that `name_or_path` names is: a folder's `ipu_config.json` (in its `subfolder`), a
+    .json file, or a hub repo's `ipu_config.json`, downloaded or, with `local_files_only`, found in the hub cache.
+    `hub` holds `from_pretrained`'s hub keywords. Raises FileNotFoundError for a local path that holds no config,
+    and an OSError raised from the hub's own error when the hub repo's file cannot be had."""
+    name_or_path = str(name_or_path)
     subfolder = hub.get("subfolder") or ""
     path = Path(name_or_path).expanduser() / subfolder if subfolder else Path(name_or_path).expanduser()
     if path.is_dir():
