@@ -190,3 +190,21 @@ def snapshot_files(folder, skip: tuple[str, ...] = ()) -> dict[str, bytes]:
             with open(path, "rb") as handle:
                 files[os.path.relpath(path, folder)] = handle.read()
     return files
+
+
+def gloo_threads() -> list[str] | None:
+    """The names of this process's gloo threads (torch names them gloo_tcp_loop and pt_gloo_runloop), for the
+    multi-process workers to report what outlives their teardown; None where /proc does not list threads."""
+    tasks = "/proc/self/task"
+    if not os.path.isdir(tasks):
+        return None
+    names = []
+    for task in os.listdir(tasks):
+        try:
+            with open(os.path.join(tasks, task, "comm")) as handle:
+                name = handle.read().strip()
+        except OSError:  # the thread ended while listed
+            continue
+        if "gloo" in name:
+            names.append(name)
+    return sorted(names)
