@@ -235,3 +235,21 @@ def cache_hub_file(cache_dir, repo_id: str, filename: str, content: str, repo_ty
     with open(path, "w") as handle:
         handle.write(content)
     return path
+
+
+def gloo_threads() -> list[str] | None:
+    """The names of this process's gloo threads (torch names them gloo_tcp_loop and pt_gloo_runloop), for the
+    multi-process workers to report what outlives their teardown; None where /proc does not list threads."""
+    tasks = "/proc/self/task"
+    if not os.path.isdir(tasks):
+        return None
+    names = []
+    for task in os.listdir(tasks):
+        try:
+            with open(os.path.join(tasks, task, "comm")) as handle:
+                name = handle.read().strip()
+        except OSError:  # the thread ended while listed
+            continue
+        if "gloo" in name:
+            names.append(name)
+    return sorted(names)

@@ -7,18 +7,38 @@ With --resume_matrix it checks resuming instead: for every optimizer-state layou
 of 4 steps that checkpoints every 2, then, in the same processes, a fresh run resumed from its
 checkpoint-2 (each in `<layout>-<optimizer>/straight` and `.../resumed`). With --checkpoints_from it
 resumes the sharded runs of an earlier matrix (started with another number of processes) instead.
+
+Each process writes its report after `end_distributed()`, with the gloo threads still alive then. With
+--late_collective_at_exit it forces the race at exit that `end_distributed()` closes, instead of training.
 """
 
-import argparse
-import dataclasses
-import json
-import os
-import sys
+import atexit
+import time
 
-import torch
-from transformers import default_data_collator
+
+def hold_the_gil_at_exit() -> None:
+    """--late_collective_at_exit: registered before any import registers its own, so it runs last of the exit
+    handlers, just before interpreter shutdown: Python runs here without letting go of the GIL (see
+    late_collective_at_exit) until well after the late collective ended."""
+    if LATE_COLLECTIVE_STARTED:
+        while time.monotonic() < LATE_COLLECTIVE_STARTED[0] + 4:
+            pass
+
+
+LATE_COLLECTIVE_STARTED = []
+atexit.register(hold_the_gil_at_exit)
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+
+import torch  # noqa: E402
+from transformers import default_data_collator  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from conftest import gloo_threads  # noqa: E402
 from tiny import masked_pairs, tiny_bert  # noqa: E402
 
 from ipu_trainer import IPUConfig, IPUTrainer, IPUTrainingArguments  # noqa: E402
@@ -88,7 +108,8 @@ def resume_matrix(options) -> None:
             train(os.path.join(run, "resumed"), options, sharding, offload, optimizer == "lamb", resume=checkpoint)
 
 
-def main():
+def main() -> tuple[str, dict] | None:
+    """The run the options ask for; for a plain training run, the folder and the report to write there."""
     parser = argparse.ArgumentParser()
     parser.add_argument("output_dir")
     parser.add_argument("--replicas", type=int, default=2)
@@ -102,23 +123,53 @@ def main():
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--resume_matrix", action="store_true", help="4 steps, checkpoints every 2, then a resume")
     parser.add_argument("--checkpoints_from", help="with --resume_matrix: resume this matrix's sharded runs")
+    parser.add_argument("--late_collective_at_exit", action="store_true", help="force the race at exit, no training")
     options = parser.parse_args()
 
+    if options.late_collective_at_exit:
+        late_collective_at_exit()
+        return None
     if options.resume_matrix:
         options.steps, options.save_steps = 4, 2
         resume_matrix(options)
-        return
+        return None
     trainer = train(options.output_dir, options, options.sharding, options.offload, options.lamb,
                     resume=True if options.resume else None, crash_at_step=options.crash_at_step)
     report = {"rows_per_step": trainer.rows_per_step, "optimizer_state_bytes": optimizer_state_bytes(trainer.optimizer),
-              "world_size": trainer.args.world_size,
+              "world_size": trainer.args.world_size, "process_index": trainer.args.process_index,
               "throughput_window": dataclasses.asdict(trainer.throughput.last_window)}
-    with open(os.path.join(options.output_dir, f"rank{trainer.args.process_index}.json"), "w") as f:
-        json.dump(report, f)
+    return options.output_dir, report
+
+
+def late_collective_at_exit() -> None:
+    """The end of a run with the race at exit forced. Process 1 starts a collective and lets go of its tensor at
+    once; process 0 joins it 2 s later, so process 1's gloo thread, not Python, drops the tensor last, and needs
+    the GIL for it. Process 1 meanwhile ends as a run does, then holds the GIL in its last exit handler (a 100 s
+    switch interval: no thread asks for it back) until after the collective ended: the gloo thread, waiting for
+    the GIL, gets it only once interpreter shutdown has begun and frees the group's reference cycle (as a trainer's
+    DDP reducer holds the group), unless end_distributed() joined it before."""
+    torch.distributed.init_process_group("gloo")
+    run = {"group": torch.distributed.group.WORLD, "weights": [torch.zeros(8) for _ in range(64)]}
+    run["self"] = run
+    sys.setswitchinterval(100.0)
+    LATE_COLLECTIVE_STARTED.append(time.monotonic())
+    if torch.distributed.get_rank() == 0:
+        time.sleep(2)
+        torch.distributed.all_reduce(torch.ones(8))
+    else:
+        tensor = torch.ones(8)
+        torch.distributed.all_reduce(tensor, async_op=True)
+        del tensor
+    del run
 
 
 if __name__ == "__main__":
     try:
-        main()
+        written = main()
     finally:
         end_distributed()  # as the scripts' run_cli does: no process-group threads left to interpreter shutdown
+    if written is not None:
+        output_dir, report = written
+        report["gloo_threads_after_end_distributed"] = gloo_threads()
+        with open(os.path.join(output_dir, f"rank{report['process_index']}.json"), "w") as f:
+            json.dump(report, f)

@@ -1,13 +1,14 @@
 """An example script run under torchrun for tests/test_streaming.py: `streaming_worker.py RECORD_DIR SCRIPT ARGS...`
 runs `SCRIPT.main()` (run_mlm, run_clm or run_pretraining) with ARGS and writes, per process, the batch each
-training step gave it (input_ids and labels) to RECORD_DIR/rank<N>.json."""
+training step gave it (input_ids and labels), and the gloo threads still alive after run_cli, to
+RECORD_DIR/rank<N>.json."""
 
 import json
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from conftest import script_module  # noqa: E402
+from conftest import gloo_threads, script_module  # noqa: E402
 
 from ipu_trainer import IPUTrainer  # noqa: E402
 from ipu_trainer.cli.startup import run_cli  # noqa: E402
@@ -27,7 +28,7 @@ def main() -> int:
     code = run_cli(script_module(script).main)
     rank = int(os.environ.get("RANK", "0"))
     with open(os.path.join(record_dir, f"rank{rank}.json"), "w") as handle:
-        json.dump({"code": code, "steps": steps}, handle)
+        json.dump({"code": code, "steps": steps, "gloo_threads_after_run_cli": gloo_threads()}, handle)
     return code
 
 

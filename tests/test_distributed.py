@@ -82,6 +82,23 @@ def test_throughput_counts_the_samples_and_tokens_of_every_process(two_processes
         assert (window["samples"], window["tokens"]) == (8, 8 * 16) and window["seconds"] > 0
 
 
+def test_each_process_has_joined_its_gloo_threads_when_its_run_ends(two_processes):
+    """end_distributed() leaves no gloo thread to interpreter shutdown, where one dropping its last tensors would
+    take the GIL mid-shutdown and abort the process (see test below)."""
+    threads = [rank["gloo_threads_after_end_distributed"] for rank in reports(two_processes)]
+    if None in threads:
+        pytest.skip("this system does not list a process's threads in /proc")
+    assert threads == [[], []]
+
+
+def test_a_collective_that_ends_late_does_not_abort_the_process_at_exit(tmp_path):
+    """The race at exit, forced (ddp_worker.late_collective_at_exit): without the join in end_distributed() the
+    second process ends with "terminate called without an active exception" (exit -6) every time."""
+    result = launch(tmp_path, "--late_collective_at_exit", processes=2, check=False)
+    assert "terminate called" not in result.stderr
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
 def test_sharded_optimizer_state_halves_per_process_and_keeps_the_weights(one_process, two_processes, tmp_path):
     launch(tmp_path, "--sharding", processes=2)
     full = reports(two_processes)[0]["optimizer_state_bytes"]

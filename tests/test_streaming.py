@@ -100,6 +100,8 @@ def test_two_processes_share_each_step_of_the_stream_without_overlap_or_loss(ass
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     ranks = [json.load(open(tmp_path / f"rank{rank}.json")) for rank in (0, 1)]
     assert [rank["code"] for rank in ranks] == [0, 0] and [len(rank["steps"]) for rank in ranks] == [2, 2]
+    # run_cli's teardown joined the gloo threads (None: this system does not list threads in /proc)
+    assert all(rank["gloo_threads_after_run_cli"] in ([], None) for rank in ranks)
 
     expected = preprocessed_rows("run_mlm", assets, line_by_line=True)
     for step in range(2):

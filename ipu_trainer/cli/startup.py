@@ -4,6 +4,7 @@ results files, and turning bad input into one clear error line."""
 from __future__ import annotations
 
 import atexit
+import gc
 import logging
 import math
 import os
@@ -68,16 +69,33 @@ atexit.register(_release_locks)
 
 
 def end_distributed() -> None:
-    """Tear down torch.distributed's process group, if any, before the interpreter exits.
+    """Tear down torch.distributed's process group, if any, and join its gloo threads before the interpreter exits.
 
-    Left to interpreter shutdown, the group's communication threads can be destroyed while still joinable: the
-    process then aborts ("terminate called without an active exception", exit -6) after a run that finished and
-    saved everything, and torchrun reports the whole job as failed. It is a race at exit, seen once in a full
-    CI run of the 2-process tests and not reproducible on demand, so no test can show it gone; destroying the
-    group first joins those threads while the interpreter is whole. Local to the process: no collective, so a
-    process that stops on an error does not wait for the others."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    Why the join: a gloo worker thread finishes a collective, wakes the caller, and only then drops its reference
+    to the collective's tensors. Those tensors have Python objects, which torch keeps alive while C++ holds the
+    tensor, so dropping that reference takes the GIL on the worker thread. If the main thread holds the GIL on its
+    way into interpreter shutdown meanwhile (the last collective is moments before the end of a run, and on a
+    loaded machine a worker thread can sit preempted for a while), the worker gets the GIL only once shutdown has
+    begun, and Python ends a thread that takes the GIL then. That thread is inside a noexcept destructor, so the
+    C++ runtime aborts the process ("terminate called without an active exception", exit -6) after a run that
+    finished and saved everything, and torchrun reports the job as failed.
+
+    `destroy_process_group()` alone does not prevent it: it forgets the group, but gloo has no shutdown step, and
+    the group's C++ object, with its threads, lives while anything holds it. DDP's reducer and ZeRO's optimizer
+    hold it from inside the run's reference cycles, which otherwise only the garbage collector at shutdown frees.
+    So the group is kept here while those cycles are collected, and the last reference is let go here: the
+    group's Python object releases the GIL before destroying the C++ group, whose destructor joins the worker
+    threads, so a thread still dropping tensors takes the GIL normally and has ended when this returns (the
+    2-process tests check that no gloo thread is left).
+
+    Local to the process: no collective, so a process that stops on an error does not wait for the others (the
+    join waits only for collectives this process already started, as the destructor at shutdown did)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    group = torch.distributed.group.WORLD
+    torch.distributed.destroy_process_group()
+    gc.collect()  # the run's objects that hold the group (the trainer's DDP reducer, ZeRO) go, under the GIL
+    del group  # the last reference: its release lets go of the GIL and joins the gloo threads
 
 
 def _on_every_process(first_process: Callable[[], Any], training_args: Any) -> Any:
