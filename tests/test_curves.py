@@ -1,4 +1,4 @@
-"""Training curves: the panels drawn from a log history and the picture written."""
+"""Training curves: the panels drawn from a log history, the picture written, and `python -m ipu_trainer.plot`."""
 
 import json
 import os
@@ -6,6 +6,7 @@ import os
 import pytest
 from matplotlib.image import imread
 
+from ipu_trainer import plot
 from ipu_trainer.training.curves import (
     CURVES_NAME, DPI, PANEL_INCHES, draw_curves, save_figure, series_of, trainer_state_of, write_training_curves,
 )
@@ -100,3 +101,82 @@ def test_a_failed_write_leaves_the_old_picture_and_no_temporary_file(tmp_path):
         save_figure(figure, str(path))
     assert path.read_bytes() == b"old"
     assert os.listdir(tmp_path) == ["curves.notaformat"]
+
+
+# ---- python -m ipu_trainer.plot ---------------------------------------------------------------------------
+
+def write_state(folder, history: list[dict]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": 20, "log_history": history}))
+
+
+def test_the_newest_checkpoint_state_stands_in_for_a_run_still_going(tmp_path):
+    write_state(tmp_path / "checkpoint-5", [])
+    write_state(tmp_path / "checkpoint-10", [])
+    (tmp_path / "checkpoint-15").mkdir()  # begun, no state written yet
+    assert trainer_state_of(str(tmp_path)) == str(tmp_path / "checkpoint-10" / "trainer_state.json")
+    write_state(tmp_path, [])
+    assert trainer_state_of(str(tmp_path)) == str(tmp_path / "trainer_state.json")
+
+
+def test_plot_overlays_two_runs_in_one_picture(tmp_path, monkeypatch, capsys):
+    write_state(tmp_path / "lamb", pretraining_history())
+    write_state(tmp_path / "adam" / "checkpoint-10", pretraining_history(steps=10))
+    monkeypatch.chdir(tmp_path)
+
+    assert plot.main(["lamb", "adam"]) == 0
+
+    out = capsys.readouterr().out
+    assert out.strip() == f"wrote {CURVES_NAME} (2 runs: lamb, adam)"
+    assert imread(tmp_path / CURVES_NAME).shape[:2] == (3 * PANEL_PIXELS[0], 2 * PANEL_PIXELS[1])
+    # each run in every panel, in its own colour
+    figure = draw_curves({"lamb": pretraining_history(), "adam": pretraining_history(steps=10)})
+    loss = panels_of(figure)["loss"]
+    assert loss[:4] == ["lamb loss", "lamb eval_loss", "lamb eval_mlm_loss", "lamb eval_nsp_loss"]
+    assert loss[4:] == ["adam loss", "adam eval_loss", "adam eval_mlm_loss", "adam eval_nsp_loss"]
+    colours = {line.get_label().split()[0]: line.get_color() for line in figure.axes[0].get_lines()}
+    assert colours["lamb"] != colours["adam"]
+
+
+def test_plot_writes_where_output_says(tmp_path, capsys):
+    write_state(tmp_path / "run", pretraining_history())
+    target = tmp_path / "compare.svg"
+    assert plot.main([str(tmp_path / "run"), "--output", str(target)]) == 0
+    assert target.read_text().lstrip().startswith("<?xml")
+    assert f"wrote {target}" in capsys.readouterr().out
+
+
+def test_runs_with_the_same_folder_name_are_labelled_by_path():
+    assert plot.run_labels(["a/out", "b/out/"]) == ["a/out", "b/out"]
+    assert plot.run_labels(["a/lamb", "b/adam/"]) == ["lamb", "adam"]
+
+
+@pytest.mark.parametrize("make, says", [("empty", "bad holds no trainer_state.json"), ("missing", "bad: no such folder"),
+                                        ("broken", "bad/trainer_state.json is not a trainer state")])
+def test_plot_on_a_folder_without_state_is_one_error_line(make, says, tmp_path, monkeypatch, capsys):
+    write_state(tmp_path / "good", pretraining_history())
+    bad = tmp_path / "bad"
+    if make == "empty":
+        bad.mkdir()
+    elif make == "broken":
+        bad.mkdir()
+        (bad / "trainer_state.json").write_text("{not json")
+    monkeypatch.chdir(tmp_path)
+
+    assert plot.main(["good", "bad"]) == 2
+
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {says}"), lines
+    assert not (tmp_path / CURVES_NAME).exists()
+
+
+def test_plot_to_a_file_it_cannot_write_is_one_error_line(tmp_path, capsys):
+    write_state(tmp_path / "run", pretraining_history())
+    assert plot.main([str(tmp_path / "run"), "--output", str(tmp_path / "nowhere" / "c.png")]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == [f"error: cannot write {tmp_path / 'nowhere' / 'c.png'}: No such file or directory"]
+    assert plot.main([str(tmp_path / "run"), "--output", str(tmp_path / "c.foo")]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: --output {tmp_path / 'c.foo'}: Format 'foo'"), lines
