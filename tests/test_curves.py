@@ -151,7 +151,8 @@ def test_runs_with_the_same_folder_name_are_labelled_by_path():
     assert plot.run_labels(["a/lamb", "b/adam/"]) == ["lamb", "adam"]
 
 
-@pytest.mark.parametrize("make, says", [("empty", "bad holds no trainer_state.json"), ("missing", "bad: no such folder"),
+@pytest.mark.parametrize("make, says", [("empty", "bad holds no trainer_state.json"),
+                                        ("missing", "bad: no such folder"),
                                         ("broken", "bad/trainer_state.json is not a trainer state")])
 def test_plot_on_a_folder_without_state_is_one_error_line(make, says, tmp_path, monkeypatch, capsys):
     write_state(tmp_path / "good", pretraining_history())

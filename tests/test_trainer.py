@@ -283,7 +283,8 @@ def test_the_start_up_block_says_where_tensorboard_writes(tmp_path, monkeypatch,
     # --logging_dir (or the variable itself) names the folder
     monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", "~/tb")
     folder = os.path.expanduser("~/tb")
-    assert tensorboard_line(trainer.args) == f"tensorboard: events in {folder}; view with: tensorboard --logdir {folder}"
+    expected = f"tensorboard: events in {folder}; view with: tensorboard --logdir {folder}"
+    assert tensorboard_line(trainer.args) == expected
     monkeypatch.setattr(trainer.args, "report_to", [])
     assert tensorboard_line(trainer.args) is None
 
