@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 from datasets import load_dataset
+from matplotlib.image import imread
 from transformers import AutoModelForMaskedLM, AutoTokenizer
 
 from conftest import assert_whole_words_masked, read_json, recorded_batches, run_script, script_module
@@ -63,6 +64,11 @@ def test_tiny_bert_trains_and_writes_results(trained):
                  "ipu_config.json", "config.json", "model.safetensors", "tokenizer_config.json"):
         assert (out / name).is_file(), name
     assert (out / "checkpoint-15" / "ipu_config.json").is_file() and (out / "checkpoint-30").is_dir()
+    # The curves, drawn after the final evaluation: loss, accuracy, learning rate, samples/s and tokens/s panels,
+    # two wide. trainer_state.json was saved again after it, so `python -m ipu_trainer.plot` draws it too.
+    assert imread(out / "training_curves.png").shape[:2] == (3 * 360, 2 * 640)
+    final_evaluation = read_json(out / "trainer_state.json")["log_history"][-1]
+    assert final_evaluation["eval_loss"] == read_json(out / "eval_results.json")["eval_loss"]
     card = (out / "README.md").read_text()
     assert "This model was trained from scratch on the train.txt dataset." in card and "None" not in card
 

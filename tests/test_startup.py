@@ -1,11 +1,15 @@
-"""What a person reads when a script starts: one stream of log lines, each once, and no argument dump."""
+"""What a person reads when a script starts: one stream of log lines, each once, and no argument dump; and the
+training curves a finished run leaves."""
 
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 from conftest import REPO, quickstart_argv
+
+from ipu_trainer.cli.startup import write_training_curves
 
 
 @pytest.mark.slow
@@ -38,3 +42,29 @@ def test_the_resume_command_is_the_command_itself_or_the_same_torchrun(monkeypat
     assert resume_command() == "python run_mlm.py --ipu_config_overrides 'layers_per_ipu=[-1]'"  # quoted for the shell
     monkeypatch.setenv("LOCAL_RANK", "0")
     assert resume_command() == "the same torchrun command"
+
+
+def finished_trainer(output_dir, first_process=True):
+    history = [{"loss": 2.0, "learning_rate": 1e-3, "step": 5}, {"loss": 1.0, "learning_rate": 5e-4, "step": 10},
+               {"eval_loss": 1.2, "eval_accuracy": 0.4, "step": 10}]
+    return SimpleNamespace(is_world_process_zero=lambda: first_process, state=SimpleNamespace(log_history=history),
+                           args=SimpleNamespace(output_dir=str(output_dir)))
+
+
+def test_a_finished_run_draws_its_curves_and_says_where(tmp_path, caplog):
+    with caplog.at_level("INFO", logger="ipu_trainer"):
+        write_training_curves(finished_trainer(tmp_path))
+    assert os.listdir(tmp_path) == ["training_curves.png"]
+    assert f"Training curves: {tmp_path / 'training_curves.png'}" in caplog.messages
+
+
+def test_only_the_first_process_draws(tmp_path):
+    write_training_curves(finished_trainer(tmp_path, first_process=False))
+    assert os.listdir(tmp_path) == []
+
+
+def test_curves_that_cannot_be_written_are_a_warning_not_a_failure(tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="ipu_trainer"):
+        write_training_curves(finished_trainer(tmp_path / "gone"))  # returns: the finished run stays finished
+    assert [record.levelname for record in caplog.records] == ["WARNING"]
+    assert caplog.messages[0].startswith("Could not draw the training curves:")

@@ -3,6 +3,7 @@
 import copy
 import dataclasses
 import math
+import os
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from ipu_trainer import IncompatibleIPUConfigError, IPUConfig, IPUTrainer, IPUTr
 from ipu_trainer.run.precision import DYNAMIC_GROWTH_INTERVAL, STATIC_GROWTH_INTERVAL, Precision
 from ipu_trainer.run.resolved_run import resolve_run
 from ipu_trainer.training.optimizers import Lamb
+from ipu_trainer.training.trainer import tensorboard_line
 from conftest import UpdateCounter
 from tiny import masked_pairs, tiny_bert
 
@@ -259,6 +261,27 @@ def test_the_step_batch_is_not_reported_as_data_parallel(tmp_path, caplog):
     assert not any("DataParallel" in m for m in messages)
     # Upstream's per-device batch is the step batch of micro 2 x accumulation 2.
     assert any("Instantaneous batch size per device = 4" in m for m in messages)
+
+
+
+def test_the_start_up_block_says_where_tensorboard_writes(tmp_path, monkeypatch, caplog):
+    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
+    trainer = IPUTrainer(model=tiny_bert(), ipu_config=ipu_config(), args=make_args(tmp_path))
+    # tensorboard itself need not be installed: the line depends on --report_to only
+    monkeypatch.setattr(trainer.args, "report_to", ["tensorboard"])
+    with caplog.at_level("INFO", logger="ipu_trainer"):
+        trainer._log_run_layout()
+    runs = tmp_path / "out" / "runs"
+    expected = f"tensorboard: events in {runs / '<date>_<host>'}; view with: tensorboard --logdir {runs}"
+    assert any(expected in message for message in caplog.messages), caplog.messages
+
+    # --logging_dir (or the variable itself) names the folder
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", "~/tb")
+    folder = os.path.expanduser("~/tb")
+    expected = f"tensorboard: events in {folder}; view with: tensorboard --logdir {folder}"
+    assert tensorboard_line(trainer.args) == expected
+    monkeypatch.setattr(trainer.args, "report_to", [])
+    assert tensorboard_line(trainer.args) is None
 
 
 # ---- Private upstream touchpoints ---------------------------------------------------------------------------

@@ -262,6 +262,25 @@ def write_model_card(trainer: Any, model_args: Any, data_args: Any, tasks: str) 
         logger.warning("Could not write the model card: %s", error)
 
 
+def write_training_curves(trainer: Any) -> None:
+    """`training_curves.png` in the output folder, drawn from the whole log history (the final evaluation
+    included), on the first process only."""
+    if not trainer.is_world_process_zero():
+        return
+    try:
+        # Imported here: matplotlib loads only for a run that got this far, and a broken install costs the picture.
+        from ..training.curves import write_training_curves as write_curves
+
+        path = write_curves(trainer.state.log_history, trainer.args.output_dir)
+    except Exception as error:  # a picture is a courtesy: never fail a finished run over it
+        logger.warning("Could not draw the training curves: %s", error)
+        return
+    if path is None:
+        logger.info("No training curves: the log history holds no loss, learning rate or throughput to draw.")
+    else:
+        logger.info("Training curves: %s", path)
+
+
 def train_evaluate_and_report(
     trainer: Any, training_args: Any, model_args: Any, data_args: Any, claim: ClaimedOutputDir,
     train_dataset: Any, eval_dataset: Any, tasks: str,
@@ -281,8 +300,11 @@ def train_evaluate_and_report(
         train_and_save(trainer, training_args, claim, num_train_samples)
     if training_args.do_eval:
         evaluate_and_save(trainer, len(eval_dataset))
+        if training_args.do_train:
+            trainer.save_state()  # again: trainer_state.json's history then ends with the final evaluation too
     if training_args.do_train:
         write_model_card(trainer, model_args, data_args, tasks=tasks)
+        write_training_curves(trainer)  # only a training run's folder is its own to draw in
         if trainer.is_world_process_zero() and claim.record is not None:
             claim.record.mark_finished(training_args.output_dir)
 

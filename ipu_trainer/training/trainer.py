@@ -95,6 +95,21 @@ def _original_keywords(
     return processing_class, optimizers, partial
 
 
+def tensorboard_line(args: Any) -> Optional[str]:
+    """With --report_to tensorboard, where its event files go and the command to view them; else None.
+    transformers' callback writes to $TENSORBOARD_LOGGING_DIR (--logging_dir sets it), else to a new
+    `runs/<date>_<host>` folder under --output_dir for each run, named only when training starts."""
+    if "tensorboard" not in (args.report_to or []):
+        return None
+    folder = os.environ.get("TENSORBOARD_LOGGING_DIR")
+    if folder:
+        folder = shown = os.path.expanduser(folder)
+    else:
+        folder = os.path.join(args.output_dir, "runs")
+        shown = os.path.join(folder, "<date>_<host>")
+    return f"tensorboard: events in {shown}; view with: tensorboard --logdir {folder}"
+
+
 def _call_scheduler_partial(
     partial: functools.partial, optimizer: torch.optim.Optimizer, num_warmup_steps: int, num_training_steps: int
 ) -> Any:
@@ -369,6 +384,9 @@ class IPUTrainer(Trainer):
             lines.append(f"vocabulary projection: in one piece ({type(self.model).__name__} has no chunked head)")
         elif chunks > 1:
             lines.append(f"vocabulary projection: computed in {chunks} chunks")
+        tensorboard = tensorboard_line(self.args)
+        if tensorboard:
+            lines.append(tensorboard)
         logger.info("***** IPU config on this machine *****\n  " + "\n  ".join(lines))
         departures = user_args.departures_from_original()
         if departures:
