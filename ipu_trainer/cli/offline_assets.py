@@ -5,16 +5,23 @@ CPython's `pydoc_data` holds ~460 KB of English documentation (61 topics long en
 enough to train a WordPiece vocabulary and to give a tiny BERT something learnable. The quick start adds
 the docstrings of the standard library's modules (~300 more documents, read from the source files, no
 module imported), so that next-sentence prediction is learned across topics rather than memorised.
+
+The assets are the same bytes on every run and machine (with the same library versions).
 """
 
 from __future__ import annotations
 
 import ast
+import heapq
 import os
 import re
 import sysconfig
+from collections import Counter, defaultdict
+from collections.abc import Iterable
 
-from tokenizers import BertWordPieceTokenizer, ByteLevelBPETokenizer
+from tokenizers import ByteLevelBPETokenizer
+from tokenizers.normalizers import BertNormalizer
+from tokenizers.pre_tokenizers import BertPreTokenizer
 from transformers import BertTokenizer, GPT2Tokenizer, PreTrainedTokenizerBase
 
 
@@ -93,24 +100,78 @@ def stdlib_docstring_documents() -> list[str]:
 WORDPIECE_SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
+def wordpiece_vocabulary(
+    texts: Iterable[str], vocab_size: int, special_tokens: list[str], min_frequency: int = 2
+) -> list[str]:
+    """An uncased WordPiece vocabulary learned as the `tokenizers` library's trainer learns one (byte-pair merges
+    of each word's characters, pieces after the first prefixed "##"), with every tie broken by the strings.
+
+    That trainer orders its alphabet and breaks ties between equally frequent pairs in hash-map order, which
+    changes from process to process: the ids, and now and then a token at the vocabulary-size cut (so every number
+    trained on them), came out differently from run to run. Here the most frequent pair is merged first, and of equally frequent pairs the
+    first in string order. Order: the special tokens, the characters (sorted), then the merges as learned.
+    """
+    normalizer, pre_tokenizer = BertNormalizer(lowercase=True), BertPreTokenizer()
+    word_counts = Counter(word for text in texts
+                          for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
+    counts = [word_counts[word] for word in sorted(word_counts)]
+    words = [[word[0]] + ["##" + character for character in word[1:]] for word in sorted(word_counts)]
+    vocabulary = special_tokens + sorted({piece for word in words for piece in word} - set(special_tokens))
+    known = set(vocabulary)
+
+    pair_counts, words_with_pair = Counter(), defaultdict(set)
+    for index, word in enumerate(words):
+        for pair in zip(word, word[1:]):
+            pair_counts[pair] += counts[index]
+            words_with_pair[pair].add(index)
+    # A heap of (-count, pair): the most frequent pair first, ties in string order. A pair whose count changed
+    # is pushed again; the stale entry is skipped when it comes up.
+    heap = [(-count, pair) for pair, count in pair_counts.items()]
+    heapq.heapify(heap)
+    while len(vocabulary) < vocab_size and heap:
+        negative_count, pair = heapq.heappop(heap)
+        if -negative_count != pair_counts[pair]:
+            continue
+        if -negative_count < min_frequency:
+            break
+        merged = pair[0] + pair[1][len("##"):]
+        if merged not in known:  # another split of the same letters may have made it already
+            vocabulary.append(merged)
+            known.add(merged)
+        changed = set()
+        for index in words_with_pair.pop(pair):
+            word, merged_word, position = words[index], [], 0
+            while position < len(word):
+                if tuple(word[position:position + 2]) == pair:
+                    merged_word.append(merged)
+                    position += 2
+                else:
+                    merged_word.append(word[position])
+                    position += 1
+            for old in zip(word, word[1:]):
+                pair_counts[old] -= counts[index]
+                changed.add(old)
+            for new in zip(merged_word, merged_word[1:]):
+                pair_counts[new] += counts[index]
+                words_with_pair[new].add(index)
+                changed.add(new)
+            words[index] = merged_word
+        for changed_pair in changed:
+            if pair_counts[changed_pair] > 0:
+                heapq.heappush(heap, (-pair_counts[changed_pair], changed_pair))
+    return vocabulary
+
+
 def train_wordpiece_tokenizer(
     texts: list[str], output_dir: str, vocab_size: int = 2000, model_max_length: int = 512
 ) -> PreTrainedTokenizerBase:
-    """Train an uncased BERT WordPiece tokenizer on `texts` and save it with `save_pretrained`."""
-    wordpiece = BertWordPieceTokenizer(lowercase=True)
-    wordpiece.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, special_tokens=WORDPIECE_SPECIAL_TOKENS)
+    """Train an uncased BERT WordPiece tokenizer on `texts` and save it with `save_pretrained`: the same files
+    from the same texts on every run."""
     os.makedirs(output_dir, exist_ok=True)
-    wordpiece.save_model(output_dir)
-    # The trainer breaks ties in hash-map order, which changes from run to run: the alphabet came out in another
-    # order each time (other ids for the same tokens, so other trained numbers), and a token or two at the size
-    # cut can differ. Sorting fixes the ids of the tokens: special tokens first (ids 0-4), the rest sorted.
     vocab_path = os.path.join(output_dir, "vocab.txt")
-    with open(vocab_path, encoding="utf-8") as handle:
-        tokens = handle.read().splitlines()
-    rest = sorted(set(tokens) - set(WORDPIECE_SPECIAL_TOKENS))
     with open(vocab_path, "w", encoding="utf-8") as handle:
-        handle.write("\n".join(WORDPIECE_SPECIAL_TOKENS + rest) + "\n")
-    tokenizer = BertTokenizer(vocab=os.path.join(output_dir, "vocab.txt"), model_max_length=model_max_length)
+        handle.write("\n".join(wordpiece_vocabulary(texts, vocab_size, WORDPIECE_SPECIAL_TOKENS)) + "\n")
+    tokenizer = BertTokenizer(vocab=vocab_path, model_max_length=model_max_length)
     tokenizer.save_pretrained(output_dir)
     return tokenizer
 
