@@ -6,16 +6,22 @@ enough to train a WordPiece vocabulary and to give a tiny BERT something learnab
 the docstrings of the standard library's modules (~300 more documents, read from the source files, no
 module imported), so that next-sentence prediction is learned across topics rather than memorised.
 
-The assets are the same bytes on every run and machine (with the same library versions).
+The assets are the same bytes on every run and machine (with the same library versions), and
+`python -m ipu_trainer.cli.offline_assets quickstart` writes them once: a manifest of their checksums lets a
+later run recognise them and leave them, so the datasets and models built from them stay valid.
 """
 
 from __future__ import annotations
 
 import ast
+import hashlib
 import heapq
+import logging
 import os
 import re
+import sys
 import sysconfig
+import tempfile
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 
@@ -23,6 +29,8 @@ from tokenizers import ByteLevelBPETokenizer
 from tokenizers.normalizers import BertNormalizer
 from tokenizers.pre_tokenizers import BertPreTokenizer
 from transformers import BertTokenizer, GPT2Tokenizer, PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
 
 
 def english_text_documents() -> list[str]:
@@ -234,10 +242,99 @@ def train_byte_level_bpe_tokenizer(
     return tokenizer
 
 
-if __name__ == "__main__":
-    import sys
+# What `python -m ipu_trainer.cli.offline_assets <folder>` writes into the folder, and the manifest of their
+# checksums (`sha256sum -c` reads it) by which a later run recognises them as its own.
+QUICKSTART_ASSETS = ("train.txt", "validation.txt", "tokenizer", "bpe_tokenizer")
+MANIFEST_NAME = "offline_assets.sha256"
 
-    # python -m ipu_trainer.cli.offline_assets [folder]: everything the README quick starts use.
-    target = sys.argv[1] if len(sys.argv) > 1 else "quickstart"
-    for name, path in write_quickstart_assets(target, bpe=True, with_docstrings=True).items():
-        print(f"{name}: {path}")
+
+def sha256_of(path: str) -> str:
+    """The hex SHA-256 of the file at `path`."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def asset_files(folder: str) -> list[str]:
+    """The files under `folder`'s QUICKSTART_ASSETS, as sorted paths relative to `folder` ("/"-separated)."""
+    files = []
+    for name in QUICKSTART_ASSETS:
+        path = os.path.join(folder, name)
+        if os.path.isdir(path):
+            for root, _, names in os.walk(path):
+                files += [os.path.relpath(os.path.join(root, file), folder).replace(os.sep, "/") for file in names]
+        elif os.path.lexists(path):
+            files.append(name)
+    return sorted(files)
+
+
+def read_manifest(folder: str) -> dict[str, str]:
+    """{relative path: sha256} from `folder`'s manifest; empty when there is none."""
+    path = os.path.join(folder, MANIFEST_NAME)
+    if not os.path.exists(path):
+        return {}
+    manifest = {}
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            checksum, _, name = line.rstrip("\n").partition("  ")
+            if len(checksum) != 64 or not name:
+                raise ValueError(f"{path} is not a manifest this command wrote: move it away, or build into another folder")
+            manifest[name] = checksum
+    return manifest
+
+
+def quickstart_assets(folder: str) -> dict[str, str]:
+    """The README quick starts' assets in `folder`: built there if absent, left as they are if this command
+    built them before (every file the manifest lists is there with its checksum).
+
+    Never overwrites a file it did not write: a file under the asset names that the manifest does not list, or
+    one whose checksum differs from the manifest's, is refused (ValueError naming the file). A build that stops
+    half-way leaves no files behind: it is built in a temporary folder and moved in, the manifest last.
+    """
+    manifest = read_manifest(folder)
+    for name in asset_files(folder):
+        path = os.path.join(folder, name)
+        if name not in manifest:
+            raise ValueError(f"{path} was not written by this command (it is not in {os.path.join(folder, MANIFEST_NAME)}), "
+                             "and building the quick-start assets would replace it: move it away, or build into another folder")
+        if sha256_of(path) != manifest[name]:
+            raise ValueError(f"{path} has changed since this command wrote it (its checksum differs from "
+                             f"{os.path.join(folder, MANIFEST_NAME)}'s): move it away, or build into another folder")
+    paths = {
+        "tokenizer": os.path.join(folder, "tokenizer"), "train_file": os.path.join(folder, "train.txt"),
+        "validation_file": os.path.join(folder, "validation.txt"), "bpe_tokenizer": os.path.join(folder, "bpe_tokenizer"),
+    }
+    if manifest and all(os.path.exists(os.path.join(folder, name)) for name in manifest):
+        logger.info("%s already holds the quick-start assets this command built (checked against %s): left as they are",
+                    folder, os.path.join(folder, MANIFEST_NAME))
+        return paths
+    os.makedirs(folder, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".offline_assets-") as build:
+        write_quickstart_assets(build, bpe=True, with_docstrings=True)
+        built = asset_files(build)
+        for name in built:
+            os.makedirs(os.path.dirname(os.path.join(folder, name)), exist_ok=True)
+            os.replace(os.path.join(build, name), os.path.join(folder, name))
+    with open(os.path.join(folder, MANIFEST_NAME), "w", encoding="utf-8") as handle:
+        handle.writelines(f"{sha256_of(os.path.join(folder, name))}  {name}\n" for name in built)
+    logger.info("Built the quick-start assets in %s: %s (checksums in %s)", folder,
+                ", ".join(QUICKSTART_ASSETS), os.path.join(folder, MANIFEST_NAME))
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m ipu_trainer.cli.offline_assets [folder]` (default `quickstart`): everything the README quick
+    starts use. A file in the way is one `error:` line and exit code 2."""
+    from .startup import LOG_FORMAT, run_cli
+
+    argv = sys.argv[1:] if argv is None else argv
+    folder = argv[0] if argv else "quickstart"
+    logging.basicConfig(format=LOG_FORMAT, datefmt="%m/%d/%Y %H:%M:%S", level=logging.INFO,
+                        handlers=[logging.StreamHandler(sys.stdout)])
+    return run_cli(lambda: quickstart_assets(folder))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
