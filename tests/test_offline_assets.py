@@ -45,13 +45,14 @@ def test_the_tokenizers_load_with_auto_tokenizer_and_tokenize_a_sentence(assets)
 @pytest.mark.slow
 def test_the_assets_are_the_same_bytes_under_every_hash_seed(tmp_path):
     # Each process also seeds the tokenizers library's hash maps afresh, whose order decided WordPiece's ties.
-    runs = {seed: subprocess.Popen([sys.executable, "-m", "ipu_trainer.cli.offline_assets", str(tmp_path / seed)],
-                                   cwd=REPO, env=dict(os.environ, PYTHONHASHSEED=seed), stderr=subprocess.PIPE, text=True)
+    command = [sys.executable, "-m", "ipu_trainer.cli.offline_assets"]
+    runs = {seed: subprocess.Popen(command + [str(tmp_path / seed)], cwd=REPO, stderr=subprocess.PIPE, text=True,
+                                   env=dict(os.environ, PYTHONHASHSEED=seed))
             for seed in ("0", "3")}
     for run in runs.values():
         assert run.wait(timeout=600) == 0, run.stderr.read()[-2000:]
-    checksums = [{name: sha256_of(tmp_path / seed / name) for name in asset_files(str(tmp_path / seed)) + [MANIFEST_NAME]}
-                 for seed in runs]
+    checksums = [{name: sha256_of(os.path.join(folder, name)) for name in asset_files(folder) + [MANIFEST_NAME]}
+                 for folder in (str(tmp_path / seed) for seed in runs)]
     assert len(checksums[0]) == 10 and checksums[0] == checksums[1]
 
 

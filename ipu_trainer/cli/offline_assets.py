@@ -115,9 +115,10 @@ def wordpiece_vocabulary(
     of each word's characters, pieces after the first prefixed "##"), with every tie broken by the strings.
 
     That trainer orders its alphabet and breaks ties between equally frequent pairs in hash-map order, which
-    changes from process to process: the ids, and now and then a token at the vocabulary-size cut (so every number
-    trained on them), came out differently from run to run. Here the most frequent pair is merged first, and of equally frequent pairs the
-    first in string order. Order: the special tokens, the characters (sorted), then the merges as learned.
+    changes from process to process: the ids, and now and then a token at the vocabulary-size cut (so every
+    number trained on them), came out differently from run to run. Here the most frequent pair is merged first,
+    and of equally frequent pairs the first in string order. Order: the special tokens, the characters (sorted),
+    then the merges as learned.
     """
     normalizer, pre_tokenizer = BertNormalizer(lowercase=True), BertPreTokenizer()
     word_counts = Counter(word for text in texts
@@ -280,7 +281,8 @@ def read_manifest(folder: str) -> dict[str, str]:
         for line in handle:
             checksum, _, name = line.rstrip("\n").partition("  ")
             if len(checksum) != 64 or not name:
-                raise ValueError(f"{path} is not a manifest this command wrote: move it away, or build into another folder")
+                raise ValueError(f"{path} is not a manifest this command wrote: move it away, or build into "
+                                 "another folder")
             manifest[name] = checksum
     return manifest
 
@@ -293,22 +295,24 @@ def quickstart_assets(folder: str) -> dict[str, str]:
     one whose checksum differs from the manifest's, is refused (ValueError naming the file). A build that stops
     half-way leaves no files behind: it is built in a temporary folder and moved in, the manifest last.
     """
-    manifest = read_manifest(folder)
+    manifest, manifest_path = read_manifest(folder), os.path.join(folder, MANIFEST_NAME)
+    fix = "move it away, or build into another folder"
     for name in asset_files(folder):
         path = os.path.join(folder, name)
         if name not in manifest:
-            raise ValueError(f"{path} was not written by this command (it is not in {os.path.join(folder, MANIFEST_NAME)}), "
-                             "and building the quick-start assets would replace it: move it away, or build into another folder")
+            raise ValueError(f"{path} was not written by this command (it is not in {manifest_path}), and building "
+                             f"the quick-start assets would replace it: {fix}")
         if sha256_of(path) != manifest[name]:
             raise ValueError(f"{path} has changed since this command wrote it (its checksum differs from "
-                             f"{os.path.join(folder, MANIFEST_NAME)}'s): move it away, or build into another folder")
+                             f"{manifest_path}'s): {fix}")
     paths = {
         "tokenizer": os.path.join(folder, "tokenizer"), "train_file": os.path.join(folder, "train.txt"),
-        "validation_file": os.path.join(folder, "validation.txt"), "bpe_tokenizer": os.path.join(folder, "bpe_tokenizer"),
+        "validation_file": os.path.join(folder, "validation.txt"),
+        "bpe_tokenizer": os.path.join(folder, "bpe_tokenizer"),
     }
     if manifest and all(os.path.exists(os.path.join(folder, name)) for name in manifest):
-        logger.info("%s already holds the quick-start assets this command built (checked against %s): left as they are",
-                    folder, os.path.join(folder, MANIFEST_NAME))
+        logger.info("%s already holds the quick-start assets this command built (checked against %s): "
+                    "left as they are", folder, manifest_path)
         return paths
     os.makedirs(folder, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder, prefix=".offline_assets-") as build:
@@ -317,10 +321,10 @@ def quickstart_assets(folder: str) -> dict[str, str]:
         for name in built:
             os.makedirs(os.path.dirname(os.path.join(folder, name)), exist_ok=True)
             os.replace(os.path.join(build, name), os.path.join(folder, name))
-    with open(os.path.join(folder, MANIFEST_NAME), "w", encoding="utf-8") as handle:
+    with open(manifest_path, "w", encoding="utf-8") as handle:
         handle.writelines(f"{sha256_of(os.path.join(folder, name))}  {name}\n" for name in built)
-    logger.info("Built the quick-start assets in %s: %s (checksums in %s)", folder,
-                ", ".join(QUICKSTART_ASSETS), os.path.join(folder, MANIFEST_NAME))
+    logger.info("Built the quick-start assets in %s: %s (checksums in %s)", folder, ", ".join(QUICKSTART_ASSETS),
+                manifest_path)
     return paths
 
 
