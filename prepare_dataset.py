@@ -1,21 +1,22 @@
 #!/usr/bin/env python
-"""Turn text (or BERT tfrecord shards) into a BERT pretraining dataset saved with `save_to_disk`.
+"""Turn text (or BERT tfrecord shards) into a BERT pretraining dataset saved with `save_to_disk`: sentence
+pairs with next-sentence labels and a seeded masking, in the format of Graphcore/wikipedia-bert-128, ready for
+`run_pretraining.py --dataset_path OUT --is_already_preprocessed`. For example (the second command converts
+tfrecord shards):
+
+    python prepare_dataset.py --tokenizer_name bert-base-uncased --train_file corpus.txt \\
+        --max_seq_length 128 --output_dir data/pretrain-128 --num_workers 8
+    python prepare_dataset.py --tokenizer_name bert-base-uncased --tfrecord_files shards/*.tfrecord \\
+        --output_dir data/from-tfrecord
 
 The output is a DatasetDict with a "train" split (and "validation" with --validation_file or
---validation_split_percentage) in the format of Graphcore/wikipedia-bert-128: `input_ids`, `attention_mask`, `token_type_ids`,
-`labels`, `next_sentence_label`. Train on it with
-`run_pretraining.py --dataset_path OUT --is_already_preprocessed`.
+--validation_split_percentage): `input_ids`, `attention_mask`, `token_type_ids`, `labels`,
+`next_sentence_label`.
 
 Masking. `labels` always comes from a seeded static masking (-100 where a token is not masked). By
 default `input_ids` are stored UNMASKED: the trainer's default dynamic masking re-masks every batch from
 `input_ids` and ignores the stored labels, which needs the originals. With --static_masking the masked
 ids are stored instead, for training with --is_already_masked (the stored masking is then used as is).
-
-Examples
-  python prepare_dataset.py --tokenizer_name bert-base-uncased --train_file corpus.txt \\
-      --max_seq_length 128 --output_dir data/pretrain-128 --num_workers 8
-  python prepare_dataset.py --tokenizer_name bert-base-uncased --tfrecord_files shards/*.tfrecord \\
-      --output_dir data/from-tfrecord
 """
 
 # ---- arguments, logging ---------------------------------------------------------------------------
@@ -39,6 +40,7 @@ from datasets.exceptions import DatasetGenerationError
 
 from ipu_trainer.cli.datasets import load_hub_dataset
 from ipu_trainer.cli.model_loading import load_tokenizer
+from ipu_trainer.cli.script_args import CommandLineParser, help_header
 from ipu_trainer.cli.startup import USER_ERRORS, check_output_dir_writable, run_cli
 from ipu_trainer.data.nsp_pairs import (
     MASKED_PAIR_FEATURES,
@@ -52,9 +54,7 @@ logger = logging.getLogger("prepare_dataset")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = CommandLineParser(description=help_header(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_argument_group("input (one of)")
     source.add_argument("--train_file", nargs="+", help="txt (blank-line separated documents), csv or json files")
     source.add_argument("--dataset_name", help="a dataset on the hub (or a local loading script/folder)")
