@@ -2,16 +2,20 @@
 
 import copy
 import dataclasses
+import logging
 import math
+import re
 
 import pytest
 import torch
 from transformers import default_data_collator
+from transformers.utils import logging as hf_logging
 
 from ipu_trainer import IncompatibleIPUConfigError, IPUConfig, IPUTrainer, IPUTrainingArguments
 from ipu_trainer.run.precision import DYNAMIC_GROWTH_INTERVAL, STATIC_GROWTH_INTERVAL, Precision
 from ipu_trainer.run.resolved_run import resolve_run
 from ipu_trainer.training.optimizers import Lamb
+from ipu_trainer.training.trainer import readable_size
 from conftest import UpdateCounter
 from tiny import masked_pairs, tiny_bert
 
@@ -264,6 +268,49 @@ def test_the_step_batch_is_not_reported_as_data_parallel(tmp_path, caplog):
     assert not any("DataParallel" in m for m in messages)
     # Upstream's per-device batch is the step batch of micro 2 x accumulation 2.
     assert any("Instantaneous batch size per device = 4" in m for m in messages)
+
+
+# ---- save log lines -----------------------------------------------------------------------------------------
+
+UPSTREAM_SAVE_LINES = ("Saving model checkpoint to", "Configuration saved in", "Model weights saved in",
+                       "tokenizer config file saved in")
+
+
+def train_with_two_checkpoints_and_save(tmp_path, tokenizer):
+    args = make_args(tmp_path, max_steps=2, save_strategy="steps", save_steps=1)
+    trainer = IPUTrainer(model=tiny_bert(), ipu_config=ipu_config(), args=args, data_collator=default_data_collator,
+                         train_dataset=masked_pairs(8), processing_class=tokenizer)
+    trainer.train()
+    trainer.save_model()
+
+
+def test_each_save_is_one_log_line(tmp_path, tokenizer, transformers_log, capfd):
+    train_with_two_checkpoints_and_save(tmp_path, tokenizer)
+    messages = [record.getMessage() for record in transformers_log.records]
+    for step in (1, 2):
+        about_it = [m for m in messages if f"checkpoint-{step}" in m]
+        assert len(about_it) == 1 and re.fullmatch(rf"Saved checkpoint-{step} \(\d+(\.\d)? (kB|MB)\)", about_it[0]), about_it
+    final = [m for m in messages if m.startswith(f"Saved the model, its tokenizer and ipu_config.json to {tmp_path}")]
+    assert len(final) == 1
+    assert not [m for m in messages if m.startswith(UPSTREAM_SAVE_LINES)]
+    assert "Writing model shards" not in capfd.readouterr().err  # upstream's progress bar of one shard
+    # transformers' own logging is as it was before the saves
+    assert logging.getLogger("transformers").getEffectiveLevel() == logging.INFO
+    assert hf_logging.is_progress_bar_enabled()
+
+
+def test_every_upstream_save_line_is_kept_at_debug_level(tmp_path, tokenizer, transformers_log):
+    hf_logging.set_verbosity_debug()
+    train_with_two_checkpoints_and_save(tmp_path, tokenizer)
+    messages = [record.getMessage() for record in transformers_log.records]
+    for line in UPSTREAM_SAVE_LINES:
+        assert any(m.startswith(line) and "checkpoint-2" in m for m in messages), line
+    assert "Saved checkpoint-2 (" in "\n".join(messages)
+
+
+def test_sizes_read_as_a_person_writes_them():
+    assert [readable_size(n) for n in (0, 999, 1000, 812_345, 3_412_000, 45_600_000, 1_234_000_000, 12e12)] == [
+        "0 bytes", "999 bytes", "1 kB", "812 kB", "3.4 MB", "45.6 MB", "1.2 GB", "12000 GB"]
 
 
 # ---- Private upstream touchpoints ---------------------------------------------------------------------------

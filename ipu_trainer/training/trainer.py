@@ -21,6 +21,7 @@ import os
 import shutil
 import signal
 import time
+from collections.abc import Iterator
 from typing import Any, Callable, Optional
 
 import torch
@@ -30,6 +31,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback, TrainerState, set_seed
 from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import TrainOutput
+from transformers.utils import logging as hf_logging
 
 from ..config.ipu_config import IPUConfig
 from ..data.collators import pad_on_batch_axis
@@ -108,6 +110,41 @@ def _call_scheduler_partial(
         if name in parameters and parameters[name].default is inspect.Parameter.empty
     }
     return partial(optimizer, **missing)
+
+
+# ---- save log lines: one per save ------------------------------------------------------------------
+# Upstream logs every file a save writes (the folder, config.json (twice: see models.parallelize),
+# generation_config.json, the weights, the tokenizer files) and draws a progress bar for one weights shard: 6-7
+# lines per checkpoint. This is the one place they are held back: during a save, transformers' info lines and
+# progress bars are off unless --log_level debug (or a transformers logger set to debug) asks for every line,
+# and the trainer states each save in one line once it is complete.
+
+
+@contextlib.contextmanager
+def upstream_save_quiet() -> Iterator[None]:
+    """transformers' info lines and progress bars off for the duration, unless its logging is at debug level."""
+    upstream = logging.getLogger("transformers")
+    if upstream.getEffectiveLevel() <= logging.DEBUG:
+        yield
+        return
+    level, progress_bars = upstream.level, hf_logging.is_progress_bar_enabled()
+    upstream.setLevel(logging.WARNING)
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        upstream.setLevel(level)
+        if progress_bars:
+            hf_logging.enable_progress_bar()
+
+
+def readable_size(num_bytes: float) -> str:
+    """A size for a log line: 812 kB, 3.4 MB, 1.2 GB."""
+    for unit in ("bytes", "kB", "MB", "GB"):
+        if num_bytes < 1000 or unit == "GB":
+            break
+        num_bytes /= 1000
+    return f"{num_bytes:.0f} {unit}" if unit in ("bytes", "kB") or num_bytes >= 100 else f"{num_bytes:.1f} {unit}"
 
 
 class IPUTrainer(Trainer):
@@ -592,14 +629,21 @@ class IPUTrainer(Trainer):
 
     def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
         """Upstream's model (and tokenizer) save, plus the run's `ipu_config.json`; `training_args.bin`
-        records the user's arguments rather than the loop's copy."""
-        if _internal_call and output_dir is not None:
+        records the user's arguments rather than the loop's copy. The save is one log line (`upstream_save_quiet`):
+        a checkpoint's once it is complete (`_CheckpointCompletion`), the final model's here."""
+        checkpoint = _internal_call and output_dir is not None
+        if checkpoint:
             self._checkpoint_in_progress = output_dir  # a checkpoint save starts here; _CheckpointCompletion ends it
-        super().save_model(output_dir, _internal_call=_internal_call)
+        folder = output_dir if output_dir is not None else self.args.output_dir
+        with upstream_save_quiet():
+            super().save_model(output_dir, _internal_call=_internal_call)
         if self.args.should_save:
-            folder = output_dir if output_dir is not None else self.args.output_dir
             self.ipu_config.save_pretrained(folder)
             torch.save(self.run.args, os.path.join(folder, TRAINING_ARGS_NAME))
+            if not checkpoint:
+                files = [entry for entry in os.scandir(folder) if entry.is_file()]
+                logger.info("Saved the model, its tokenizer and ipu_config.json to %s (%s)", folder,
+                            readable_size(sum(entry.stat().st_size for entry in files)))
 
     # ---- Private upstream touchpoints ---------------------------------------------------------------
     # Upstream writes optimizer.pt from process 0 alone, so ZeRO shards must be gathered (a collective on
@@ -654,6 +698,7 @@ class _CheckpointCompletion(TrainerCallback):
         trainer.accelerator.wait_for_everyone()  # every process's files (rng_state_<rank>.pth) are written
         if args.should_save:
             mark_complete(folder)
+            logger.info("Saved %s (%s)", os.path.basename(folder), readable_size(folder_bytes(folder)))
             best = (state.best_model_checkpoint,) if state.best_model_checkpoint else ()
             rotate_checkpoints(args.output_dir, trainer.run.args.save_total_limit, keep=best)
         trainer._checkpoint_in_progress = None
