@@ -5,6 +5,8 @@ import dataclasses
 import logging
 import math
 import re
+import signal
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,6 +17,7 @@ from ipu_trainer import IncompatibleIPUConfigError, IPUConfig, IPUTrainer, IPUTr
 from ipu_trainer.run.precision import DYNAMIC_GROWTH_INTERVAL, STATIC_GROWTH_INTERVAL, Precision
 from ipu_trainer.run.resolved_run import resolve_run
 from ipu_trainer.training.optimizers import Lamb
+from ipu_trainer.training.run_control import TrainingInterrupted
 from ipu_trainer.training.trainer import readable_size
 from conftest import UpdateCounter
 from tiny import masked_pairs, tiny_bert
@@ -268,6 +271,32 @@ def test_the_step_batch_is_not_reported_as_data_parallel(tmp_path, caplog):
     assert not any("DataParallel" in m for m in messages)
     # Upstream's per-device batch is the step batch of micro 2 x accumulation 2.
     assert any("Instantaneous batch size per device = 4" in m for m in messages)
+
+
+# ---- step times in the log ----------------------------------------------------------------------------------
+
+
+def test_slow_steps_get_an_estimate_and_a_signal_says_how_long_the_step_may_still_take(tmp_path, caplog):
+    """Steps of 5 minutes on a fake clock that the model's forward advances; SIGTERM arrives 100 s into step 2."""
+    trainer = IPUTrainer(model=tiny_bert(), ipu_config=ipu_config(), args=make_args(tmp_path, max_steps=3),
+                         data_collator=default_data_collator, train_dataset=masked_pairs(8))
+    clock = SimpleNamespace(now=0.0)
+    trainer._step_timer.clock = lambda: clock.now
+
+    def forward_takes_time(module, inputs):
+        if trainer.state.global_step == 1:
+            clock.now += 100
+            signal.raise_signal(signal.SIGTERM)
+        clock.now += 300 if trainer.state.global_step == 0 else 200
+
+    trainer.model.register_forward_pre_hook(forward_takes_time)
+    with caplog.at_level(logging.INFO, logger="ipu_trainer"), pytest.raises(TrainingInterrupted):
+        trainer.train()
+    messages = [record.getMessage() for record in caplog.records]
+    assert "One step took ~5 min: the 2 steps left take ~10 min at this pace" in "\n".join(messages)
+    assert ("SIGTERM received: finishing this step (this step may take ~3.3 min more, from the step times so far), "
+            "saving a checkpoint and stopping") in "\n".join(messages)
+    assert trainer.state.global_step == 2
 
 
 # ---- save log lines -----------------------------------------------------------------------------------------

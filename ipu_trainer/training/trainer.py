@@ -50,7 +50,14 @@ from .checkpoints import (
 )
 from .optimizer_state import HostOffloadedOptimizer, ShardedOptimizer, prepare_optimizer_for_checkpoint
 from .optimizers import POPTORCH_MAX_WEIGHT_NORM, AdamW, Lamb, original_parameter_groups
-from .run_control import CheckpointWriteError, StopOnSignal, StopOnSignalCallback, TrainingInterrupted, one_line
+from .run_control import (
+    CheckpointWriteError,
+    StepTimer,
+    StopOnSignal,
+    StopOnSignalCallback,
+    TrainingInterrupted,
+    one_line,
+)
 from .throughput import ThroughputMeter
 
 logger = logging.getLogger(__name__)
@@ -259,6 +266,8 @@ class IPUTrainer(Trainer):
         self._stop_on_signal = StopOnSignalCallback(self.args.device)
         self.add_callback(_CheckpointCompletion(self))
         self.add_callback(self._stop_on_signal)
+        self._step_timer = StepTimer()
+        self.add_callback(self._step_timer)
         self.throughput = ThroughputMeter.for_model(self.model, self.args.device, run.precision.compute_dtype)
         self.add_callback(self.throughput)
         self._log_run_layout()
@@ -481,7 +490,7 @@ class IPUTrainer(Trainer):
             finished = self._already_finished(checkpoint)
             if finished is not None:
                 return finished
-        with StopOnSignal() as stop:
+        with StopOnSignal(self._step_timer) as stop:
             self._stop_on_signal.stop = stop
             try:
                 output = super().train(resume_from_checkpoint=checkpoint, trial=trial,
