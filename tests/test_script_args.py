@@ -30,8 +30,7 @@ def test_help_opens_with_a_description_and_an_example_of_known_flags(script, mon
     everything = text if script == "prepare_dataset" else help_text(script, monkeypatch, capsys, "--help-all")
     for flag in re.findall(r"(--\w+)", example):
         assert re.search(rf"^\s+{flag}\b", everything, re.MULTILINE), f"{flag} of the example is not a flag of {script}"
-    if script != "prepare_dataset":
-        assert "\\\n" in example and "\\\\" not in example  # one backslash ends each continued line, as in bash
+    assert "\\\n" in example and "\\\\" not in example  # one backslash ends each continued line, as in bash
 
 
 def quick_start_commands() -> list[tuple[str, list[str]]]:

@@ -650,9 +650,8 @@ class IPUTrainer(Trainer):
             self.ipu_config.save_pretrained(folder)
             torch.save(self.run.args, os.path.join(folder, TRAINING_ARGS_NAME))
             if not checkpoint:
-                files = [entry for entry in os.scandir(folder) if entry.is_file()]
-                logger.info("Saved the model, its tokenizer and ipu_config.json to %s (%s)", folder,
-                            readable_size(sum(entry.stat().st_size for entry in files)))
+                size = sum(entry.stat().st_size for entry in os.scandir(folder) if entry.is_file())
+                logger.info("Saved the model to %s (%s)", folder, readable_size(size))
 
     # ---- Private upstream touchpoints ---------------------------------------------------------------
     # Upstream writes optimizer.pt from process 0 alone, so ZeRO shards must be gathered (a collective on
