@@ -1,21 +1,22 @@
 #!/usr/bin/env python
-"""Turn text (or BERT tfrecord shards) into a BERT pretraining dataset saved with `save_to_disk`.
+"""Turn text (or BERT tfrecord shards) into a BERT pretraining dataset saved with `save_to_disk`: sentence
+pairs with next-sentence labels and a seeded masking, in the format of Graphcore/wikipedia-bert-128, ready for
+`run_pretraining.py --dataset_path OUT --is_already_preprocessed`. For example (the second command converts
+tfrecord shards):
+
+    python prepare_dataset.py --tokenizer_name bert-base-uncased --train_file corpus.txt \\
+        --max_seq_length 128 --output_dir data/pretrain-128 --num_workers 8
+    python prepare_dataset.py --tokenizer_name bert-base-uncased --tfrecord_files shards/*.tfrecord \\
+        --output_dir data/from-tfrecord
 
 The output is a DatasetDict with a "train" split (and "validation" with --validation_file or
---validation_split_percentage) in the format of Graphcore/wikipedia-bert-128: `input_ids`, `attention_mask`, `token_type_ids`,
-`labels`, `next_sentence_label`. Train on it with
-`run_pretraining.py --dataset_path OUT --is_already_preprocessed`.
+--validation_split_percentage): `input_ids`, `attention_mask`, `token_type_ids`, `labels`,
+`next_sentence_label`.
 
 Masking. `labels` always comes from a seeded static masking (-100 where a token is not masked). By
 default `input_ids` are stored UNMASKED: the trainer's default dynamic masking re-masks every batch from
 `input_ids` and ignores the stored labels, which needs the originals. With --static_masking the masked
 ids are stored instead, for training with --is_already_masked (the stored masking is then used as is).
-
-Examples
-  python prepare_dataset.py --tokenizer_name bert-base-uncased --train_file corpus.txt \\
-      --max_seq_length 128 --output_dir data/pretrain-128 --num_workers 8
-  python prepare_dataset.py --tokenizer_name bert-base-uncased --tfrecord_files shards/*.tfrecord \\
-      --output_dir data/from-tfrecord
 """
 
 # ---- arguments, logging ---------------------------------------------------------------------------
@@ -36,14 +37,18 @@ import datasets
 import numpy as np
 import pyarrow.compute
 from datasets.exceptions import DatasetGenerationError
+from datasets.fingerprint import Hasher
 
 from ipu_trainer.cli.datasets import load_hub_dataset
 from ipu_trainer.cli.model_loading import load_tokenizer
+from ipu_trainer.cli.script_args import CommandLineParser, help_header
 from ipu_trainer.cli.startup import USER_ERRORS, check_output_dir_writable, run_cli
+from ipu_trainer.training.run_control import LOCK_NAME, RunLock
 from ipu_trainer.data.nsp_pairs import (
     MASKED_PAIR_FEATURES,
     add_mlm_labels,
     build_nsp_pairs,
+    dataset_fingerprint,
     load_text_documents,
 )
 from ipu_trainer.models.layers import IGNORE_INDEX
@@ -52,9 +57,7 @@ logger = logging.getLogger("prepare_dataset")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = CommandLineParser(description=help_header(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_argument_group("input (one of)")
     source.add_argument("--train_file", nargs="+", help="txt (blank-line separated documents), csv or json files")
     source.add_argument("--dataset_name", help="a dataset on the hub (or a local loading script/folder)")
@@ -85,7 +88,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--static_masking", action="store_true",
         help="store masked input_ids (for --is_already_masked); by default input_ids stay unmasked",
     )
-    parser.add_argument("--cache_dir", help="datasets cache folder")
+    parser.add_argument(
+        "--cache_dir",
+        help="datasets cache folder, kept after the run for the next one (and where hub files are downloaded). "
+        "Default: the run's cache is a folder inside OUTPUT.partial, removed when the output is written, and a hub "
+        "dataset is downloaded to the global datasets cache",
+    )
     args = parser.parse_args(argv)
 
     # Checks of the values together: one `error:` line each (through run_cli), not argparse's usage block.
@@ -159,6 +167,36 @@ def check_partial_dir(partial_dir: str) -> None:
             f"{partial_dir} exists and was not left by prepare_dataset.py (no {PARTIAL_MARKER} in it), and the output "
             "is written there first: move it away or choose another --output_dir"
         )
+
+
+# The run's datasets cache (documents, pairs, masks), inside its work folder: removed once the output is written,
+# so nothing of the run stays in the user's global datasets cache (about twice the output's size otherwise).
+WORK_CACHE = "datasets_cache"
+
+
+def claim_partial_dir(partial_dir: str) -> RunLock:
+    """Make `partial_dir` (checked by `check_partial_dir`) this run's work folder: created and marked, or taken over
+    from an interrupted run, whose datasets cache is kept for this run to reuse and whose other entries are removed.
+    Its lock (held until the run ends) refuses a second run on the same output."""
+    os.makedirs(partial_dir, exist_ok=True)
+    marker = os.path.join(partial_dir, PARTIAL_MARKER)
+    if not os.path.isfile(marker):
+        with open(marker, "w") as handle:
+            handle.write("written by prepare_dataset.py; the folder is removed by the next run if this one was interrupted\n")
+    lock = RunLock(partial_dir)
+    lock.acquire()
+    left = [entry for entry in os.listdir(partial_dir) if entry not in (PARTIAL_MARKER, LOCK_NAME, WORK_CACHE)]
+    if left:
+        logger.info("Removing what an interrupted run left in %s", partial_dir)
+    for entry in left:
+        path = os.path.join(partial_dir, entry)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
+    if os.path.isdir(os.path.join(partial_dir, WORK_CACHE)):
+        logger.info("Reusing the datasets cache an interrupted run left in %s", os.path.join(partial_dir, WORK_CACHE))
+    return lock
 
 
 def replace_output(partial_dir: str, output_dir: str) -> None:
@@ -340,21 +378,18 @@ def summarize(dataset: datasets.Dataset) -> dict[str, float]:
 # ---- main -----------------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
-    datasets.utils.logging.set_verbosity_warning()
+def build_dataset(args: argparse.Namespace, partial_dir: str, cache_dir: str | None) -> dict[str, Any]:
+    """Build the splits and write them and their summary into `partial_dir`, with the datasets cache in `cache_dir`.
+    Returns the summary.
 
-    output_dir = os.path.abspath(args.output_dir.rstrip("/\\"))
-    partial_dir = output_dir + ".partial"
-    check_output_dir(output_dir, args.overwrite)
-    check_partial_dir(partial_dir)
-
+    A hub dataset itself is read from (and downloaded to) the datasets cache of --cache_dir, the global one by
+    default, where it is kept for the next run and for offline use (HF_HUB_OFFLINE=1); what is built from it goes in
+    `cache_dir`."""
     # ---- data -------------------------------------------------------------------------------------
     summary: dict[str, Any] = {"arguments": vars(args)}
     if args.tfrecord_files:
         tokenizer = None
-        examples = load_tfrecords(args.tfrecord_files, args.static_masking, args.cache_dir)
+        examples = load_tfrecords(args.tfrecord_files, args.static_masking, cache_dir)
         if len(examples) == 0:
             raise ValueError(f"{args.tfrecord_files[0]} holds no examples: nothing to pretrain on")
         length = len(examples[0]["input_ids"])
@@ -377,11 +412,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         validation_documents = None
         if args.train_file:
             files = {"train": args.train_file, **({"validation": args.validation_file} if args.validation_file else {})}
-            loaded = load_text_documents(files, cache_dir=args.cache_dir)
+            loaded = load_text_documents(files, cache_dir=cache_dir)
             documents, validation_documents = loaded["train"], loaded.get("validation")
             text_column = "text"
         else:
-            loaded = load_hub_dataset("--dataset_name", args.dataset_name, args.dataset_config_name, cache_dir=args.cache_dir)
+            local = os.path.exists(os.path.expanduser(args.dataset_name))  # a folder or loading script, not a hub id
+            loaded = load_hub_dataset("--dataset_name", args.dataset_name, args.dataset_config_name,
+                                      cache_dir=cache_dir if local else args.cache_dir)
             documents = loaded["train"]
             text_column = args.text_column
             if text_column not in documents.column_names:
@@ -391,8 +428,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         source = f"--train_file {' '.join(args.train_file)}" if args.train_file else f"--dataset_name {args.dataset_name}"
         document_splits = {"train": documents}
         if args.validation_split_percentage > 0:
-            # Split documents, not pairs, so no validation pair shares a document with training.
-            held_out = documents.train_test_split(test_size=args.validation_split_percentage / 100, seed=args.seed)
+            # Split documents, not pairs, so no validation pair shares a document with training. The split's
+            # indices go in `cache_dir` (datasets would write them next to the documents, in the global cache for a
+            # hub dataset), named after what decides them.
+            test_size = args.validation_split_percentage / 100
+            key = Hasher.hash([dataset_fingerprint(documents), test_size, args.seed])
+            os.makedirs(cache_dir, exist_ok=True)
+            held_out = documents.train_test_split(
+                test_size=test_size, seed=args.seed,
+                train_indices_cache_file_name=os.path.join(cache_dir, f"split-{key}-train.arrow"),
+                test_indices_cache_file_name=os.path.join(cache_dir, f"split-{key}-test.arrow"),
+            )
             document_splits = {"train": held_out["train"], "validation": held_out["test"]}
         if validation_documents is not None:
             document_splits["validation"] = validation_documents
@@ -405,26 +451,46 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 split_documents, tokenizer, args.max_seq_length, text_column=text_column,
                 short_seq_prob=args.short_seq_prob, seed=args.seed, num_proc=args.num_workers,
                 dupe_factor=args.dupe_factor if name == "train" else 1, source=f"the {name} part of {source}",
+                cache_dir=cache_dir,
             )
             splits[name] = add_mlm_labels(
                 pairs, tokenizer, mlm_probability=args.mlm_probability, seed=args.seed,
                 mask_input_ids=args.static_masking, num_proc=args.num_workers,
             )
 
-    # ---- write: to a .partial folder first (marked as ours), renamed only once complete --------------
-    check_partial_dir(partial_dir)  # again: it may have appeared while the data was built
-    if os.path.exists(partial_dir):
-        logger.info("Removing %s left by an interrupted run", partial_dir)
-        shutil.rmtree(partial_dir)
-    os.makedirs(partial_dir)
-    with open(os.path.join(partial_dir, PARTIAL_MARKER), "w") as handle:
-        handle.write("written by prepare_dataset.py; the folder is removed by the next run if this one was interrupted\n")
+    # ---- write: into the work folder, renamed to the output by `main` once complete ------------------------
     dataset = datasets.DatasetDict(splits)
     dataset.save_to_disk(partial_dir, num_proc=args.num_workers if args.num_workers and args.num_workers > 1 else None)
     summary["splits"] = {name: summarize(split) for name, split in dataset.items()}
     with open(os.path.join(partial_dir, SUMMARY_FILE), "w") as handle:
         json.dump(summary, handle, indent=2)
-    check_output_dir(output_dir, args.overwrite)  # again, just before anything in it is replaced
+    return summary
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    datasets.utils.logging.set_verbosity_warning()
+
+    output_dir = os.path.abspath(args.output_dir.rstrip("/\\"))
+    partial_dir = output_dir + ".partial"
+    check_output_dir(output_dir, args.overwrite)
+    check_partial_dir(partial_dir)
+
+    # ---- the work folder: OUTPUT.partial, with the run's datasets cache unless --cache_dir names one ----------
+    lock = claim_partial_dir(partial_dir)
+    work_cache = os.path.join(partial_dir, WORK_CACHE) if args.cache_dir is None else None
+    try:
+        summary = build_dataset(args, partial_dir, cache_dir=args.cache_dir or work_cache)
+        if work_cache is not None and os.path.isdir(work_cache):
+            shutil.rmtree(work_cache)  # everything the output needs from it has been written by now
+        check_output_dir(output_dir, args.overwrite)  # again, just before anything in it is replaced
+    except Exception:
+        lock.release()
+        shutil.rmtree(partial_dir, ignore_errors=True)  # this run's work folder: a failed run leaves nothing behind
+        raise
+    finally:
+        lock.release()
     replace_output(partial_dir, output_dir)
 
     # ---- results ------------------------------------------------------------------------------------

@@ -1,11 +1,11 @@
 #!/usr/bin/env python
 """Masked-language-model fine-tuning and training (BERT, RoBERTa, DistilBERT, ALBERT...) driven by an
-IPU config, on CPUs and GPUs.
+IPU config, on CPUs and GPUs. It takes the flags and ipu_config.json files of Graphcore's IPU example, trains
+on a hub dataset or local csv, json or txt files, and writes the model, the tokenizer, the effective
+ipu_config.json, the results and the checkpoints to --output_dir. For example:
 
-Takes the flags and ipu_config.json files of the Graphcore IPU example, e.g.
-
-    python run_mlm.py --model_name_or_path roberta-base --ipu_config_name Graphcore/roberta-base-ipu \
-        --dataset_name wikitext --dataset_config_name wikitext-2-raw-v1 --do_train --do_eval \
+    python run_mlm.py --model_name_or_path roberta-base --ipu_config_name Graphcore/roberta-base-ipu \\
+        --dataset_name wikitext --dataset_config_name wikitext-2-raw-v1 --do_train --do_eval \\
         --output_dir /tmp/mlm_output
 
 Text is either tokenized line by line (--line_by_line) or concatenated and cut into max_seq_length
@@ -131,7 +131,7 @@ def tokenize_for_masked_lm(
 
 def main():
     # Arguments and logging
-    model_args, data_args, training_args = parse_script_args(ModelArguments, DataTrainingArguments)
+    model_args, data_args, training_args = parse_script_args(ModelArguments, DataTrainingArguments, __doc__)
     setup_logging(training_args)
     check_outputs_before_loading(training_args)
     claim = claim_output_dir(training_args, model_args, data_args)

@@ -1,10 +1,12 @@
 #!/usr/bin/env python
-"""BERT pretraining (masked-LM + next-sentence prediction) driven by an IPU config, on CPUs and GPUs.
+"""BERT pretraining (masked-LM + next-sentence prediction) driven by an IPU config, on CPUs and GPUs. It
+takes the flags and ipu_config.json files of Graphcore's IPU example and trains on a pre-built pretraining
+dataset (the hub's Graphcore/wikipedia-bert-128, or a prepare_dataset.py folder with --dataset_path) or on raw
+text turned into sentence pairs here; --output_dir receives the model, the tokenizer, the effective
+ipu_config.json, the results and the checkpoints. For example:
 
-Takes the flags and ipu_config.json files of the Graphcore IPU example, e.g.
-
-    python run_pretraining.py --config_name bert-base-uncased --tokenizer_name bert-base-uncased \
-        --ipu_config_name . --dataset_name Graphcore/wikipedia-bert-128 --do_train --do_eval \
+    python run_pretraining.py --config_name bert-base-uncased --tokenizer_name bert-base-uncased \\
+        --ipu_config_name . --dataset_name Graphcore/wikipedia-bert-128 --do_train --do_eval \\
         --output_dir /tmp/test-pretraining
 
 Data: a pre-built pretraining dataset (columns input_ids, attention_mask, token_type_ids,
@@ -122,7 +124,7 @@ class DataTrainingArguments(PackingArguments, SharedDataArguments):
 
 def main():
     # Arguments and logging
-    model_args, data_args, training_args = parse_script_args(ModelArguments, DataTrainingArguments)
+    model_args, data_args, training_args = parse_script_args(ModelArguments, DataTrainingArguments, __doc__)
     setup_logging(training_args)
     check_outputs_before_loading(training_args)
     claim = claim_output_dir(training_args, model_args, data_args)

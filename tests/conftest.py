@@ -253,3 +253,23 @@ def gloo_threads() -> list[str] | None:
         if "gloo" in name:
             names.append(name)
     return sorted(names)
+
+
+@pytest.fixture
+def transformers_log(caplog):
+    """caplog that also receives transformers' records at info level (transformers' loggers do not propagate to the
+    root logger by default); its logging is put back afterwards."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    upstream = logging.getLogger("transformers")
+    propagate, verbosity = upstream.propagate, hf_logging.get_verbosity()
+    hf_logging.enable_propagation()
+    hf_logging.set_verbosity_info()
+    caplog.set_level(logging.INFO)
+    try:
+        yield caplog
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        upstream.propagate = propagate

@@ -74,6 +74,16 @@ def test_token_and_trust_remote_code_reach_transformers_and_datasets(tmp_path, t
     assert calls["dataset"]["token"] == "hf_secret"  # datasets 5 runs no dataset code, so it takes no trust flag
 
 
+def test_a_tokenizer_folder_loads_without_an_empty_config_dump(tokenizer_dir, transformers_log):
+    """A folder holding only a tokenizer has no config.json; transformers used to log the empty model config it
+    builds in its place."""
+    model_args = SimpleNamespace(tokenizer_name=tokenizer_dir, model_name_or_path=None, cache_dir=None)
+    tokenizer = load_tokenizer(model_args)
+    assert not [r for r in transformers_log.records if "config" in r.getMessage().lower() and "{" in r.getMessage()]
+    assert type(tokenizer) is type(AutoTokenizer.from_pretrained(tokenizer_dir))  # the class transformers picks itself
+    assert "Model config PreTrainedConfig {" in transformers_log.text  # which the plain call logs
+
+
 def test_missing_tokenizer_points_at_the_offline_assets_module():
     args = SimpleNamespace(tokenizer_name=None, model_name_or_path=None)
     with pytest.raises(ValueError, match=r"python -m ipu_trainer\.cli\.offline_assets quickstart"):

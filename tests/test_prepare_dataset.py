@@ -4,6 +4,8 @@ a smoke run of bench/preprocess.py so the benchmark cannot rot."""
 import json
 import os
 import runpy
+import socket
+import subprocess
 import sys
 
 import datasets
@@ -160,3 +162,84 @@ def test_dataset_name_with_text_column(monkeypatch, tmp_path, tokenizer_dir, eng
     summary = run_main(monkeypatch, *base, "--text_column", "body")
     assert summary["documents"] == {"train": 40}
     assert datasets.load_from_disk(str(output))["train"].column_names == PRETRAINING_COLUMNS
+
+
+# ---- the work folder and the datasets cache -------------------------------------------------------------------
+
+
+def small_corpus(tmp_path, english_documents, documents=30):
+    path = tmp_path / "small.txt"
+    path.write_text("\n\n".join("\n".join(english_documents[i : i + 4]) for i in range(0, 4 * documents, 4)))
+    return str(path)
+
+
+def files_under(folder):
+    return sorted(os.path.relpath(os.path.join(root, name), folder) for root, _, names in os.walk(folder) for name in names)
+
+
+def test_nothing_is_left_in_the_global_datasets_cache_or_in_the_output(tmp_path, tokenizer_dir, english_documents):
+    """Without --cache_dir the run's datasets cache lives in OUTPUT.partial and goes with it: the global cache (here
+    HF_HOME and HF_DATASETS_CACHE in a test folder) stays empty and the output holds only the dataset."""
+    home = tmp_path / "hf-home"
+    output = tmp_path / "out"
+    environment = dict(os.environ, HF_HOME=str(home), HF_DATASETS_CACHE=str(home / "datasets"), HF_HUB_OFFLINE="1",
+                       PYTHONPATH=REPO)
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO, "prepare_dataset.py"), "--tokenizer_name", tokenizer_dir, "--train_file",
+         small_corpus(tmp_path, english_documents), "--max_seq_length", "64", "--validation_split_percentage", "10",
+         "--output_dir", str(output)],
+        env=environment, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert files_under(home) == []
+    assert not os.path.exists(str(output) + ".partial")
+    assert sorted(os.listdir(output)) == ["dataset_dict.json", "prepare_dataset.json", "train", "validation"]
+    for split in ("train", "validation"):
+        assert {name for name in os.listdir(output / split) if not name.startswith("data-")} == {
+            "dataset_info.json", "state.json"}
+    assert len(datasets.load_from_disk(str(output))["validation"]) > 0
+
+
+def test_a_failed_run_leaves_no_work_folder(monkeypatch, tmp_path, tokenizer_dir):
+    one_sentence = tmp_path / "one.txt"
+    one_sentence.write_text("Only one sentence here.\n")
+    output = tmp_path / "out"
+    with pytest.raises(ValueError, match="No sentence pairs could be built"):
+        run_main(monkeypatch, "--tokenizer_name", tokenizer_dir, "--train_file", str(one_sentence), "--max_seq_length",
+                 "32", "--output_dir", str(output))
+    assert sorted(os.listdir(tmp_path)) == ["one.txt"]
+
+
+def test_an_interrupted_run_leaves_its_cache_for_the_next_run_which_removes_it(monkeypatch, tmp_path, tokenizer_dir,
+                                                                               english_documents, caplog):
+    output = tmp_path / "out"
+    partial = tmp_path / "out.partial"
+    arguments = ["--tokenizer_name", tokenizer_dir, "--train_file", small_corpus(tmp_path, english_documents),
+                 "--max_seq_length", "32", "--output_dir", str(output)]
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(prepare_dataset, "add_mlm_labels", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            run_main(patch, *arguments)
+    cached = files_under(partial / prepare_dataset.WORK_CACHE)
+    assert any(name.endswith(".arrow") for name in cached)  # the documents and pairs built before the interruption
+    with caplog.at_level("INFO", logger="prepare_dataset"):
+        run_main(monkeypatch, *arguments)
+    assert "Reusing the datasets cache an interrupted run left" in caplog.text
+    assert not partial.exists() and datasets.load_from_disk(str(output))["train"].column_names == PRETRAINING_COLUMNS
+
+
+def test_a_work_folder_another_live_run_is_writing_is_refused(monkeypatch, tmp_path, tokenizer_dir, english_documents):
+    partial = tmp_path / "out.partial"
+    partial.mkdir()
+    (partial / prepare_dataset.PARTIAL_MARKER).write_text("")
+    # The lock of a process that runs on this machine: the one that started these tests.
+    (partial / "run.lock").write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname(), "started": "now"}))
+    (partial / "its-work").write_text("being written")
+    with pytest.raises(ValueError, match=r"out\.partial is in use by another run"):
+        run_main(monkeypatch, "--tokenizer_name", tokenizer_dir, "--train_file", small_corpus(tmp_path, english_documents),
+                 "--max_seq_length", "32", "--output_dir", str(tmp_path / "out"))
+    assert (partial / "its-work").read_text() == "being written"

@@ -2,18 +2,25 @@
 
 import copy
 import dataclasses
+import logging
 import math
 import os
+import re
+import signal
+from types import SimpleNamespace
 
 import pytest
 import torch
 from transformers import default_data_collator
+from transformers.utils import logging as hf_logging
 
 from ipu_trainer import IncompatibleIPUConfigError, IPUConfig, IPUTrainer, IPUTrainingArguments
 from ipu_trainer.run.precision import DYNAMIC_GROWTH_INTERVAL, STATIC_GROWTH_INTERVAL, Precision
 from ipu_trainer.run.resolved_run import resolve_run
 from ipu_trainer.training.optimizers import Lamb
 from ipu_trainer.training.trainer import tensorboard_line
+from ipu_trainer.training.run_control import TrainingInterrupted
+from ipu_trainer.training.trainer import readable_size
 from conftest import UpdateCounter
 from tiny import masked_pairs, tiny_bert
 
@@ -282,6 +289,75 @@ def test_the_start_up_block_says_where_tensorboard_writes(tmp_path, monkeypatch,
     assert tensorboard_line(trainer.args) == expected
     monkeypatch.setattr(trainer.args, "report_to", [])
     assert tensorboard_line(trainer.args) is None
+
+
+# ---- step times in the log ----------------------------------------------------------------------------------
+
+
+def test_slow_steps_get_an_estimate_and_a_signal_says_how_long_the_step_may_still_take(tmp_path, caplog):
+    """Steps of 5 minutes on a fake clock that the model's forward advances; SIGTERM arrives 100 s into step 2."""
+    trainer = IPUTrainer(model=tiny_bert(), ipu_config=ipu_config(), args=make_args(tmp_path, max_steps=3),
+                         data_collator=default_data_collator, train_dataset=masked_pairs(8))
+    clock = SimpleNamespace(now=0.0)
+    trainer._step_timer.clock = lambda: clock.now
+
+    def forward_takes_time(module, inputs):
+        if trainer.state.global_step == 1:
+            clock.now += 100
+            signal.raise_signal(signal.SIGTERM)
+        clock.now += 300 if trainer.state.global_step == 0 else 200
+
+    trainer.model.register_forward_pre_hook(forward_takes_time)
+    with caplog.at_level(logging.INFO, logger="ipu_trainer"), pytest.raises(TrainingInterrupted):
+        trainer.train()
+    messages = [record.getMessage() for record in caplog.records]
+    assert "One step took ~5 min: the 2 steps left take ~10 min at this pace" in "\n".join(messages)
+    assert ("SIGTERM received: finishing this step (this step may take ~3.3 min more, from the step times so far), "
+            "saving a checkpoint and stopping") in "\n".join(messages)
+    assert trainer.state.global_step == 2
+
+
+# ---- save log lines -----------------------------------------------------------------------------------------
+
+UPSTREAM_SAVE_LINES = ("Saving model checkpoint to", "Configuration saved in", "Model weights saved in",
+                       "tokenizer config file saved in")
+
+
+def train_with_two_checkpoints_and_save(tmp_path, tokenizer):
+    args = make_args(tmp_path, max_steps=2, save_strategy="steps", save_steps=1)
+    trainer = IPUTrainer(model=tiny_bert(), ipu_config=ipu_config(), args=args, data_collator=default_data_collator,
+                         train_dataset=masked_pairs(8), processing_class=tokenizer)
+    trainer.train()
+    trainer.save_model()
+
+
+def test_each_save_is_one_log_line(tmp_path, tokenizer, transformers_log, capfd):
+    train_with_two_checkpoints_and_save(tmp_path, tokenizer)
+    messages = [record.getMessage() for record in transformers_log.records]
+    for step in (1, 2):
+        about_it = [m for m in messages if f"checkpoint-{step}" in m]
+        assert len(about_it) == 1 and re.fullmatch(rf"Saved checkpoint-{step} \(\d+(\.\d)? (kB|MB)\)", about_it[0]), about_it
+    final = [m for m in messages if m.startswith(f"Saved the model to {tmp_path}")]
+    assert len(final) == 1
+    assert not [m for m in messages if m.startswith(UPSTREAM_SAVE_LINES)]
+    assert "Writing model shards" not in capfd.readouterr().err  # upstream's progress bar of one shard
+    # transformers' own logging is as it was before the saves
+    assert logging.getLogger("transformers").getEffectiveLevel() == logging.INFO
+    assert hf_logging.is_progress_bar_enabled()
+
+
+def test_every_upstream_save_line_is_kept_at_debug_level(tmp_path, tokenizer, transformers_log):
+    hf_logging.set_verbosity_debug()
+    train_with_two_checkpoints_and_save(tmp_path, tokenizer)
+    messages = [record.getMessage() for record in transformers_log.records]
+    for line in UPSTREAM_SAVE_LINES:
+        assert any(m.startswith(line) and "checkpoint-2" in m for m in messages), line
+    assert "Saved checkpoint-2 (" in "\n".join(messages)
+
+
+def test_sizes_read_as_a_person_writes_them():
+    assert [readable_size(n) for n in (0, 999, 1000, 812_345, 3_412_000, 45_600_000, 1_234_000_000, 12e12)] == [
+        "0 bytes", "999 bytes", "1 kB", "812 kB", "3.4 MB", "45.6 MB", "1.2 GB", "12000 GB"]
 
 
 # ---- Private upstream touchpoints ---------------------------------------------------------------------------

@@ -123,9 +123,14 @@ def load_tokenizer(model_args: Any) -> PreTrainedTokenizerBase:
     flag = "--tokenizer_name" if model_args.tokenizer_name else "--model_name_or_path"
     _require_file_in_folder(flag, name, TOKENIZER_FILES, "a tokenizer",
                             "" if model_args.tokenizer_name else "; pass --tokenizer_name")
+    # A tokenizer-only folder has no config.json: AutoTokenizer then builds an empty model config in its place and
+    # logs it whole (a config dump with nothing in it). That same empty config is given here, without the dump.
+    folder = os.path.expanduser(name)
+    no_model_config = os.path.isdir(folder) and not os.path.isfile(os.path.join(folder, "config.json"))
+    config_kwargs = {"config": PretrainedConfig()} if no_model_config else {}
     tokenizer = load_local_or_hub(flag, name, lambda local_only: AutoTokenizer.from_pretrained(
         name, use_fast=getattr(model_args, "use_fast_tokenizer", True), local_files_only=local_only,
-        **_hub_kwargs(model_args)))
+        **config_kwargs, **_hub_kwargs(model_args)))
     check_tokenizer_vocabulary(tokenizer, flag, name)
     return tokenizer
 

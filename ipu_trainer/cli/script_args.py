@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
+import re
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -64,15 +66,75 @@ class ModelArguments:
             raise ValueError(f"--torch_dtype {self.torch_dtype} and --dtype {self.dtype} disagree: give one of them")
 
 
-# The inherited transformers flags a run of these scripts usually needs; --help lists them after the script's own
-# flags and the IPU flags, and --help-all lists every one of the ~150 TrainingArguments flags.
+# The inherited transformers flags a run of these scripts usually needs (every one README's quick starts use
+# among them); --help lists them after the script's own flags and the IPU flags, and --help-all lists every one of
+# the ~150 TrainingArguments flags.
 COMMON_TRAINING_FLAGS = (
-    "output_dir", "overwrite_output_dir", "do_train", "do_eval", "max_steps", "num_train_epochs", "learning_rate",
-    "lr_scheduler_type", "warmup_steps", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm",
-    "seed", "logging_steps", "eval_strategy", "eval_steps", "save_strategy", "save_steps", "save_total_limit",
-    "resume_from_checkpoint", "dataloader_num_workers", "dataloader_drop_last", "report_to", "torch_compile",
-    "fp16", "bf16", "gradient_checkpointing", "log_level",
+    "output_dir", "overwrite_output_dir", "do_train", "do_eval", "eval_on_start", "max_steps", "num_train_epochs",
+    "per_device_train_batch_size", "per_device_eval_batch_size", "learning_rate", "lr_scheduler_type", "warmup_steps",
+    "warmup_ratio", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "seed",
+    "logging_steps", "eval_strategy", "eval_steps", "save_strategy", "save_steps", "save_total_limit",
+    "resume_from_checkpoint", "dataloader_num_workers", "dataloader_drop_last", "report_to", "disable_tqdm",
+    "torch_compile", "fp16", "bf16", "gradient_checkpointing", "log_level",
 )
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Each flag's default in its help (as HfArgumentParser shows them), and the description printed as written,
+    so the example command keeps its lines."""
+
+
+def help_header(doc: str) -> str:
+    """The opening of a script's --help, from its docstring: the description paragraph and the example command
+    (the docstring up to the end of its first indented block)."""
+    blocks = doc.strip("\n").split("\n\n")
+    for end, block in enumerate(blocks):
+        if block.startswith((" ", "\t")):
+            return "\n\n".join(blocks[: end + 1])
+    return blocks[0]
+
+
+# argparse's message for a value its type rejects, e.g. "invalid int value: 'x'" (after "argument --max_steps: ").
+_INVALID_VALUE = re.compile(r"invalid (?P<kind>int|float) value: (?P<value>.*)$")
+_EXPECTED = {"int": "a whole number", "float": "a number"}
+
+
+class CommandLineParser(argparse.ArgumentParser):
+    """The scripts' argparse: `--help` opens with the description, and errors are one line.
+
+    - argparse puts the description under the usage block (20 lines of flags for these scripts); here it comes
+      first, so the help starts with what the script does and an example.
+    - An error is a ValueError, which `startup.run_cli` prints as one `error:` line naming the flag (exit code
+      2). argparse itself prints its usage block first, 160 lines for the ~200 flags of the training scripts,
+      above a message that then scrolls out of sight."""
+
+    def format_help(self) -> str:
+        description, self.description = self.description, None
+        try:
+            text = super().format_help()
+        finally:
+            self.description = description
+        return f"{description}\n\n{text}" if description else text
+
+    def error(self, message: str) -> typing.NoReturn:
+        subject, _, problem = message.partition(": ")
+        if not (subject.startswith("argument ") and problem):  # not about one flag, e.g. a required one missing
+            raise ValueError(f"{message} (--help lists the flags)")
+        flag = subject.removeprefix("argument ").split("/")[0]  # argparse names a flag by all its spellings, "--a/--b"
+        match = _INVALID_VALUE.match(problem)
+        if match is None:
+            raise ValueError(f"{flag}: {problem}")
+        default = getattr(self._option_string_actions.get(flag), "default", None)
+        example = f", e.g. {flag} {default}" if isinstance(default, (int, float)) and default > 0 else ""
+        raise ValueError(f"{flag} {match['value']}: expected {_EXPECTED[match['kind']]}{example}")
+
+
+class ScriptArgumentParser(CommandLineParser, HfArgumentParser):
+    """The training scripts' HfArgumentParser: `CommandLineParser`'s help and errors, each flag's default in its help."""
+
+    def __init__(self, dataclass_types: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(dataclass_types, **kwargs)
 
 
 def _subset_dataclass(name: str, source: type, names: list[str]) -> type:
@@ -83,14 +145,15 @@ def _subset_dataclass(name: str, source: type, names: list[str]) -> type:
     return dataclasses.make_dataclass(name, spec)
 
 
-def short_help(model_arguments: type, data_arguments: type) -> str:
-    """--help: the script's own flags, the IPU flags and the common training flags, then where the rest are."""
+def short_help(model_arguments: type, data_arguments: type, description: Optional[str] = None) -> str:
+    """--help: the script's description and example (`help_header` of `description`, its docstring), its own
+    flags, the IPU flags and the common training flags, then where the rest are."""
     inherited = {f.name for f in dataclasses.fields(TrainingArguments)}
     own = [f.name for f in dataclasses.fields(IPUTrainingArguments)
            if f.name not in inherited or f.name in IPUTrainingArguments.__dict__.get("__annotations__", {})]
     common = [name for name in COMMON_TRAINING_FLAGS if name not in own]
     sections = [
-        ("", HfArgumentParser((model_arguments, data_arguments))),
+        ("", ScriptArgumentParser((model_arguments, data_arguments), description=description)),
         ("IPU flags (IPUTrainingArguments):", HfArgumentParser(_subset_dataclass("IPU", IPUTrainingArguments, own))),
         ("Common training flags (transformers.TrainingArguments):",
          HfArgumentParser(_subset_dataclass("Training", IPUTrainingArguments, common))),
@@ -106,18 +169,23 @@ def short_help(model_arguments: type, data_arguments: type) -> str:
     return "\n".join(parts)
 
 
-def parse_script_args(model_arguments: type, data_arguments: type) -> tuple[Any, Any, IPUTrainingArguments]:
+def parse_script_args(
+    model_arguments: type, data_arguments: type, doc: Optional[str] = None
+) -> tuple[Any, Any, IPUTrainingArguments]:
     """(model, data, training) arguments from the command line, or from a .json file given as the only argument.
 
-    `--help` lists the script's flags, the IPU flags and the common training flags; `--help-all` all of them.
+    `--help` opens with the description and example of `doc` (the script's docstring, see `help_header`), then
+    lists the script's flags, the IPU flags and the common training flags; `--help-all` all of them. A value
+    argparse refuses is one ValueError naming the flag (`CommandLineParser`).
     """
-    parser = HfArgumentParser((model_arguments, data_arguments, IPUTrainingArguments))
+    description = help_header(doc) if doc else None
+    parser = ScriptArgumentParser((model_arguments, data_arguments, IPUTrainingArguments), description=description)
     argv = sys.argv[1:]
     if "--help-all" in argv:
         parser.print_help()
         raise SystemExit(0)
     if "-h" in argv or "--help" in argv:
-        print(short_help(model_arguments, data_arguments))
+        print(short_help(model_arguments, data_arguments, description))
         raise SystemExit(0)
     if argv and argv[0].endswith(".json"):
         if len(argv) > 1:

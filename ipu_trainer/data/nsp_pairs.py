@@ -410,7 +410,10 @@ def _build_block(
     return nsp_pairs_from_texts(texts, tokenizer, max_seq_length, short_seq_prob, seed, block, dupe_factor)
 
 
-def _cache_file_name(dataset: datasets.Dataset, fingerprint: str) -> str | None:
+def _cache_file_name(dataset: datasets.Dataset, fingerprint: str, cache_dir: str | None = None) -> str | None:
+    if cache_dir is not None:
+        os.makedirs(cache_dir, exist_ok=True)
+        return os.path.join(cache_dir, f"cache-{fingerprint}.arrow")
     if not dataset.cache_files:
         return None
     return os.path.join(os.path.dirname(dataset.cache_files[0]["filename"]), f"cache-{fingerprint}.arrow")
@@ -426,6 +429,7 @@ def _map_blocks(
     num_proc: int | None,
     load_from_cache_file: bool,
     desc: str,
+    cache_dir: str | None = None,
 ) -> datasets.Dataset:
     # Mapping over block numbers, not over the rows of `source`, keeps every block whole whatever the
     # number of processes, which is what makes the result independent of `num_proc`.
@@ -440,7 +444,7 @@ def _map_blocks(
         fn_kwargs=fn_kwargs,
         features=features,
         num_proc=num_proc if num_proc and num_proc > 1 else None,
-        cache_file_name=_cache_file_name(source, fingerprint),
+        cache_file_name=_cache_file_name(source, fingerprint, cache_dir),
         new_fingerprint=fingerprint,
         load_from_cache_file=load_from_cache_file,
         desc=desc,
@@ -487,6 +491,7 @@ def build_nsp_pairs(
     dupe_factor: int = 1,
     load_from_cache_file: bool = True,
     source: str = "",
+    cache_dir: str | None = None,
 ) -> datasets.Dataset:
     """Build BERT next-sentence-prediction pairs from a dataset of documents (one per row).
 
@@ -497,7 +502,7 @@ def build_nsp_pairs(
     BERT one on token ids; see `_pairs_from_document`. Random B segments come from another document
     of the same block of `DOCUMENTS_PER_BLOCK` documents, so pairs are reproducible for a given `seed`
     whatever `num_proc` is. `dupe_factor` repeats the pass over the documents with fresh random choices.
-    Results are cached next to `documents`' cache files when it has any.
+    Results are cached in `cache_dir` when given, else next to `documents`' cache files when it has any.
 
     Raises ValueError when no pair can be built, e.g. from a single document of one sentence; `source` (e.g.
     "--train_file corpus.txt") names the documents in that message.
@@ -530,6 +535,7 @@ def build_nsp_pairs(
         num_proc=num_proc,
         load_from_cache_file=load_from_cache_file,
         desc="Building NSP sentence pairs",
+        cache_dir=cache_dir,
     )
     if len(pairs) == 0:
         raise ValueError(

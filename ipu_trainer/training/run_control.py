@@ -3,6 +3,9 @@
 - `StopOnSignal`: SIGTERM (pre-emption) or SIGINT (Ctrl-C) during training asks the run to finish its step,
   save a checkpoint and stop; the script then exits non-zero with one line saying where to resume from. A
   second signal stops at once (the checkpoint being written, if any, is then incomplete and skipped on resume).
+  Its log line says how long the step may still take (`StepTimer`).
+- `StepTimer`: times the training steps; after a first step longer than a minute it logs how long the rest of
+  the run takes at that pace.
 - `RunLock`: one run per output folder. A lock file holds the owner's process id and host; a lock left by a
   process that no longer runs on this host is taken over, with a line saying so.
 - `RunFinished`, `TrainingInterrupted`, `CheckpointWriteError`: how a run ends other than by finishing;
@@ -18,9 +21,11 @@ import logging
 import os
 import signal
 import socket
+import statistics
 import sys
 import threading
-from typing import Any, Optional
+import time
+from typing import Any, Callable, Optional
 
 import torch
 from transformers import TrainerCallback
@@ -51,14 +56,82 @@ class CheckpointWriteError(OSError):
     """A checkpoint could not be written (a full disk, most often); the previous complete one stays resumable."""
 
 
+def rough_duration(seconds: float) -> str:
+    """A duration as a person says it: under a second, ~40 s, ~9 min, ~2.5 h, ~3 days."""
+    if seconds < 1:
+        return "under a second"
+    for size, unit in ((86400, "days"), (3600, "h"), (60, "min")):
+        if seconds >= size * 1.5 or (size == 60 and seconds >= 60):
+            value = seconds / size
+            return f"~{value:.1f}".removesuffix(".0") + f" {unit}" if value < 10 else f"~{value:.0f} {unit}"
+    return f"~{seconds:.0f} s"
+
+
+# A first step at least this long gets a log line estimating the rest of the run.
+SLOW_STEP_SECONDS = 60.0
+
+
+class StepTimer(TrainerCallback):
+    """Times each training step, from the loop's `on_step_begin` to its `on_step_end` (evaluations and checkpoint
+    saves come after `on_step_end`, so they are not counted). A first step of `SLOW_STEP_SECONDS` or more is
+    followed by a line estimating the rest of the run; `StopOnSignal` asks `time_left_in_step` how long the step
+    under way may still take. `clock` is the time source, in seconds."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.step_seconds: list[float] = []
+        self._step_start: Optional[float] = None
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.step_seconds, self._step_start = [], None
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._step_start = self.clock()
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self._step_start is None:
+            return
+        seconds = self.clock() - self._step_start
+        self._step_start = None
+        self.step_seconds.append(seconds)
+        steps_left = state.max_steps - state.global_step
+        if len(self.step_seconds) == 1 and seconds >= SLOW_STEP_SECONDS and steps_left > 0:
+            logger.info(
+                "One step took %s: the %d steps left take %s at this pace (evaluations and checkpoint saves not "
+                "included; the first step also carries the start-up, so later ones may be faster).",
+                rough_duration(seconds), steps_left, rough_duration(seconds * steps_left),
+            )
+
+    def typical_step_seconds(self) -> Optional[float]:
+        """The median step so far, leaving out the first (start-up costs) once there are others; None before the
+        first step ends."""
+        measured = self.step_seconds[1:] or self.step_seconds
+        return statistics.median(measured) if measured else None
+
+    def time_left_in_step(self) -> Optional[str]:
+        """How long the step under way may still take, in words; None between steps."""
+        if self._step_start is None:
+            return None
+        elapsed = self.clock() - self._step_start
+        typical = self.typical_step_seconds()
+        if typical is None:
+            return f"the first step has run for {rough_duration(elapsed)}, and its length is not known yet"
+        if elapsed >= typical:
+            return f"this step has run for {rough_duration(elapsed)}, longer than the {rough_duration(typical)} of " \
+                   "the steps before it"
+        return f"this step may take {rough_duration(typical - elapsed)} more, from the step times so far"
+
+
 class StopOnSignal:
     """Context manager: while active, the first SIGTERM / SIGINT is recorded in `signal_number` instead of
-    stopping the process; a second one restores the default handling and delivers itself."""
+    stopping the process; a second one restores the default handling and delivers itself. With a `timer`, the
+    line logged for the first one says how long the step under way may still take."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self) -> None:
+    def __init__(self, timer: Optional[StepTimer] = None) -> None:
         self.signal_number: Optional[int] = None
+        self.timer = timer
         self._previous: dict[int, Any] = {}
 
     def _handle(self, number: int, frame: Any) -> None:
@@ -67,9 +140,10 @@ class StopOnSignal:
             signal.raise_signal(number)
             return
         self.signal_number = number
+        time_left = self.timer.time_left_in_step() if self.timer is not None else None
         logger.warning(
-            "%s received: finishing this step, saving a checkpoint and stopping (send it again to stop at once).",
-            signal.Signals(number).name,
+            "%s received: finishing this step%s, saving a checkpoint and stopping (send it again to stop at once).",
+            signal.Signals(number).name, f" ({time_left})" if time_left else "",
         )
 
     def __enter__(self) -> StopOnSignal:

@@ -21,7 +21,8 @@ import os
 import shutil
 import signal
 import time
-from typing import Any, Callable, Iterator, Optional
+from collections.abc import Iterator
+from typing import Any, Callable, Optional
 
 import torch
 from accelerate.utils import send_to_device
@@ -30,6 +31,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback, TrainerState, set_seed
 from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import TrainOutput
+from transformers.utils import logging as hf_logging
 
 from ..config.ipu_config import IPUConfig
 from ..data.collators import pad_on_batch_axis
@@ -48,7 +50,14 @@ from .checkpoints import (
 )
 from .optimizer_state import HostOffloadedOptimizer, ShardedOptimizer, prepare_optimizer_for_checkpoint
 from .optimizers import POPTORCH_MAX_WEIGHT_NORM, AdamW, Lamb, original_parameter_groups
-from .run_control import CheckpointWriteError, StopOnSignal, StopOnSignalCallback, TrainingInterrupted, one_line
+from .run_control import (
+    CheckpointWriteError,
+    StepTimer,
+    StopOnSignal,
+    StopOnSignalCallback,
+    TrainingInterrupted,
+    one_line,
+)
 from .throughput import ThroughputMeter
 
 logger = logging.getLogger(__name__)
@@ -139,6 +148,41 @@ def _silence_completion_after_a_signal(stop: StopOnSignal) -> Iterator[None]:
         yield
     finally:
         upstream.removeFilter(keep)
+
+
+# ---- save log lines: one per save ------------------------------------------------------------------
+# Upstream logs every file a save writes (the folder, config.json (twice: see models.parallelize),
+# generation_config.json, the weights, the tokenizer files) and draws a progress bar for one weights shard: 6-7
+# lines per checkpoint. This is the one place they are held back: during a save, transformers' info lines and
+# progress bars are off unless --log_level debug (or a transformers logger set to debug) asks for every line,
+# and the trainer states each save in one line once it is complete.
+
+
+@contextlib.contextmanager
+def upstream_save_quiet() -> Iterator[None]:
+    """transformers' info lines and progress bars off for the duration, unless its logging is at debug level."""
+    upstream = logging.getLogger("transformers")
+    if upstream.getEffectiveLevel() <= logging.DEBUG:
+        yield
+        return
+    level, progress_bars = upstream.level, hf_logging.is_progress_bar_enabled()
+    upstream.setLevel(logging.WARNING)
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        upstream.setLevel(level)
+        if progress_bars:
+            hf_logging.enable_progress_bar()
+
+
+def readable_size(num_bytes: float) -> str:
+    """A size for a log line: 812 kB, 3.4 MB, 1.2 GB."""
+    for unit in ("bytes", "kB", "MB", "GB"):
+        if num_bytes < 1000 or unit == "GB":
+            break
+        num_bytes /= 1000
+    return f"{num_bytes:.0f} {unit}" if unit in ("bytes", "kB") or num_bytes >= 100 else f"{num_bytes:.1f} {unit}"
 
 
 class IPUTrainer(Trainer):
@@ -253,6 +297,8 @@ class IPUTrainer(Trainer):
         self._stop_on_signal = StopOnSignalCallback(self.args.device)
         self.add_callback(_CheckpointCompletion(self))
         self.add_callback(self._stop_on_signal)
+        self._step_timer = StepTimer()
+        self.add_callback(self._step_timer)
         self.throughput = ThroughputMeter.for_model(self.model, self.args.device, run.precision.compute_dtype)
         self.add_callback(self.throughput)
         self._log_run_layout()
@@ -478,7 +524,7 @@ class IPUTrainer(Trainer):
             finished = self._already_finished(checkpoint)
             if finished is not None:
                 return finished
-        with StopOnSignal() as stop, _silence_completion_after_a_signal(stop):
+        with StopOnSignal(self._step_timer) as stop, _silence_completion_after_a_signal(stop):
             self._stop_on_signal.stop = stop
             try:
                 output = super().train(resume_from_checkpoint=checkpoint, trial=trial,
@@ -627,14 +673,20 @@ class IPUTrainer(Trainer):
 
     def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
         """Upstream's model (and tokenizer) save, plus the run's `ipu_config.json`; `training_args.bin`
-        records the user's arguments rather than the loop's copy."""
-        if _internal_call and output_dir is not None:
+        records the user's arguments rather than the loop's copy. The save is one log line (`upstream_save_quiet`):
+        a checkpoint's once it is complete (`_CheckpointCompletion`), the final model's here."""
+        checkpoint = _internal_call and output_dir is not None
+        if checkpoint:
             self._checkpoint_in_progress = output_dir  # a checkpoint save starts here; _CheckpointCompletion ends it
-        super().save_model(output_dir, _internal_call=_internal_call)
+        folder = output_dir if output_dir is not None else self.args.output_dir
+        with upstream_save_quiet():
+            super().save_model(output_dir, _internal_call=_internal_call)
         if self.args.should_save:
-            folder = output_dir if output_dir is not None else self.args.output_dir
             self.ipu_config.save_pretrained(folder)
             torch.save(self.run.args, os.path.join(folder, TRAINING_ARGS_NAME))
+            if not checkpoint:
+                size = sum(entry.stat().st_size for entry in os.scandir(folder) if entry.is_file())
+                logger.info("Saved the model to %s (%s)", folder, readable_size(size))
 
     # ---- Private upstream touchpoints ---------------------------------------------------------------
     # Upstream writes optimizer.pt from process 0 alone, so ZeRO shards must be gathered (a collective on
@@ -689,6 +741,7 @@ class _CheckpointCompletion(TrainerCallback):
         trainer.accelerator.wait_for_everyone()  # every process's files (rng_state_<rank>.pth) are written
         if args.should_save:
             mark_complete(folder)
+            logger.info("Saved %s (%s)", os.path.basename(folder), readable_size(folder_bytes(folder)))
             best = (state.best_model_checkpoint,) if state.best_model_checkpoint else ()
             rotate_checkpoints(args.output_dir, trainer.run.args.save_total_limit, keep=best)
         trainer._checkpoint_in_progress = None
