@@ -123,13 +123,15 @@ def test_help_opens_with_a_description_and_an_example_of_known_flags(script, mon
 
 
 def quick_start_commands() -> list[tuple[str, list[str]]]:
-    """(script, its flags) of every command in README's quick-start bash blocks."""
+    """(script, its flags) of every command of the quick starts: quickstart.sh and README's quick-start bash blocks."""
     with open(f"{REPO}/README.md") as handle:
         blocks = [lines for lines in bash_blocks(handle.read()) if "ipu_trainer.cli.offline_assets quickstart" in lines[0]]
+    with open(f"{REPO}/quickstart.sh") as handle:
+        blocks.append([line.strip() for line in handle if line.strip() and not line.lstrip().startswith("#")])
     commands = []
     for lines in blocks:
         text = "\n".join(lines)
-        for match in re.finditer(r"python (\w+)\.py(.*?)(?=\npython |\Z)", text, re.DOTALL):
+        for match in re.finditer(r"python (\w+)\.py(.*?)(?=\n(?:python|if|fi) |\n(?:fi)$|\Z)", text, re.DOTALL):
             commands.append((match[1], re.findall(r"\s(--\w+)", match[2])))
     return commands
 
