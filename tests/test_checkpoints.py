@@ -154,6 +154,34 @@ def test_an_explicit_incomplete_checkpoint_is_refused_in_one_line(uninterrupted,
         train(tmp_path / "elsewhere", resume=str(tmp_path / "checkpoint-6"))
 
 
+def test_process_zero_decides_the_checkpoint_of_every_process(tmp_path, monkeypatch):
+    """Simulated process 1 of two: it resumes what process 0 found, or raises process 0's error, without looking at
+    its own folder (on another machine it could hold another newest checkpoint)."""
+    import ipu_trainer.training.trainer as trainer_module
+
+    trainer = IPUTrainer(model=tiny_bert(), ipu_config=IPUConfig(layers_per_ipu=[-1]), args=make_args(tmp_path),
+                         data_collator=default_data_collator, train_dataset=masked_pairs(8))
+    monkeypatch.setattr(type(trainer.args), "process_index", property(lambda self: 1))
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    from_process_zero = []
+
+    def broadcast_object_list(objects, src):
+        assert src == 0 and objects == [None]
+        objects[0] = from_process_zero[-1]
+
+    def look_in_own_folder(*args, **kwargs):
+        raise AssertionError("process 1 chose a checkpoint itself")
+
+    monkeypatch.setattr(torch.distributed, "broadcast_object_list", broadcast_object_list)
+    monkeypatch.setattr(trainer_module, "last_resumable_checkpoint", look_in_own_folder)
+    monkeypatch.setattr(trainer_module, "checkpoint_problem", look_in_own_folder)
+    from_process_zero.append(("value", "/machine-0/out/checkpoint-4"))
+    assert trainer._checkpoint_to_resume(True) == "/machine-0/out/checkpoint-4"
+    from_process_zero.append(("error", "--resume_from_checkpoint c: cannot resume from it: it has no optimizer.pt"))
+    with pytest.raises(ValueError, match="cannot resume from it: it has no optimizer.pt"):
+        trainer._checkpoint_to_resume(str(tmp_path / "checkpoint-4"))
+
+
 def test_a_checkpoint_at_the_last_step_is_loaded_not_trained_past(uninterrupted, tmp_path):
     out, expected = uninterrupted
     copy_checkpoints(out, tmp_path)

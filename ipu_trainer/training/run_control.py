@@ -20,7 +20,7 @@ import signal
 import socket
 import sys
 import threading
-from typing import Any, Optional
+from typing import Any, Callable, Optional, TypeVar
 
 import torch
 from transformers import TrainerCallback
@@ -29,10 +29,33 @@ logger = logging.getLogger(__name__)
 
 LOCK_NAME = "run.lock"
 
+T = TypeVar("T")
+
 
 def one_line(error: BaseException) -> str:
     """An exception's message with its line breaks folded, for the one `error:` line."""
     return " ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
+
+
+def decided_by_process_zero(decide: Callable[[], T], process_index: int) -> T:
+    """Run `decide` on process 0 only and give its result to every process, or raise its error (as a `ValueError`)
+    on every process. Decisions that read files (which checkpoint to resume, what to do with the output folder)
+    could differ between processes, e.g. with a local output folder on each machine; processes acting on different
+    answers train from different weights and then wait forever for each other."""
+    outcome: Any = None
+    if process_index == 0:
+        try:
+            outcome = ("value", decide())
+        except (ValueError, OSError) as error:
+            outcome = ("error", str(error))
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        shared = [outcome]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        outcome = shared[0]
+    kind, value = outcome
+    if kind == "error":
+        raise ValueError(value)
+    return value
 
 
 class RunFinished(Exception):

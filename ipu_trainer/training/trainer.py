@@ -48,7 +48,14 @@ from .checkpoints import (
 )
 from .optimizer_state import HostOffloadedOptimizer, ShardedOptimizer, prepare_optimizer_for_checkpoint
 from .optimizers import POPTORCH_MAX_WEIGHT_NORM, AdamW, Lamb, original_parameter_groups
-from .run_control import CheckpointWriteError, StopOnSignal, StopOnSignalCallback, TrainingInterrupted, one_line
+from .run_control import (
+    CheckpointWriteError,
+    StopOnSignal,
+    StopOnSignalCallback,
+    TrainingInterrupted,
+    decided_by_process_zero,
+    one_line,
+)
 from .throughput import ThroughputMeter
 
 logger = logging.getLogger(__name__)
@@ -483,9 +490,14 @@ class IPUTrainer(Trainer):
 
     def _checkpoint_to_resume(self, requested: Any) -> Optional[str]:
         """The checkpoint `train(resume_from_checkpoint=...)` resumes from, checked: True means the newest
-        complete one of the output folder; a path must be complete and loadable."""
+        complete one of the output folder; a path must be complete and loadable. Process 0 decides for every
+        process (an error is raised on all of them): each process looking for itself could pick another
+        checkpoint, e.g. with an output folder local to each machine, and resume from other weights."""
         if requested is None or requested is False:
             return None
+        return decided_by_process_zero(lambda: self._find_checkpoint(requested), self.args.process_index)
+
+    def _find_checkpoint(self, requested: Any) -> str:
         needs_optimizer = not self.args.save_only_model
         if requested is True:
             checkpoint, skipped = last_resumable_checkpoint(self.args.output_dir, needs_optimizer)
