@@ -182,6 +182,33 @@ def test_process_zero_decides_the_checkpoint_of_every_process(tmp_path, monkeypa
         trainer._checkpoint_to_resume(str(tmp_path / "checkpoint-4"))
 
 
+def test_a_resume_reads_the_optimizer_state_into_host_memory_for_the_offloaded_optimizer(uninterrupted, tmp_path,
+                                                                                         monkeypatch):
+    """As on one of several GPUs, where upstream maps optimizer.pt onto the device (simulated by a "meta" device,
+    which holds no values): the offloaded optimizer must receive host tensors, the saved ones."""
+    from ipu_trainer.training.optimizer_state import HostOffloadedOptimizer
+
+    out, _ = uninterrupted
+    monkeypatch.setattr(IPUTrainer, "_offloads_optimizer_state", lambda self, args: True)  # as a GPU chooses
+    trainer = IPUTrainer(model=tiny_bert(), ipu_config=IPUConfig(layers_per_ipu=[-1]), args=make_args(tmp_path),
+                         data_collator=default_data_collator, train_dataset=masked_pairs(8))
+    trainer.create_optimizer_and_scheduler(num_training_steps=STEPS)
+    received = []
+    original_load = HostOffloadedOptimizer.load_state_dict
+    monkeypatch.setattr(HostOffloadedOptimizer, "load_state_dict",
+                        lambda self, state: (received.append(state), original_load(self, state))[-1])
+    monkeypatch.setattr(type(trainer.args), "world_size", property(lambda self: 2))
+    monkeypatch.setattr(type(trainer.args), "device", property(lambda self: torch.device("meta")))
+    trainer._load_optimizer_and_scheduler(str(out / "checkpoint-2"))
+    saved = torch.load(out / "checkpoint-2" / "optimizer.pt", weights_only=True)
+    [state] = received
+    for index, values in saved["state"].items():
+        for name, value in values.items():
+            assert state["state"][index][name].device.type == "cpu"
+            torch.testing.assert_close(trainer.optimizer.state_dict()["state"][index][name], value, rtol=0, atol=0)
+    assert trainer.lr_scheduler.state_dict()["last_epoch"] == 2
+
+
 def test_a_checkpoint_at_the_last_step_is_loaded_not_trained_past(uninterrupted, tmp_path):
     out, expected = uninterrupted
     copy_checkpoints(out, tmp_path)
