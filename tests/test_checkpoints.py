@@ -3,8 +3,10 @@
 import errno
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -273,6 +275,65 @@ def test_one_run_per_output_folder(tmp_path, caplog):
     (tmp_path / "run.lock").write_text(json.dumps({**owner, "host": "elsewhere"}))
     with pytest.raises(ValueError, match="on elsewhere"):
         RunLock(str(tmp_path)).acquire()
+
+
+NOW = 1_000_000_000.0  # a fake clock: no test waits for a heartbeat to age
+
+
+def foreign_lock(folder, minutes_since_heartbeat, host="elsewhere", pid=4242):
+    (folder / "run.lock").write_text(json.dumps({"pid": pid, "host": host, "started": "2030-01-01T00:00:00",
+                                                 "command": "run_mlm.py", "heartbeat": NOW - 60 * minutes_since_heartbeat}))
+
+
+def test_a_lock_whose_heartbeat_stopped_is_taken_over_from_any_host(tmp_path, caplog):
+    # Another machine's run with a recent heartbeat: refused, naming the file to delete if that run is gone.
+    foreign_lock(tmp_path, minutes_since_heartbeat=9)
+    with pytest.raises(ValueError, match=rf"process 4242 on elsewhere.*last heartbeat was 9.0 minutes ago.*if that "
+                                         rf"run is no longer running, delete {tmp_path / 'run.lock'}"):
+        RunLock(str(tmp_path), clock=lambda: NOW).acquire()
+    # Its machine died (a requeued job starts elsewhere): taken over, naming the old owner.
+    foreign_lock(tmp_path, minutes_since_heartbeat=11)
+    lock = RunLock(str(tmp_path), clock=lambda: NOW)
+    lock.acquire()
+    owner = json.loads((tmp_path / "run.lock").read_text())
+    assert (owner["pid"], owner["heartbeat"]) == (os.getpid(), NOW)
+    assert any("from process 4242 on elsewhere" in r.getMessage() and "11 minutes ago" in r.getMessage()
+               for r in caplog.records)
+    lock.release()
+    # On this host, a live process id with a stopped heartbeat (the id reused by another process): taken over too.
+    foreign_lock(tmp_path, minutes_since_heartbeat=11, host=socket.gethostname(), pid=os.getppid())
+    lock.acquire()
+    assert json.loads((tmp_path / "run.lock").read_text())["pid"] == os.getpid()
+    lock.release()
+    # A lock written before heartbeats existed, from another host: refused as before.
+    (tmp_path / "run.lock").write_text(json.dumps({"pid": 4242, "host": "elsewhere", "started": "then"}))
+    with pytest.raises(ValueError, match="in use by another run"):
+        RunLock(str(tmp_path), clock=lambda: NOW + 1e6).acquire()
+
+
+def test_the_lock_owner_refreshes_its_heartbeat_until_it_releases_the_lock(tmp_path, caplog):
+    ticks = iter(range(10**6))
+    lock = RunLock(str(tmp_path / "out"), clock=lambda: float(next(ticks)), heartbeat_seconds=0.001)
+    lock.acquire()
+    beats, deadline = set(), time.monotonic() + 30
+    while len(beats) < 3 and time.monotonic() < deadline:  # the daemon thread rewrites it (each read: a whole lock)
+        beats.add(json.loads((tmp_path / "out" / "run.lock").read_text())["heartbeat"])
+    assert len(beats) == 3
+    thread = lock._heartbeat
+    assert thread.daemon  # never keeps the process alive
+    lock.release()
+    assert not thread.is_alive() and not (tmp_path / "out").exists()  # stopped, lock and created folder removed
+    # A lock taken over meanwhile (after a long freeze) is left to its new owner.
+    lock = RunLock(str(tmp_path), clock=lambda: NOW)
+    lock.acquire()
+    lock.release()
+    lock.acquire()
+    foreign_lock(tmp_path, minutes_since_heartbeat=0)
+    assert lock.refresh() is False
+    assert json.loads((tmp_path / "run.lock").read_text())["pid"] == 4242
+    assert any("no longer held by this run" in r.getMessage() for r in caplog.records)
+    lock.release()
+    assert (tmp_path / "run.lock").exists()
 
 
 def test_a_finished_run_rerun_unchanged_changes_nothing(uninterrupted, tmp_path):

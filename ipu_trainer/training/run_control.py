@@ -3,8 +3,9 @@
 - `StopOnSignal`: SIGTERM (pre-emption) or SIGINT (Ctrl-C) during training asks the run to finish its step,
   save a checkpoint and stop; the script then exits non-zero with one line saying where to resume from. A
   second signal stops at once (the checkpoint being written, if any, is then incomplete and skipped on resume).
-- `RunLock`: one run per output folder. A lock file holds the owner's process id and host; a lock left by a
-  process that no longer runs on this host is taken over, with a line saying so.
+- `RunLock`: one run per output folder. A lock file holds the owner's process id and host and a heartbeat the
+  owner refreshes every minute; a lock left by a process that no longer runs on this host, or whose heartbeat
+  is older than 10 minutes (its machine died, say), is taken over, with a line saying so.
 - `RunFinished`, `TrainingInterrupted`, `CheckpointWriteError`: how a run ends other than by finishing;
   `cli.startup.run_cli` turns each into one line and an exit code; `one_line` folds an error's message into
   that line.
@@ -20,6 +21,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from typing import Any, Callable, Optional, TypeVar
 
 import torch
@@ -28,6 +30,11 @@ from transformers import TrainerCallback
 logger = logging.getLogger(__name__)
 
 LOCK_NAME = "run.lock"
+# The owner of a lock rewrites its heartbeat this often; a lock whose heartbeat is older than STALE_LOCK_SECONDS
+# belongs to a run that is gone (or frozen that long), whatever machine it ran on. Ten missed beats: a busy
+# process whose heartbeat thread waits a while for the interpreter does not lose its lock.
+HEARTBEAT_SECONDS = 60.0
+STALE_LOCK_SECONDS = 600.0
 
 T = TypeVar("T")
 
@@ -146,22 +153,39 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
+def _same_owner(first: Optional[dict], second: dict) -> bool:
+    return first is not None and all(first.get(key) == second.get(key) for key in ("pid", "host", "started"))
+
+
 class RunLock:
     """One run per output folder: `acquire()` creates `<output_dir>/run.lock` exclusively, `release()` removes it,
     and the folder too when `acquire()` created it and nothing else was written there (a refused run leaves no
-    empty output folder behind)."""
+    empty output folder behind).
 
-    def __init__(self, output_dir: str) -> None:
+    While held, a daemon thread rewrites the lock's `heartbeat` (seconds since the epoch, by `clock`) every
+    `heartbeat_seconds`, so that another machine can tell a live run from one whose machine died: the process id
+    of a lock written on another host cannot be checked. The thread only waits on an event between beats, so it
+    neither keeps a process alive nor delays its exit; `release()` stops it first.
+    """
+
+    def __init__(self, output_dir: str, clock: Callable[[], float] = time.time,
+                 heartbeat_seconds: float = HEARTBEAT_SECONDS) -> None:
         self.path = os.path.join(output_dir, LOCK_NAME)
         self.held = False
         self.created_folder = False
+        self.clock = clock
+        self.heartbeat_seconds = heartbeat_seconds
+        self._me: dict = {}
+        self._stop_heartbeat = threading.Event()
+        self._heartbeat: Optional[threading.Thread] = None
 
     def _owner(self) -> Optional[dict]:
         try:
             with open(self.path, encoding="utf-8") as handle:
-                return json.load(handle)
+                owner = json.load(handle)
         except (OSError, ValueError):
             return None
+        return owner if isinstance(owner, dict) else None
 
     def _age_seconds(self) -> float:
         try:
@@ -169,30 +193,23 @@ class RunLock:
         except OSError:
             return float("inf")
 
+    def _heartbeat_age(self, owner: dict) -> Optional[float]:
+        """Seconds since the owner's last heartbeat; None for a lock without one (written before heartbeats)."""
+        beat = owner.get("heartbeat")
+        return self.clock() - beat if isinstance(beat, (int, float)) else None
+
     def acquire(self) -> None:
         folder = os.path.dirname(self.path) or "."
         self.created_folder = not os.path.isdir(folder)
         os.makedirs(folder, exist_ok=True)
         me = {"pid": os.getpid(), "host": socket.gethostname(),
-              "started": datetime.datetime.now().isoformat(timespec="seconds"), "command": " ".join(sys.argv)}
+              "started": datetime.datetime.now().isoformat(timespec="seconds"), "command": " ".join(sys.argv),
+              "heartbeat": self.clock()}
         for _ in range(3):
             try:
                 descriptor = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
-                owner = self._owner()
-                if owner is None and self._age_seconds() < 10:
-                    owner = {"pid": "?", "host": "?", "started": "just now"}  # being written by its owner right now
-                if owner is None:
-                    # Left by a process that died between creating and filling it: nobody holds it.
-                    logger.warning("Taking over %s: it is empty or unreadable.", self.path)
-                elif owner.get("host") != me["host"] or (owner.get("pid") != me["pid"] and _process_alive(owner["pid"])):
-                    raise ValueError(
-                        f"--output_dir {os.path.dirname(self.path)} is in use by another run (process {owner.get('pid')} "
-                        f"on {owner.get('host')}, started {owner.get('started')}): wait for it to end or choose another "
-                        f"--output_dir; if that run is no longer running, delete {self.path}"
-                    )
-                elif owner.get("pid") != me["pid"]:
-                    logger.warning("Taking over %s from process %s, which is no longer running.", self.path, owner["pid"])
+                self._take_over_or_refuse(me)
                 try:
                     os.remove(self.path)
                 except FileNotFoundError:
@@ -201,10 +218,75 @@ class RunLock:
             with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
                 json.dump(me, handle)
             self.held = True
+            self._me = me
+            self._start_heartbeat()
             return
         raise ValueError(f"could not take the lock {self.path}: another run keeps taking it")
 
+    def _take_over_or_refuse(self, me: dict) -> None:
+        """Return when the existing lock may be removed (saying why, unless it is this process's own), raise
+        the one-line refusal otherwise."""
+        owner = self._owner()
+        if owner is None and self._age_seconds() < 10:
+            owner = {"pid": "?", "host": "?", "started": "just now"}  # being written by its owner right now
+        if owner is None:
+            # Left by a process that died between creating and filling it: nobody holds it.
+            logger.warning("Taking over %s: it is empty or unreadable.", self.path)
+            return
+        same_host = owner.get("host") == me["host"]
+        if same_host and owner.get("pid") == me["pid"]:
+            return
+        if same_host and isinstance(owner.get("pid"), int) and not _process_alive(owner["pid"]):
+            logger.warning("Taking over %s from process %s, which is no longer running.", self.path, owner["pid"])
+            return
+        name = f"process {owner.get('pid')} on {owner.get('host')}, started {owner.get('started')}"
+        age = self._heartbeat_age(owner)
+        if age is not None and age > STALE_LOCK_SECONDS:
+            # Another machine's process cannot be checked, and on this one the id may belong to another process
+            # by now: a run that stopped refreshing its heartbeat that long ago is gone (or frozen).
+            logger.warning("Taking over %s from %s: its last heartbeat was %.0f minutes ago (more than %.0f), so "
+                           "that run is no longer running.", self.path, name, age / 60, STALE_LOCK_SECONDS / 60)
+            return
+        beat = f"; its last heartbeat was {age / 60:.1f} minutes ago" if age is not None else ""
+        raise ValueError(
+            f"--output_dir {os.path.dirname(self.path)} is in use by another run ({name}{beat}): wait for it to end "
+            f"or choose another --output_dir; if that run is no longer running, delete {self.path} (a lock whose "
+            f"heartbeat is more than {STALE_LOCK_SECONDS / 60:.0f} minutes old is taken over by itself)"
+        )
+
+    def _start_heartbeat(self) -> None:
+        self._stop_heartbeat.clear()
+        self._heartbeat = threading.Thread(target=self._beat, name="run-lock-heartbeat", daemon=True)
+        self._heartbeat.start()
+
+    def _beat(self) -> None:
+        while not self._stop_heartbeat.wait(self.heartbeat_seconds):
+            try:
+                if not self.refresh():
+                    return
+            except OSError as error:  # a full disk or a network folder gone for a moment: try again next beat
+                logger.warning("Could not refresh the heartbeat of %s: %s", self.path, one_line(error))
+
+    def refresh(self) -> bool:
+        """Rewrite the heartbeat of the held lock; False (and nothing written) once the lock is no longer this
+        run's. Written to a temporary file then renamed over the lock, so that a reader never sees half a lock."""
+        if not _same_owner(self._owner(), self._me):
+            logger.error("%s is no longer held by this run (removed, or taken over after a missed heartbeat): "
+                         "another run may now write to %s.", self.path, os.path.dirname(self.path))
+            return False
+        self._me = {**self._me, "heartbeat": self.clock()}
+        # The name ends in .lock: the output folder's checks ignore lock files.
+        temporary = os.path.join(os.path.dirname(self.path) or ".", f".heartbeat-{os.getpid()}.lock")
+        with open(temporary, "w", encoding="utf-8") as handle:
+            json.dump(self._me, handle)
+        os.replace(temporary, self.path)
+        return True
+
     def release(self) -> None:
+        self._stop_heartbeat.set()
+        if self._heartbeat is not None:
+            self._heartbeat.join(timeout=10)
+            self._heartbeat = None
         if self.held and (self._owner() or {}).get("pid") == os.getpid():
             try:
                 os.remove(self.path)
