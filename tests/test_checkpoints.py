@@ -435,3 +435,62 @@ def test_a_signal_seen_by_any_process_stops_every_process(monkeypatch):
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.distributed, "all_reduce", lambda flag, op=None: flag.fill_(1))
     assert stop.requested(torch.device("cpu"))
+
+
+# ---- torchrun's time between SIGTERM and SIGKILL -----------------------------------------------------------
+
+
+def test_a_step_and_save_slower_than_torchruns_shutdown_timeout_is_warned_once(caplog):
+    from ipu_trainer.training.run_control import ShutdownTimeoutCheck
+
+    now = [0.0]
+    state = SimpleNamespace(is_local_process_zero=True)
+
+    def step_and_save(step_seconds, save_seconds, check):
+        check.on_step_begin(None, state, None)
+        now[0] += step_seconds
+        check.on_step_end(None, state, None)
+        check.save_started()
+        now[0] += save_seconds
+        check.on_save(None, state, None)
+
+    def warnings():
+        return [r.getMessage() for r in caplog.records if "torchrun waits" in r.getMessage()]
+
+    check = ShutdownTimeoutCheck((30.0, "torchrun's default"), clock=lambda: now[0])
+    step_and_save(10, 15, check)  # 25 s: killed only after the checkpoint is complete
+    assert not warnings()
+    step_and_save(20, 25, check)
+    [line] = warnings()
+    assert "took 45 s (step 20 s, save 25 s), longer than the 30 s" in line and "torchrun's default" in line
+    assert "--shutdown-timeout 120" in line and "TORCH_ELASTIC_SHUTDOWN_TIMEOUT=120" in line
+    step_and_save(20, 25, check)
+    assert len(warnings()) == 1  # once per run
+    step_and_save(60, 60, ShutdownTimeoutCheck(None, clock=lambda: now[0]))  # not under torchrun
+    step_and_save(60, 60, ShutdownTimeoutCheck((600.0, "torchrun --shutdown-timeout 600"), clock=lambda: now[0]))
+    assert len(warnings()) == 1
+
+
+def test_torchruns_shutdown_timeout_is_read_where_torchrun_reads_it(monkeypatch):
+    from ipu_trainer.training import run_control
+
+    for name in ("TORCHELASTIC_RUN_ID", "PET_SHUTDOWN_TIMEOUT", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"):
+        monkeypatch.delenv(name, raising=False)
+    assert run_control.torchrun_shutdown_timeout() is None  # not under torchrun
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    launcher = ["python", "-m", "torch.distributed.run", "--nproc_per_node", "8", "run_mlm.py", "--do_train"]
+    monkeypatch.setattr(run_control, "_launcher_arguments", lambda: launcher)
+    assert run_control.torchrun_shutdown_timeout() == (30.0, "torchrun's default")
+    monkeypatch.setenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "300")
+    assert run_control.torchrun_shutdown_timeout()[0] == 300.0
+    launcher[3:3] = ["--shutdown-timeout=900"]
+    assert run_control.torchrun_shutdown_timeout() == (900.0, "torchrun --shutdown-timeout 900")
+
+
+def test_the_trainer_times_each_step_and_checkpoint_against_torchruns_shutdown_timeout(tmp_path, monkeypatch, caplog):
+    import ipu_trainer.training.trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "torchrun_shutdown_timeout", lambda: (0.0, "a test's"))
+    train(tmp_path, max_steps=1, save_steps=1)
+    assert any("longer than the 0 s torchrun waits" in r.getMessage() and "a test's" in r.getMessage()
+               for r in caplog.records)

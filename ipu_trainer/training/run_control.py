@@ -6,6 +6,8 @@
 - `RunLock`: one run per output folder. A lock file holds the owner's process id and host and a heartbeat the
   owner refreshes every minute; a lock left by a process that no longer runs on this host, or whose heartbeat
   is older than 10 minutes (its machine died, say), is taken over, with a line saying so.
+- `ShutdownTimeoutCheck`: under torchrun, warns when a step plus the checkpoint saved after it takes longer than
+  torchrun waits between forwarding a SIGTERM and killing the processes (`torchrun_shutdown_timeout`).
 - `RunFinished`, `TrainingInterrupted`, `CheckpointWriteError`: how a run ends other than by finishing;
   `cli.startup.run_cli` turns each into one line and an exit code; `one_line` folds an error's message into
   that line.
@@ -16,6 +18,7 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import math
 import os
 import signal
 import socket
@@ -141,6 +144,110 @@ class StopOnSignalCallback(TrainerCallback):
             control.should_save = True
             control.should_training_stop = True
         return control
+
+
+TORCHRUN_DEFAULT_SHUTDOWN_SECONDS = 30.0
+
+
+def _launcher_arguments() -> list[str]:
+    """The command line of the process that started this one (torchrun's agent, under torchrun); [] when it
+    cannot be read (no /proc)."""
+    try:
+        with open(f"/proc/{os.getppid()}/cmdline", "rb") as handle:
+            return [part.decode(errors="replace") for part in handle.read().split(b"\0") if part]
+    except OSError:
+        return []
+
+
+def torchrun_has_shutdown_timeout() -> bool:
+    """Whether this torch's torchrun takes --shutdown-timeout (older ones wait a fixed 30 s)."""
+    from torch.distributed.launcher.api import LaunchConfig
+
+    return "shutdown_timeout" in getattr(LaunchConfig, "__dataclass_fields__", {})
+
+
+def torchrun_shutdown_timeout() -> Optional[tuple[float, str]]:
+    """Under torchrun (or another launcher built on its agent, e.g. accelerate launch): how many seconds the agent
+    waits after forwarding SIGTERM before it sends SIGKILL, and where that number comes from; None otherwise.
+
+    The agent's own arguments are not passed to its processes, so its command line is read; then the variables
+    it reads, in its order (PET_SHUTDOWN_TIMEOUT stands for the flag, TORCH_ELASTIC_SHUTDOWN_TIMEOUT for its
+    default)."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return None
+    if torchrun_has_shutdown_timeout():
+        arguments = _launcher_arguments()
+        for index, argument in enumerate(arguments):
+            for flag in ("--shutdown-timeout", "--shutdown_timeout"):
+                value = None
+                if argument == flag and index + 1 < len(arguments):
+                    value = arguments[index + 1]
+                elif argument.startswith(flag + "="):
+                    value = argument.split("=", 1)[1]
+                if value is not None:
+                    try:
+                        return float(value), f"torchrun {flag} {value}"
+                    except ValueError:
+                        pass
+        for name in ("PET_SHUTDOWN_TIMEOUT", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"):
+            try:
+                return float(os.environ[name]), f"{name}={os.environ[name]}"
+            except (KeyError, ValueError):
+                pass
+    return TORCHRUN_DEFAULT_SHUTDOWN_SECONDS, "torchrun's default"
+
+
+class ShutdownTimeoutCheck(TrainerCallback):
+    """Warns once when the last step plus the checkpoint saved after it took longer than `timeout` (seconds, and
+    where that number comes from; None: not under torchrun, nothing to check).
+
+    A SIGTERM lets the step under way finish, then saves a checkpoint (`StopOnSignal`); torchrun kills its
+    processes `timeout` seconds after forwarding the signal, so a slower step and save loses the checkpoint and
+    every step since the previous one. Checked at each save because only then are both durations known. The
+    trainer calls `save_started()` when a checkpoint save begins; `clock` is replaceable for tests.
+    """
+
+    def __init__(self, timeout: Optional[tuple[float, str]], clock: Callable[[], float] = time.monotonic) -> None:
+        self.timeout = timeout
+        self.clock = clock
+        self.warned = False
+        self._step_began: Optional[float] = None
+        self._step_seconds = 0.0
+        self._save_began: Optional[float] = None
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._step_began = self.clock()
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self._step_began is not None:
+            self._step_seconds = self.clock() - self._step_began
+
+    def save_started(self) -> None:
+        self._save_began = self.clock()
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self._save_began is None:
+            return
+        save_seconds, self._save_began = self.clock() - self._save_began, None
+        if self.timeout is None or self.warned:
+            return
+        seconds, source = self.timeout
+        needed = self._step_seconds + save_seconds
+        # Each machine's torchrun has its own timeout: one line per machine.
+        if needed <= seconds or not state.is_local_process_zero:
+            return
+        self.warned = True
+        advice = 60 * math.ceil(2 * needed / 60)  # twice the measured time, for slower saves to come
+        how = (f"start torchrun with --shutdown-timeout {advice} (or set TORCH_ELASTIC_SHUTDOWN_TIMEOUT={advice})"
+               if torchrun_has_shutdown_timeout() else
+               "this torch's torchrun always waits 30 s: a newer torch's torchrun takes --shutdown-timeout")
+        logger.warning(
+            "The last step and the checkpoint saved after it took %.0f s (step %.0f s, save %.0f s), longer than the "
+            "%.0f s torchrun waits after forwarding a SIGTERM before it kills the processes (%s): a pre-emption "
+            "would kill this run before its checkpoint is complete. To give it time, %s, and let whatever sends the "
+            "SIGTERM (the job scheduler) wait as long before it kills the job.",
+            needed, self._step_seconds, save_seconds, seconds, source, how,
+        )
 
 
 def _process_alive(pid: int) -> bool:

@@ -55,11 +55,13 @@ from .optimizer_state import HostOffloadedOptimizer, ShardedOptimizer, prepare_o
 from .optimizers import POPTORCH_MAX_WEIGHT_NORM, AdamW, Lamb, original_parameter_groups
 from .run_control import (
     CheckpointWriteError,
+    ShutdownTimeoutCheck,
     StopOnSignal,
     StopOnSignalCallback,
     TrainingInterrupted,
     decided_by_process_zero,
     one_line,
+    torchrun_shutdown_timeout,
 )
 from .throughput import ThroughputMeter
 
@@ -248,7 +250,9 @@ class IPUTrainer(Trainer):
         self.model_accepts_loss_kwargs = False
         self._checkpoint_in_progress: Optional[str] = None
         self._stop_on_signal = StopOnSignalCallback(self.args.device)
+        self._shutdown_check = ShutdownTimeoutCheck(torchrun_shutdown_timeout())
         self.add_callback(_CheckpointCompletion(self))
+        self.add_callback(self._shutdown_check)  # after _CheckpointCompletion: the save ends with its marker
         self.add_callback(self._stop_on_signal)
         self.throughput = ThroughputMeter.for_model(self.model, self.args.device, run.precision.compute_dtype)
         self.add_callback(self.throughput)
@@ -629,6 +633,7 @@ class IPUTrainer(Trainer):
         records the user's arguments rather than the loop's copy."""
         if _internal_call and output_dir is not None:
             self._checkpoint_in_progress = output_dir  # a checkpoint save starts here; _CheckpointCompletion ends it
+            self._shutdown_check.save_started()
         super().save_model(output_dir, _internal_call=_internal_call)
         if self.args.should_save:
             folder = output_dir if output_dir is not None else self.args.output_dir
