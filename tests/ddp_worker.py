@@ -121,6 +121,7 @@ def main() -> tuple[str, dict] | None:
     parser.add_argument("--lamb", action="store_true")
     parser.add_argument("--crash_at_step", type=int)
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--rank1_newest", help="with --resume: the newest checkpoint process 1 would find itself")
     parser.add_argument("--resume_matrix", action="store_true", help="4 steps, checkpoints every 2, then a resume")
     parser.add_argument("--checkpoints_from", help="with --resume_matrix: resume this matrix's sharded runs")
     parser.add_argument("--late_collective_at_exit", action="store_true", help="force the race at exit, no training")
@@ -133,6 +134,11 @@ def main() -> tuple[str, dict] | None:
         options.steps, options.save_steps = 4, 2
         resume_matrix(options)
         return None
+    if options.rank1_newest and os.environ.get("RANK") == "1":
+        # As if process 1 ran on a machine whose own output folder held another newest checkpoint.
+        import ipu_trainer.training.trainer as trainer_module
+
+        trainer_module.last_resumable_checkpoint = lambda *args, **kwargs: (options.rank1_newest, [])
     trainer = train(options.output_dir, options, options.sharding, options.offload, options.lamb,
                     resume=True if options.resume else None, crash_at_step=options.crash_at_step)
     report = {"rows_per_step": trainer.rows_per_step, "optimizer_state_bytes": optimizer_state_bytes(trainer.optimizer),

@@ -153,6 +153,61 @@ def test_an_explicit_incomplete_checkpoint_is_refused_in_one_line(uninterrupted,
         train(tmp_path / "elsewhere", resume=str(tmp_path / "checkpoint-6"))
 
 
+def test_process_zero_decides_the_checkpoint_of_every_process(tmp_path, monkeypatch):
+    """Simulated process 1 of two: it resumes what process 0 found, or raises process 0's error, without looking at
+    its own folder (on another machine it could hold another newest checkpoint)."""
+    import ipu_trainer.training.trainer as trainer_module
+
+    trainer = IPUTrainer(model=tiny_bert(), ipu_config=IPUConfig(layers_per_ipu=[-1]), args=make_args(tmp_path),
+                         data_collator=default_data_collator, train_dataset=masked_pairs(8))
+    monkeypatch.setattr(type(trainer.args), "process_index", property(lambda self: 1))
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    from_process_zero = []
+
+    def broadcast_object_list(objects, src):
+        assert src == 0 and objects == [None]
+        objects[0] = from_process_zero[-1]
+
+    def look_in_own_folder(*args, **kwargs):
+        raise AssertionError("process 1 chose a checkpoint itself")
+
+    monkeypatch.setattr(torch.distributed, "broadcast_object_list", broadcast_object_list)
+    monkeypatch.setattr(trainer_module, "last_resumable_checkpoint", look_in_own_folder)
+    monkeypatch.setattr(trainer_module, "checkpoint_problem", look_in_own_folder)
+    from_process_zero.append(("value", "/machine-0/out/checkpoint-4"))
+    assert trainer._checkpoint_to_resume(True) == "/machine-0/out/checkpoint-4"
+    from_process_zero.append(("error", "--resume_from_checkpoint c: cannot resume from it: it has no optimizer.pt"))
+    with pytest.raises(ValueError, match="cannot resume from it: it has no optimizer.pt"):
+        trainer._checkpoint_to_resume(str(tmp_path / "checkpoint-4"))
+
+
+def test_a_resume_reads_the_optimizer_state_into_host_memory_for_the_offloaded_optimizer(uninterrupted, tmp_path,
+                                                                                         monkeypatch):
+    """As on one of several GPUs, where upstream maps optimizer.pt onto the device (simulated by a "meta" device,
+    which holds no values): the offloaded optimizer must receive host tensors, the saved ones."""
+    from ipu_trainer.training.optimizer_state import HostOffloadedOptimizer
+
+    out, _ = uninterrupted
+    monkeypatch.setattr(IPUTrainer, "_offloads_optimizer_state", lambda self, args: True)  # as a GPU chooses
+    trainer = IPUTrainer(model=tiny_bert(), ipu_config=IPUConfig(layers_per_ipu=[-1]), args=make_args(tmp_path),
+                         data_collator=default_data_collator, train_dataset=masked_pairs(8))
+    trainer.create_optimizer_and_scheduler(num_training_steps=STEPS)
+    received = []
+    original_load = HostOffloadedOptimizer.load_state_dict
+    monkeypatch.setattr(HostOffloadedOptimizer, "load_state_dict",
+                        lambda self, state: (received.append(state), original_load(self, state))[-1])
+    monkeypatch.setattr(type(trainer.args), "world_size", property(lambda self: 2))
+    monkeypatch.setattr(type(trainer.args), "device", property(lambda self: torch.device("meta")))
+    trainer._load_optimizer_and_scheduler(str(out / "checkpoint-2"))
+    saved = torch.load(out / "checkpoint-2" / "optimizer.pt", weights_only=True)
+    [state] = received
+    for index, values in saved["state"].items():
+        for name, value in values.items():
+            assert state["state"][index][name].device.type == "cpu"
+            torch.testing.assert_close(trainer.optimizer.state_dict()["state"][index][name], value, rtol=0, atol=0)
+    assert trainer.lr_scheduler.state_dict()["last_epoch"] == 2
+
+
 def test_a_checkpoint_at_the_last_step_is_loaded_not_trained_past(uninterrupted, tmp_path):
     out, expected = uninterrupted
     copy_checkpoints(out, tmp_path)
@@ -273,3 +328,12 @@ def test_a_write_error_without_a_message_is_named_by_its_type(tmp_path, monkeypa
     monkeypatch.setattr(torch, "save", save_failing_silently)
     with pytest.raises(CheckpointWriteError, match=r"could not write .*checkpoint-4 \(RuntimeError\)"):
         train(tmp_path)
+
+
+def test_the_trainer_times_each_step_and_checkpoint_against_torchruns_shutdown_timeout(tmp_path, monkeypatch, caplog):
+    import ipu_trainer.training.trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "torchrun_shutdown_timeout", lambda: (0.0, "a test's"))
+    train(tmp_path, max_steps=1, save_steps=1)
+    assert any("longer than the 0 s torchrun waits" in r.getMessage() and "a test's" in r.getMessage()
+               for r in caplog.records)

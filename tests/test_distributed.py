@@ -114,7 +114,9 @@ def test_resuming_with_two_processes_after_a_crash_matches_an_uninterrupted_run(
     result = launch(crashed, *args, "--crash_at_step", "3", processes=2, check=False)
     assert result.returncode != 0
     assert (crashed / "checkpoint-2").is_dir() and not (crashed / "model.safetensors").exists()
-    launch(crashed, *args, "--resume", processes=2)
+    # Process 1 would find another newest checkpoint (its machine's own folder, say): both resume process 0's.
+    launch(crashed, *args, "--resume", "--rank1_newest", str(straight / "checkpoint-4"), processes=2)
+    assert [len(rank["rows_per_step"]) for rank in reports(crashed)] == [2, 2]  # steps 3 and 4, after checkpoint-2
     assert_same_weights(straight, crashed)
 
 

@@ -5,8 +5,10 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -112,6 +114,115 @@ def test_the_first_signal_is_recorded_and_the_step_ends_with_a_save_and_a_stop()
         callback.on_step_end(None, None, control)
         assert control.should_save and control.should_training_stop
     assert signal.getsignal(signal.SIGTERM) is before  # the handling before the run is back
+
+
+NOW = 1_000_000_000.0  # a fake clock: no test waits for a heartbeat to age
+
+
+def foreign_lock(folder, minutes_since_heartbeat, host="elsewhere", pid=4242):
+    (folder / "run.lock").write_text(json.dumps({"pid": pid, "host": host, "started": "2030-01-01T00:00:00",
+                                                 "command": "run_mlm.py", "heartbeat": NOW - 60 * minutes_since_heartbeat}))
+
+
+def test_a_lock_whose_heartbeat_stopped_is_taken_over_from_any_host(tmp_path, caplog):
+    # Another machine's run with a recent heartbeat: refused, naming the file to delete if that run is gone.
+    foreign_lock(tmp_path, minutes_since_heartbeat=9)
+    with pytest.raises(ValueError, match=rf"process 4242 on elsewhere.*last heartbeat was 9.0 minutes ago.*if that "
+                                         rf"run is no longer running, delete {tmp_path / 'run.lock'}"):
+        RunLock(str(tmp_path), clock=lambda: NOW).acquire()
+    # Its machine died (a requeued job starts elsewhere): taken over, naming the old owner.
+    foreign_lock(tmp_path, minutes_since_heartbeat=11)
+    lock = RunLock(str(tmp_path), clock=lambda: NOW)
+    lock.acquire()
+    owner = json.loads((tmp_path / "run.lock").read_text())
+    assert (owner["pid"], owner["heartbeat"]) == (os.getpid(), NOW)
+    assert any("from process 4242 on elsewhere" in r.getMessage() and "11 minutes ago" in r.getMessage()
+               for r in caplog.records)
+    lock.release()
+    # On this host, a live process id with a stopped heartbeat (the id reused by another process): taken over too.
+    foreign_lock(tmp_path, minutes_since_heartbeat=11, host=socket.gethostname(), pid=os.getppid())
+    lock.acquire()
+    assert json.loads((tmp_path / "run.lock").read_text())["pid"] == os.getpid()
+    lock.release()
+    # A lock written before heartbeats existed, from another host: refused as before.
+    (tmp_path / "run.lock").write_text(json.dumps({"pid": 4242, "host": "elsewhere", "started": "then"}))
+    with pytest.raises(ValueError, match="in use by another run"):
+        RunLock(str(tmp_path), clock=lambda: NOW + 1e6).acquire()
+
+
+def test_the_lock_owner_refreshes_its_heartbeat_until_it_releases_the_lock(tmp_path, caplog):
+    ticks = iter(range(10**6))
+    lock = RunLock(str(tmp_path / "out"), clock=lambda: float(next(ticks)), heartbeat_seconds=0.001)
+    lock.acquire()
+    beats, deadline = set(), time.monotonic() + 30
+    while len(beats) < 3 and time.monotonic() < deadline:  # the daemon thread rewrites it (each read: a whole lock)
+        beats.add(json.loads((tmp_path / "out" / "run.lock").read_text())["heartbeat"])
+    assert len(beats) == 3
+    thread = lock._heartbeat
+    assert thread.daemon  # never keeps the process alive
+    lock.release()
+    assert not thread.is_alive() and not (tmp_path / "out").exists()  # stopped, lock and created folder removed
+    # A lock taken over meanwhile (after a long freeze) is left to its new owner.
+    lock = RunLock(str(tmp_path), clock=lambda: NOW)
+    lock.acquire()
+    lock.release()
+    lock.acquire()
+    foreign_lock(tmp_path, minutes_since_heartbeat=0)
+    assert lock.refresh() is False
+    assert json.loads((tmp_path / "run.lock").read_text())["pid"] == 4242
+    assert any("no longer held by this run" in r.getMessage() for r in caplog.records)
+    lock.release()
+    assert (tmp_path / "run.lock").exists()
+
+
+# ---- torchrun's time between SIGTERM and SIGKILL -----------------------------------------------------------
+
+
+def test_a_step_and_save_slower_than_torchruns_shutdown_timeout_is_warned_once(caplog):
+    from ipu_trainer.training.run_control import ShutdownTimeoutCheck
+
+    now = [0.0]
+    state = SimpleNamespace(is_local_process_zero=True)
+
+    def step_and_save(step_seconds, save_seconds, check):
+        check.on_step_begin(None, state, None)
+        now[0] += step_seconds
+        check.on_step_end(None, state, None)
+        check.save_started()
+        now[0] += save_seconds
+        check.on_save(None, state, None)
+
+    def warnings():
+        return [r.getMessage() for r in caplog.records if "torchrun waits" in r.getMessage()]
+
+    check = ShutdownTimeoutCheck((30.0, "torchrun's default"), clock=lambda: now[0])
+    step_and_save(10, 15, check)  # 25 s: killed only after the checkpoint is complete
+    assert not warnings()
+    step_and_save(20, 25, check)
+    [line] = warnings()
+    assert "took 45 s (step 20 s, save 25 s), longer than the 30 s" in line and "torchrun's default" in line
+    assert "--shutdown-timeout 120" in line and "TORCH_ELASTIC_SHUTDOWN_TIMEOUT=120" in line
+    step_and_save(20, 25, check)
+    assert len(warnings()) == 1  # once per run
+    step_and_save(60, 60, ShutdownTimeoutCheck(None, clock=lambda: now[0]))  # not under torchrun
+    step_and_save(60, 60, ShutdownTimeoutCheck((600.0, "torchrun --shutdown-timeout 600"), clock=lambda: now[0]))
+    assert len(warnings()) == 1
+
+
+def test_torchruns_shutdown_timeout_is_read_where_torchrun_reads_it(monkeypatch):
+    from ipu_trainer.training import run_control
+
+    for name in ("TORCHELASTIC_RUN_ID", "PET_SHUTDOWN_TIMEOUT", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"):
+        monkeypatch.delenv(name, raising=False)
+    assert run_control.torchrun_shutdown_timeout() is None  # not under torchrun
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    launcher = ["python", "-m", "torch.distributed.run", "--nproc_per_node", "8", "run_mlm.py", "--do_train"]
+    monkeypatch.setattr(run_control, "_launcher_arguments", lambda: launcher)
+    assert run_control.torchrun_shutdown_timeout() == (30.0, "torchrun's default")
+    monkeypatch.setenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "300")
+    assert run_control.torchrun_shutdown_timeout()[0] == 300.0
+    launcher[3:3] = ["--shutdown-timeout=900"]
+    assert run_control.torchrun_shutdown_timeout() == (900.0, "torchrun --shutdown-timeout 900")
 
 
 # ---- step times ----------------------------------------------------------------------------------------------

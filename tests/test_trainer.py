@@ -380,3 +380,27 @@ def test_upstream_still_saves_the_optimizer_through_the_overridden_method(tmp_pa
                          train_dataset=masked_pairs(4))
     trainer.train()
     assert called and (tmp_path / "out" / "checkpoint-1" / "optimizer.pt").is_file()
+
+
+def test_upstream_still_loads_the_optimizer_through_the_overridden_method(tmp_path, monkeypatch):
+    """IPUTrainer._load_optimizer_and_scheduler overrides transformers' private method of that name so that an
+    offloaded or sharded optimizer's state is read into host memory; if upstream renames or stops calling it on a
+    resume, this fails."""
+    import inspect
+
+    from transformers import Trainer
+
+    assert list(inspect.signature(Trainer._load_optimizer_and_scheduler).parameters) == ["self", "checkpoint"]
+    called = []
+    original = IPUTrainer._load_optimizer_and_scheduler
+    monkeypatch.setattr(IPUTrainer, "_load_optimizer_and_scheduler",
+                        lambda self, checkpoint: (called.append(checkpoint), original(self, checkpoint))[-1])
+    monkeypatch.setattr(IPUTrainer, "_offloads_optimizer_state", lambda self, args: True)  # as a GPU chooses
+    for steps in (1, 2):
+        args = make_args(tmp_path, max_steps=steps, save_strategy="steps", save_steps=1)
+        trainer = IPUTrainer(model=tiny_bert(), ipu_config=ipu_config(), args=args,
+                             data_collator=default_data_collator, train_dataset=masked_pairs(8))
+        trainer.train(resume_from_checkpoint=True if steps == 2 else None)
+    checkpoint = str(tmp_path / "out" / "checkpoint-1")
+    assert checkpoint in called and trainer.state.global_step == 2
+    assert trainer.optimizer.state_dict()["state"]  # the resumed state, stepped once more

@@ -21,7 +21,14 @@ from transformers import TrainerCallback
 from transformers.modelcard import TrainingSummary
 
 from ..config.ipu_config import IncompatibleIPUConfigError
-from ..training.run_control import CheckpointWriteError, RunFinished, RunLock, TrainingInterrupted, one_line
+from ..training.run_control import (
+    CheckpointWriteError,
+    RunFinished,
+    RunLock,
+    TrainingInterrupted,
+    decided_by_process_zero,
+    one_line,
+)
 from ..training.run_record import Decision, RunRecord, decide, set_aside_previous_run, weight_shaping_arguments
 from .hub import HubError, check_push_to_hub
 
@@ -102,20 +109,7 @@ def _on_every_process(first_process: Callable[[], Any], training_args: Any) -> A
     """Run `first_process` on process 0 only and give its result to every process, or raise its error (as a
     `ValueError`) on every process, so that all processes of a torchrun act on one decision and stop together
     instead of waiting for one that gave up."""
-    outcome: Any = None
-    if training_args.process_index == 0:
-        try:
-            outcome = ("value", first_process())
-        except (ValueError, OSError) as error:
-            outcome = ("error", str(error))
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        shared = [outcome]
-        torch.distributed.broadcast_object_list(shared, src=0)
-        outcome = shared[0]
-    kind, value = outcome
-    if kind == "error":
-        raise ValueError(value)
-    return value
+    return decided_by_process_zero(first_process, training_args.process_index)
 
 
 @dataclass

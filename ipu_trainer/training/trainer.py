@@ -21,6 +21,7 @@ import os
 import shutil
 import signal
 import time
+import warnings
 from collections.abc import Iterator
 from typing import Any, Callable, Optional
 
@@ -30,8 +31,10 @@ from accelerate.utils.memory import clear_device_cache
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainerState, set_seed
 from transformers.trainer import TRAINING_ARGS_NAME
+from transformers.trainer_pt_utils import reissue_pt_warnings
 from transformers.trainer_utils import TrainOutput
 from transformers.utils import logging as hf_logging
+from transformers.utils import check_torch_load_is_safe
 
 from ..config.ipu_config import IPUConfig
 from ..data.collators import pad_on_batch_axis
@@ -41,6 +44,8 @@ from ..run.precision import Precision
 from ..run.resolved_run import ResolvedRun, resolve_run
 from ..run.training_args import IPUTrainingArguments
 from .checkpoints import (
+    OPTIMIZER_NAME,
+    SCHEDULER_NAME,
     TRAINER_STATE_NAME,
     checkpoint_problem,
     folder_bytes,
@@ -52,11 +57,14 @@ from .optimizer_state import HostOffloadedOptimizer, ShardedOptimizer, prepare_o
 from .optimizers import POPTORCH_MAX_WEIGHT_NORM, AdamW, Lamb, original_parameter_groups
 from .run_control import (
     CheckpointWriteError,
+    ShutdownTimeoutCheck,
     StepTimer,
     StopOnSignal,
     StopOnSignalCallback,
     TrainingInterrupted,
+    decided_by_process_zero,
     one_line,
+    torchrun_shutdown_timeout,
 )
 from .throughput import ThroughputMeter
 
@@ -295,7 +303,9 @@ class IPUTrainer(Trainer):
         self.model_accepts_loss_kwargs = False
         self._checkpoint_in_progress: Optional[str] = None
         self._stop_on_signal = StopOnSignalCallback(self.args.device)
+        self._shutdown_check = ShutdownTimeoutCheck(torchrun_shutdown_timeout())
         self.add_callback(_CheckpointCompletion(self))
+        self.add_callback(self._shutdown_check)  # after _CheckpointCompletion: the save ends with its marker
         self.add_callback(self._stop_on_signal)
         self._step_timer = StepTimer()
         self.add_callback(self._step_timer)
@@ -547,9 +557,14 @@ class IPUTrainer(Trainer):
 
     def _checkpoint_to_resume(self, requested: Any) -> Optional[str]:
         """The checkpoint `train(resume_from_checkpoint=...)` resumes from, checked: True means the newest
-        complete one of the output folder; a path must be complete and loadable."""
+        complete one of the output folder; a path must be complete and loadable. Process 0 decides for every
+        process (an error is raised on all of them): each process looking for itself could pick another
+        checkpoint, e.g. with an output folder local to each machine, and resume from other weights."""
         if requested is None or requested is False:
             return None
+        return decided_by_process_zero(lambda: self._find_checkpoint(requested), self.args.process_index)
+
+    def _find_checkpoint(self, requested: Any) -> str:
         needs_optimizer = not self.args.save_only_model
         if requested is True:
             checkpoint, skipped = last_resumable_checkpoint(self.args.output_dir, needs_optimizer)
@@ -678,6 +693,7 @@ class IPUTrainer(Trainer):
         checkpoint = _internal_call and output_dir is not None
         if checkpoint:
             self._checkpoint_in_progress = output_dir  # a checkpoint save starts here; _CheckpointCompletion ends it
+            self._shutdown_check.save_started()
         folder = output_dir if output_dir is not None else self.args.output_dir
         with upstream_save_quiet():
             super().save_model(output_dir, _internal_call=_internal_call)
@@ -690,13 +706,35 @@ class IPUTrainer(Trainer):
 
     # ---- Private upstream touchpoints ---------------------------------------------------------------
     # Upstream writes optimizer.pt from process 0 alone, so ZeRO shards must be gathered (a collective on
-    # every process) before it does; no public hook runs at that moment. `_already_finished` loads a
-    # checkpoint's weights through upstream's `_load_from_checkpoint`, the loader that knows every weight
-    # layout. tests/test_trainer.py fails by name if upstream renames either method.
+    # every process) before it does; no public hook runs at that moment. Upstream also reads optimizer.pt
+    # straight onto the GPU when there are several processes, before any optimizer can keep just its part;
+    # no public hook runs between that read and `load_state_dict`. `_already_finished` loads a checkpoint's
+    # weights through upstream's `_load_from_checkpoint`, the loader that knows every weight layout.
+    # tests/test_trainer.py fails by name if upstream renames or stops calling any of them.
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         prepare_optimizer_for_checkpoint(self.optimizer, self.args.device)  # a sharded state is gathered on process 0
         super()._save_optimizer_and_scheduler(output_dir)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: Optional[str]) -> None:
+        """Upstream's loading, except that the state of a sharded or host-offloaded optimizer is read into host
+        memory. Upstream maps optimizer.pt onto the device when there are several processes: the whole state on
+        every GPU, before ZeRO keeps its 1/W or the offload moves it to the host, which runs out of GPU memory
+        for exactly the models those settings exist for. Both optimizers' `load_state_dict` put each tensor
+        where they keep it (the GPU for a shard's parameters, host memory when offloaded)."""
+        if checkpoint is None or not _places_its_own_state(self.optimizer):
+            super()._load_optimizer_and_scheduler(checkpoint)
+            return
+        optimizer_file, scheduler_file = (os.path.join(checkpoint, name) for name in (OPTIMIZER_NAME, SCHEDULER_NAME))
+        if not (os.path.isfile(optimizer_file) and os.path.isfile(scheduler_file)):
+            return  # as upstream: a checkpoint saved without them (--save_only_model) resumes the weights only
+        check_torch_load_is_safe()
+        # Memory-mapped: the processes of a machine share one copy of the file's pages, and each reads the parts
+        # it keeps, instead of every process holding the whole state in host memory at once.
+        self.optimizer.load_state_dict(torch.load(optimizer_file, map_location="cpu", weights_only=True, mmap=True))
+        with warnings.catch_warnings(record=True) as caught_warnings:
+            self.lr_scheduler.load_state_dict(torch.load(scheduler_file, weights_only=True))
+        reissue_pt_warnings(caught_warnings)
 
     # ---- compile only -------------------------------------------------------------------------------
 
@@ -723,6 +761,13 @@ class IPUTrainer(Trainer):
             "Stopping without training.", seconds, loss.item(), cache,
         )
         return TrainOutput(global_step=0, training_loss=float(loss.item()), metrics={"compile_seconds": seconds})
+
+
+def _places_its_own_state(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the run's optimizer (under accelerate's wrapper) is one that puts loaded state where it keeps it."""
+    while not isinstance(optimizer, (ShardedOptimizer, HostOffloadedOptimizer)) and hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    return isinstance(optimizer, (ShardedOptimizer, HostOffloadedOptimizer))
 
 
 class _CheckpointCompletion(TrainerCallback):
