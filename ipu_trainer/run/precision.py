@@ -7,7 +7,8 @@ precision (weights and optimizer state stay float32), applied by accelerate, the
 advance, as upstream).
 
 - CUDA: bfloat16 where the GPU runs it natively, float16 with loss scaling where it does not
-  (`--loss_scaling` is the scaler's starting value; static unless `--auto_loss_scaling`).
+  (`--loss_scaling` is the scaler's starting value; static unless `--auto_loss_scaling`: a static scale never
+  changes, and an update that overflows is skipped).
 - CPU: bfloat16 where the CPU has native bfloat16 instructions, else float32: emulated bfloat16 was
   measured about a hundred times slower than float32 on such a CPU. float16 autocast on a CPU is refused.
 
@@ -29,10 +30,6 @@ logger = logging.getLogger(__name__)
 # The dynamic scaler's default starting scale and growth interval (torch's own defaults).
 DEFAULT_LOSS_SCALE = 2.0**16
 DYNAMIC_GROWTH_INTERVAL = 2000
-# A static loss scale is a scaler that never grows within a run. torch's GradScaler insists on a growth
-# factor > 1 and a backoff factor < 1, so "never grows" is an interval no run reaches; an overflowing
-# update is still skipped and halves the scale, rather than overflowing again on every step.
-STATIC_GROWTH_INTERVAL = 2**30
 
 _MIXED_PRECISION_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _ENVIRONMENT_REQUEST = "ACCELERATE_MIXED_PRECISION"
@@ -54,6 +51,21 @@ def cpu_has_fast_bfloat16() -> bool:
 def cuda_has_native_bfloat16() -> bool:
     """True when the current GPU has bfloat16 tensor cores (Ampere or newer); emulation does not count."""
     return torch.cuda.is_bf16_supported(including_emulation=False)
+
+
+class StaticLossScaler(torch.amp.GradScaler):
+    """torch's `GradScaler` with a scale that never changes (`--loss_scaling N` without `--auto_loss_scaling`).
+
+    Scaling, unscaling, the inf/NaN check and the skipped step are upstream's; only `update()` keeps the scale
+    where it is. torch refuses a backoff factor of 1, so an overflow would otherwise halve the scale. An update
+    skipped this way is counted by the trainer, which stops the run after a run of them (a static scale that
+    overflows once usually overflows again).
+    """
+
+    def update(self, new_scale: Optional[float | torch.Tensor] = None) -> None:
+        if new_scale is None and self.is_enabled():
+            new_scale = self.get_scale()
+        super().update(new_scale)
 
 
 @dataclass(frozen=True)
@@ -82,8 +94,9 @@ class Precision:
         """The float16 loss scaler for `device_type` (None unless float16)."""
         if self.mixed_precision != "fp16":
             return None
-        interval = DYNAMIC_GROWTH_INTERVAL if self.dynamic_loss_scale else STATIC_GROWTH_INTERVAL
-        return torch.amp.GradScaler(device_type, init_scale=self.loss_scale, growth_interval=interval)
+        if self.dynamic_loss_scale:
+            return torch.amp.GradScaler(device_type, init_scale=self.loss_scale, growth_interval=DYNAMIC_GROWTH_INTERVAL)
+        return StaticLossScaler(device_type, init_scale=self.loss_scale)
 
     def describe(self) -> str:
         text = f"{self.name} ({self.reason})"

@@ -46,6 +46,7 @@ from .checkpoints import (
     mark_complete,
     rotate_checkpoints,
 )
+from .loss_scaling import StaticLossScaleGuard
 from .optimizer_state import HostOffloadedOptimizer, ShardedOptimizer, prepare_optimizer_for_checkpoint
 from .optimizers import POPTORCH_MAX_WEIGHT_NORM, AdamW, Lamb, original_parameter_groups
 from .run_control import CheckpointWriteError, StopOnSignal, StopOnSignalCallback, TrainingInterrupted, one_line
@@ -240,6 +241,11 @@ class IPUTrainer(Trainer):
         self.add_callback(self._stop_on_signal)
         self.throughput = ThroughputMeter.for_model(self.model, self.args.device, run.precision.compute_dtype)
         self.add_callback(self.throughput)
+        self.static_loss_scale_guard: Optional[StaticLossScaleGuard] = None
+        if run.precision.mixed_precision == "fp16" and not run.precision.dynamic_loss_scale:
+            self.static_loss_scale_guard = StaticLossScaleGuard(
+                run.precision.loss_scale, lambda: self.accelerator.optimizer_step_was_skipped)
+            self.add_callback(self.static_loss_scale_guard)
         self._log_run_layout()
 
     def _prepare_model(self, model: nn.Module) -> None:
@@ -589,6 +595,8 @@ class IPUTrainer(Trainer):
         if self.args.max_grad_norm is not None and self.args.max_grad_norm > 0:
             self.accelerator.clip_grad_norm_(model.parameters(), self.args.max_grad_norm)
         self.optimizer.step()
+        if self.static_loss_scale_guard is not None:
+            self.static_loss_scale_guard.record()
         model.zero_grad()
 
     # ---- throughput log -----------------------------------------------------------------------------
