@@ -11,6 +11,8 @@ advance, as upstream).
   changes, and an update that overflows is skipped).
 - CPU: bfloat16 where the CPU has native bfloat16 instructions, else float32: emulated bfloat16 was
   measured about a hundred times slower than float32 on such a CPU. float16 autocast on a CPU is refused.
+- A CPU run with `--device_model NAME` decides as that GPU (its bfloat16 support is the model's) and runs the
+  chosen autocast and `GradScaler` on the CPU.
 
 `--fp16` / `--bf16`, or an `ACCELERATE_MIXED_PRECISION` of fp16 / bf16 set by `accelerate launch`, ask for
 one half-precision type explicitly; `--fp32` overrides both.
@@ -24,6 +26,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+
+from .device_model import DeviceModel
 
 logger = logging.getLogger(__name__)
 
@@ -127,34 +131,42 @@ def resolve_precision(
     bf16: bool,
     loss_scaling: Optional[float],
     auto_loss_scaling: bool,
+    device_model: Optional[DeviceModel] = None,
 ) -> Precision:
-    """The precision of a run on `device` from the user's flags; see the module docstring for the rules."""
+    """The precision of a run on `device` from the user's flags; see the module docstring for the rules. With a
+    `device_model` the run is on the CPU but decides as that GPU: its bfloat16 support comes from the model."""
     requested, source = requested_half_precision(fp16, bf16)
+    on_gpu = device.type == "cuda" or device_model is not None
+    if device_model is not None:
+        native_bfloat16, gpu = device_model.native_bfloat16, f"the modelled {device_model.title}"
+    elif device.type == "cuda":
+        native_bfloat16, gpu = cuda_has_native_bfloat16(), "this GPU"
     if fp32:
         if requested and source.startswith(_ENVIRONMENT_REQUEST):
             logger.info("--fp32 given: %s is not applied.", source)
         precision = Precision("no", "--fp32")
     elif requested == "fp16":
-        if device.type == "cpu":
+        if not on_gpu and device.type == "cpu":
             raise ValueError(
                 f"{source} asks for float16 autocast, which needs a GPU: on this CPU drop it (half precision then "
                 "means bfloat16 where the CPU has it, else float32) or pass --bf16"
             )
         precision = Precision("fp16", source)
     elif requested == "bf16":
-        if device.type == "cuda" and not cuda_has_native_bfloat16():
+        if on_gpu and not native_bfloat16:
+            name = device_model.device_name if device_model is not None else torch.cuda.get_device_name(device)
             raise ValueError(
-                f"{source} asks for bfloat16, but this GPU ({torch.cuda.get_device_name(device)}) has no native "
-                "bfloat16: drop it (half precision then means float16 with loss scaling here) or pass --fp16"
+                f"{source} asks for bfloat16, but {gpu} ({name}) has no native bfloat16: drop it (half precision "
+                "then means float16 with loss scaling here) or pass --fp16"
             )
-        if device.type == "cpu" and not cpu_has_fast_bfloat16():
+        if device.type == "cpu" and not on_gpu and not cpu_has_fast_bfloat16():
             logger.warning("%s on a CPU without native bfloat16: it is emulated and much slower than float32.", source)
         precision = Precision("bf16", source)
-    elif device.type == "cuda":
-        if cuda_has_native_bfloat16():
-            precision = Precision("bf16", "half precision: bfloat16 on this GPU")
+    elif on_gpu:
+        if native_bfloat16:
+            precision = Precision("bf16", f"half precision: bfloat16 on {gpu}")
         else:
-            precision = Precision("fp16", "half precision: float16, this GPU has no native bfloat16")
+            precision = Precision("fp16", f"half precision: float16, {gpu} has no native bfloat16")
     elif device.type == "cpu" and cpu_has_fast_bfloat16():
         precision = Precision("bf16", "half precision: bfloat16, native on this CPU")
     else:

@@ -239,7 +239,8 @@ class IPUTrainer(Trainer):
         self._stop_on_signal = StopOnSignalCallback(self.args.device)
         self.add_callback(_CheckpointCompletion(self))
         self.add_callback(self._stop_on_signal)
-        self.throughput = ThroughputMeter.for_model(self.model, self.args.device, run.precision.compute_dtype)
+        self.throughput = ThroughputMeter.for_model(self.model, self.args.device, run.precision.compute_dtype,
+                                                    run.device_model)
         self.add_callback(self.throughput)
         self.static_loss_scale_guard: Optional[StaticLossScaleGuard] = None
         if run.precision.mixed_precision == "fp16" and not run.precision.dynamic_loss_scale:
@@ -354,6 +355,9 @@ class IPUTrainer(Trainer):
     def _log_run_layout(self) -> None:
         device = self.args.device
         device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
+        if self.run.device_model is not None:
+            device_name += f", modelling an {self.run.device_model.title}"
+            logger.warning("%s.", self.run.device_model.describe())
         lines = [f"device: {device} ({device_name})"]
         lines += self.run.describe()
         user_args = self.run.args
@@ -394,6 +398,10 @@ class IPUTrainer(Trainer):
         scaler = self.run.precision.grad_scaler(self.args.device.type)
         if scaler is not None:
             self.accelerator.scaler = scaler
+            if self.run.device_model is not None:
+                # accelerate applies float16 autocast only on a GPU; a modelled one runs the same autocast and
+                # GradScaler on CPU tensors, as accelerate would switch them on for CUDA.
+                self.accelerator.native_amp = True
 
     # ---- data ---------------------------------------------------------------------------------------
 
