@@ -94,3 +94,12 @@ def test_the_seed_config_on_a_modelled_v100_trains_in_float16_with_the_host_offl
     assert len(steps) == 3 and all(math.isfinite(entry["loss"]) for entry in steps)
     assert "modelled_mfu" in steps[-1] and "mfu" not in steps[-1]
     assert "overflowed" not in log
+
+
+@pytest.mark.parametrize("script", ["run_pretraining", "run_mlm", "run_clm"])
+def test_every_script_takes_the_flag_with_the_ipu_flags(script, monkeypatch, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_script(monkeypatch, [f"{script}.py", "--help"])
+    assert exit_info.value.code == 0
+    ipu_flags = capsys.readouterr().out.split("IPU flags (IPUTrainingArguments):", 1)[1].split("Common training", 1)[0]
+    assert "--device_model" in ipu_flags
