@@ -87,9 +87,12 @@ class HostOffloadedOptimizer(torch.optim.Optimizer):
         device_groups = [{**host_group, "params": group["params"]}
                          for host_group, group in zip(self.optimizer.param_groups, groups, strict=True)]
         super().__init__(device_groups, self.optimizer.defaults)
-        self._host_of = dict(zip(self._device_params, self._host_params))
-        self.state = _StateOfDeviceParameters(self.optimizer.state, self._host_of,  # type: ignore[assignment]
-                                              dict(zip(self._host_params, self._device_params)))
+        self._share_host_state()
+
+    def _share_host_state(self) -> None:
+        self.state = _StateOfDeviceParameters(  # type: ignore[assignment]
+            self.optimizer.state, dict(zip(self._device_params, self._host_params)),
+            dict(zip(self._host_params, self._device_params)))
 
     def device_parameters(self) -> list[torch.Tensor]:
         """The model's parameters, in the order of the host parameters (the numbering of `state_dict()`)."""
@@ -136,7 +139,7 @@ class HostOffloadedOptimizer(torch.optim.Optimizer):
         # Loading replaces the host optimizer's groups (hyper-parameters included) and state.
         for group, host_group in zip(self.param_groups, self.optimizer.param_groups, strict=True):
             group.update({key: value for key, value in host_group.items() if key != "params"})
-        self.state._host_state = self.optimizer.state  # type: ignore[attr-defined]
+        self._share_host_state()
 
 
 def model_parameters(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
