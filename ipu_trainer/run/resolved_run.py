@@ -28,8 +28,6 @@ import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
 
-import torch
-
 from ..config.ipu_config import IPUConfig
 from .device_model import DeviceModel, device_model_named
 from .placement import Placement
@@ -163,15 +161,6 @@ class ResolvedRun:
     def decides_as_gpu(self) -> bool:
         """Whether the run's GPU-dependent choices are a GPU's: on a CUDA device, or on the CPU with a device model."""
         return self.args.device.type == "cuda" or self.device_model is not None
-
-    @property
-    def gpu_name(self) -> Optional[str]:
-        """`torch.cuda.get_device_name()` of the GPU the run decides as (the modelled one's), None off a GPU."""
-        if self.device_model is not None:
-            return self.device_model.device_name
-        if self.args.device.type == "cuda":
-            return torch.cuda.get_device_name(self.args.device)
-        return None
 
     @property
     def shards_optimizer_state(self) -> bool:
