@@ -2,11 +2,14 @@ import importlib
 import json
 import os
 import re
+import socket
+import subprocess
 import sys
 
 import datasets
 import huggingface_hub
 import pytest
+import torch
 
 from ipu_trainer import IPUTrainingArguments
 from ipu_trainer.cli import hub
@@ -100,6 +103,38 @@ class UpdateCounter:
 
     def _count(self, optimizer, args, kwargs):
         self.updates += 1
+
+
+WORKER = os.path.join(REPO, "tests", "ddp_worker.py")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_worker(output_dir, *args, processes=1, check=True):
+    """tests/ddp_worker.py with `args`, in one plain process or `processes` under torchrun (gloo on the CPU)."""
+    if processes == 1:
+        command = [sys.executable, WORKER, str(output_dir), *args]
+    else:
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+                   "--master_addr", "127.0.0.1", "--master_port", str(free_port()), WORKER, str(output_dir), *args]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=300)
+    if check:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def assert_same_weights(dir_a, dir_b):
+    """The model.safetensors of two output folders hold the same weights (to float32 rounding)."""
+    from safetensors.torch import load_file
+
+    a, b = load_file(os.path.join(dir_a, "model.safetensors")), load_file(os.path.join(dir_b, "model.safetensors"))
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
 def recorded_batches(monkeypatch, module):

@@ -3,6 +3,9 @@
 Trains the tiny BERT with IPUTrainer and writes, per process, the rows it trained on in each step, the
 bytes of optimizer state it holds and the throughput meter's last window; process 0 also saves the model.
 
+With --device_matrix it runs the 2-process cases of DEVICE_MATRIX (tests/test_device_matrix.py runs the
+1-process ones in-process through `run_device_case`) and writes one report per case and process.
+
 With --resume_matrix it checks resuming instead: for every optimizer-state layout and optimizer, a run
 of 4 steps that checkpoints every 2, then, in the same processes, a fresh run resumed from its
 checkpoint-2 (each in `<layout>-<optimizer>/straight` and `.../resumed`). With --checkpoints_from it
@@ -39,10 +42,14 @@ from transformers import default_data_collator  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from conftest import gloo_threads  # noqa: E402
-from tiny import masked_pairs, tiny_bert  # noqa: E402
+from tiny import SEQ, masked_pairs, tiny_bert, varied_masked_pairs  # noqa: E402
 
 from ipu_trainer import IPUConfig, IPUTrainer, IPUTrainingArguments  # noqa: E402
 from ipu_trainer.cli.startup import end_distributed  # noqa: E402
+from ipu_trainer.data.packing import PackedDataset, pack_for_training  # noqa: E402
+from ipu_trainer.run.resolved_run import resolve_run  # noqa: E402
+from ipu_trainer.models import BertForPreTrainingMaskedPositions  # noqa: E402
+from ipu_trainer.training.optimizer_state import HostOffloadedOptimizer, ShardedOptimizer  # noqa: E402
 
 LAYOUTS = {"sharding": (True, False), "offload": (False, True), "sharding+offload": (True, True)}  # (sharding, offload)
 OPTIMIZERS = ("adamw", "lamb")
@@ -108,6 +115,96 @@ def resume_matrix(options) -> None:
             train(os.path.join(run, "resumed"), options, sharding, offload, optimizer == "lamb", resume=checkpoint)
 
 
+# ---- --device_matrix: GPU configurations modelled on the CPU (--device_model) -------------------------------------
+
+# A pairwise covering subset of {V100, A100, H100} x {1, 2 processes} x optimizer_state_offchip x
+# replicated_tensor_sharding x --packing x {static, dynamic loss scale} (the loss scale only where the GPU trains in
+# float16, the V100): every pair of values of any two settings is in some case (tests/test_device_matrix.py checks
+# it). "resume": the case also resumes from its checkpoint-2 and must reach the uninterrupted run's weights.
+DEVICE_MATRIX = (
+    dict(gpu="V100", processes=1, offload=True, sharding=False, packing=False, loss="static", resume=True),
+    dict(gpu="V100", processes=2, offload=False, sharding=True, packing=True, loss="static", resume=False),
+    dict(gpu="V100", processes=1, offload=False, sharding=True, packing=False, loss="dynamic", resume=False),
+    dict(gpu="V100", processes=2, offload=True, sharding=False, packing=True, loss="dynamic", resume=True),
+    dict(gpu="A100", processes=1, offload=True, sharding=True, packing=True, loss=None, resume=False),
+    dict(gpu="A100", processes=2, offload=False, sharding=False, packing=False, loss=None, resume=False),
+    dict(gpu="H100", processes=1, offload=False, sharding=False, packing=True, loss=None, resume=False),
+    dict(gpu="H100", processes=2, offload=True, sharding=True, packing=False, loss=None, resume=True),
+)
+DEVICE_MATRIX_STEPS = 4
+LOSS_SCALE = 1024.0  # no float16 overflow for the tiny BERT: every update is applied
+
+
+def device_case_name(case: dict) -> str:
+    settings = [case["gpu"], f"{case['processes']}proc", "offload" if case["offload"] else "no-offload",
+                "sharding" if case["sharding"] else "no-sharding", "packing" if case["packing"] else "padded"]
+    return "-".join(settings + ([case["loss"]] if case["loss"] else []))
+
+
+def optimizer_chain(optimizer) -> list:
+    """The optimizers inside accelerate's wrapper, outermost first (ZeRO's own is `.optim`)."""
+    chain = []
+    while optimizer is not None:
+        chain.append(optimizer)
+        optimizer = getattr(optimizer, "optimizer", None) or getattr(optimizer, "optim", None)
+    return chain
+
+
+def run_device_case(case: dict, output_dir: str, resume: str = None) -> dict:
+    """Train the case's tiny BERT (the package's masked-position pretraining model) for DEVICE_MATRIX_STEPS steps on
+    the CPU, modelling the case's GPU; checkpoint-2 is saved for cases that resume. Returns what the test checks."""
+    ipu_config = IPUConfig(layers_per_ipu=[-1], replication_factor=2, gradient_accumulation_steps=1,
+                           optimizer_state_offchip=case["offload"], replicated_tensor_sharding=case["sharding"])
+    args = IPUTrainingArguments(
+        output_dir=output_dir, device_model=case["gpu"], per_device_train_batch_size=2, learning_rate=1e-3,
+        weight_decay=0.01, lr_scheduler_type="linear", max_steps=DEVICE_MATRIX_STEPS, report_to=[], logging_steps=1,
+        save_strategy="steps" if case["resume"] else "no", save_steps=2, seed=0, disable_tqdm=True,
+        loss_scaling=LOSS_SCALE, auto_loss_scaling=case["loss"] == "dynamic",
+    )
+    model = BertForPreTrainingMaskedPositions(tiny_bert().config)
+    model.config.max_num_masked_tokens = SEQ
+    run = resolve_run(ipu_config, args, model.config)
+    data, collator = varied_masked_pairs(48), default_data_collator
+    if case["packing"]:
+        data, _, collator = pack_for_training(data, None, SEQ, 0, masking=None, max_num_masked_tokens=SEQ, seed=0,
+                                              placement=run.train_placement)
+    trainer = IPUTrainer(model=model, args=args, run=run, data_collator=collator, train_dataset=data)
+    trainer.create_optimizer()
+    updates = []
+    optimizer_chain(trainer.optimizer)[0].register_step_post_hook(lambda *_: updates.append(1))
+    trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model()
+    scaler = trainer.accelerator.scaler
+    chain = optimizer_chain(trainer.optimizer)
+    return {
+        "case": device_case_name(case), "rank": trainer.args.process_index, "world_size": trainer.args.world_size,
+        "device": str(trainer.args.device), "precision": trainer.run.precision.mixed_precision,
+        "autocast": trainer.accelerator.native_amp, "scaler": type(scaler).__name__ if scaler else None,
+        "scale": scaler.get_scale() if scaler else None, "global_step": trainer.state.global_step,
+        "updates": len(updates), "finite": all(bool(torch.isfinite(p).all()) for p in model.parameters()),
+        "offloaded": any(isinstance(o, HostOffloadedOptimizer) for o in chain),
+        "sharded": any(isinstance(o, ShardedOptimizer) for o in chain),
+        "packed": isinstance(trainer.train_dataset, PackedDataset),
+        "log": [entry for entry in trainer.state.log_history if "loss" in entry],
+    }
+
+
+def device_matrix(options) -> None:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    for case in DEVICE_MATRIX:
+        if case["processes"] != world_size:
+            continue
+        run = os.path.join(options.output_dir, device_case_name(case))
+        reports = [run_device_case(case, os.path.join(run, "straight"))]
+        if case["resume"]:
+            resumed = run_device_case(case, os.path.join(run, "resumed"),
+                                      resume=os.path.join(run, "straight", f"checkpoint-{DEVICE_MATRIX_STEPS // 2}"))
+            reports.append(resumed)
+        os.makedirs(run, exist_ok=True)
+        with open(os.path.join(run, f"rank{reports[0]['rank']}.json"), "w") as f:
+            json.dump(reports, f)
+
+
 def main() -> tuple[str, dict] | None:
     """The run the options ask for; for a plain training run, the folder and the report to write there."""
     parser = argparse.ArgumentParser()
@@ -125,10 +222,14 @@ def main() -> tuple[str, dict] | None:
     parser.add_argument("--resume_matrix", action="store_true", help="4 steps, checkpoints every 2, then a resume")
     parser.add_argument("--checkpoints_from", help="with --resume_matrix: resume this matrix's sharded runs")
     parser.add_argument("--late_collective_at_exit", action="store_true", help="force the race at exit, no training")
+    parser.add_argument("--device_matrix", action="store_true", help="the DEVICE_MATRIX cases of this process count")
     options = parser.parse_args()
 
     if options.late_collective_at_exit:
         late_collective_at_exit()
+        return None
+    if options.device_matrix:
+        device_matrix(options)
         return None
     if options.resume_matrix:
         options.steps, options.save_steps = 4, 2

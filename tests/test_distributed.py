@@ -2,49 +2,23 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
+
+from conftest import assert_same_weights, free_port, launch_worker as launch
 
 pytestmark = pytest.mark.slow  # several processes or full runs: left out by -m "not slow"
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TESTS)
-WORKER = os.path.join(TESTS, "ddp_worker.py")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch(output_dir, *args, processes=1, check=True):
-    if processes == 1:
-        command = [sys.executable, WORKER, str(output_dir), *args]
-    else:
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-                   "--master_addr", "127.0.0.1", "--master_port", str(free_port()), WORKER, str(output_dir), *args]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=300)
-    if check:
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
 
 
 def reports(output_dir):
     return [json.load(open(os.path.join(output_dir, name))) for name in sorted(os.listdir(output_dir))
             if name.startswith("rank") and name.endswith(".json")]
-
-
-def assert_same_weights(dir_a, dir_b):
-    a, b = load_file(os.path.join(dir_a, "model.safetensors")), load_file(os.path.join(dir_b, "model.safetensors"))
-    assert a.keys() == b.keys()
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,7 @@ REAL_NAMES = {
     "NVIDIA H200": ("NVIDIA H200 SXM", 989.4),
     "NVIDIA H200 NVL": ("NVIDIA H200 NVL", 835.5),
     "NVIDIA GH200 480GB": ("NVIDIA GH200", 989.4),
+    "NVIDIA B200": ("NVIDIA B200", 2250.0),
     "NVIDIA A100-SXM4-80GB": ("NVIDIA A100", 312.0),
     "NVIDIA A100-SXM4-40GB": ("NVIDIA A100", 312.0),
     "NVIDIA A100-PCIE-40GB": ("NVIDIA A100", 312.0),
@@ -76,7 +77,7 @@ def test_float32_and_float16_peaks(device_name, dtype, tf32, tflops, says):
 
 
 @pytest.mark.parametrize("device_name", [
-    "NVIDIA B200", "AMD Instinct MI300X", "NVIDIA GeForce RTX 4090 Laptop GPU", "NVIDIA GeForce RTX 4090 D",
+    "NVIDIA B300", "AMD Instinct MI300X", "NVIDIA GeForce RTX 4090 Laptop GPU", "NVIDIA GeForce RTX 4090 D",
     "NVIDIA GeForce RTX 3090 Ti", "NVIDIA H100 80GB HBM3 MIG 1g.10gb", "NVIDIA A100-SXM4-40GB MIG 3g.20gb", "",
 ])
 def test_unknown_gpus_and_mig_slices_have_no_peak(device_name):
@@ -156,10 +157,10 @@ def test_bench_reports_mfu_against_the_datasheet_peak():
 
 def test_bench_says_when_the_gpu_peak_is_unknown():
     bench = _load_bench()
-    results = {side: bench.summarize([_side_run(side, "NVIDIA B200", 1e9)], 512, 128) for side in "ab"}
+    results = {side: bench.summarize([_side_run(side, "NVIDIA B300", 1e9)], 512, 128) for side in "ab"}
     lines = bench.table_lines(results)
     assert lines[0].startswith("MFU: n/a (unknown GPU peak"), lines[0]
-    assert "'NVIDIA B200'" in lines[0]
+    assert "'NVIDIA B300'" in lines[0]
     assert all(line.endswith(" n/a") for line in lines[2:4]), lines
 
 

@@ -52,6 +52,34 @@ def test_host_offloaded_optimizer_makes_the_same_updates(optimizer_class, kwargs
         torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("overflow", [False, True], ids=["finite", "overflow"])
+def test_host_offloaded_optimizer_under_the_float16_grad_scaler(overflow):
+    """float16 with optimizer_state_offchip in one process, as on a V100 with the seed ipu_config.json: the scaler
+    unscales and inf-checks the model's gradients, and the update lands on the host copies and comes back. The
+    same GradScaler calls accelerate makes, on CPU tensors."""
+    plain_model, offloaded_model = tiny_model(), tiny_model()
+    plain = torch.optim.AdamW(plain_model.parameters(), lr=0.01)
+    offloaded = HostOffloadedOptimizer(offloaded_model.parameters(), optimizer_class=torch.optim.AdamW, lr=0.01)
+    inputs = torch.randn(4, 6)
+    for model, optimizer in ((plain_model, plain), (offloaded_model, offloaded)):
+        before = [p.detach().clone() for p in model.parameters()]
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+        scaler.scale(model(inputs).square().mean()).backward()
+        if overflow:
+            model[2].bias.grad[0] = float("inf")  # one overflowing float16 gradient
+        scaler.unscale_(optimizer)  # what gradient clipping does first
+        scaler.step(optimizer)
+        scaler.update()
+        moved = [not torch.equal(p, b) for p, b in zip(model.parameters(), before)]
+        assert not any(moved) if overflow else all(moved)
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+    for expected, got in zip(plain_model.parameters(), offloaded_model.parameters()):
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)
+    if not overflow:  # the host copies hold the update too (the state of the next one starts from them)
+        assert all(len(state) > 0 for state in offloaded.state.values())
+        assert set(map(id, offloaded.state)) == set(map(id, offloaded_model.parameters()))
+
+
 def test_host_offloaded_optimizer_picks_up_weights_loaded_after_it_was_built():
     model = tiny_model()
     optimizer = HostOffloadedOptimizer(model.parameters(), optimizer_class=torch.optim.SGD, lr=0.0)

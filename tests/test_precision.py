@@ -9,8 +9,8 @@ from ipu_trainer.run import precision as precision_module
 from ipu_trainer.run.precision import (
     DEFAULT_LOSS_SCALE,
     DYNAMIC_GROWTH_INTERVAL,
-    STATIC_GROWTH_INTERVAL,
     Precision,
+    StaticLossScaler,
     cpu_has_fast_bfloat16,
     resolve_precision,
 )
@@ -52,8 +52,21 @@ def test_half_precision_on_a_gpu_without_bfloat16_is_float16_with_the_recipes_st
     default = resolve(CUDA)
     assert (default.loss_scale, default.dynamic_loss_scale) == (DEFAULT_LOSS_SCALE, True)
     scaler = precision.grad_scaler("cpu")  # the same GradScaler accelerate drives, built on the CPU for the test
-    assert scaler.get_scale() == 16384 and scaler.get_growth_interval() == STATIC_GROWTH_INTERVAL
+    assert scaler.get_scale() == 16384 and isinstance(scaler, StaticLossScaler)
     assert default.grad_scaler("cpu").get_growth_interval() == DYNAMIC_GROWTH_INTERVAL
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_an_overflow_halves_a_dynamic_scale_and_leaves_a_static_one(dynamic):
+    scaler = Precision("fp16", "test", loss_scale=1024.0, dynamic_loss_scale=dynamic).grad_scaler("cpu")
+    param = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.SGD([param], lr=1.0)
+    scaler.scale(param.sum()).backward()
+    param.grad[0] = float("inf")
+    scaler.step(optimizer)
+    scaler.update()
+    assert torch.equal(param.detach(), torch.ones(3))  # skipped either way
+    assert scaler.get_scale() == (512.0 if dynamic else 1024.0)
 
 
 def test_explicit_requests_and_their_refusals(gpu, monkeypatch):

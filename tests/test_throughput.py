@@ -10,6 +10,7 @@ from ipu_trainer import IPUConfig, IPUTrainer, IPUTrainingArguments
 from ipu_trainer.models import BertForPreTrainingMaskedPositions
 from ipu_trainer.training import throughput as throughput_module
 from ipu_trainer.training.mfu import transformer_training_flops_per_sequence
+from ipu_trainer.run.device_model import device_model_named
 from ipu_trainer.training.throughput import ThroughputMeter, device_peak_flops, training_flops_function
 from tiny import SEQ, masked_pairs, tiny_bert
 
@@ -125,7 +126,7 @@ def test_padding_tokens_are_not_counted_and_counting_does_not_sync():
 
 
 def test_mfu_is_model_flops_over_the_peak(tmp_path, monkeypatch):
-    monkeypatch.setattr(throughput_module, "device_peak_flops", lambda device, dtype: (2e9, "a test peak"))
+    monkeypatch.setattr(throughput_module, "device_peak_flops", lambda device, dtype, device_model=None: (2e9, "a test peak"))
     trainer = make_trainer(tmp_path)
     timed_steps(monkeypatch, trainer, seconds_per_step=0.5)
     trainer.train()
@@ -144,6 +145,16 @@ def test_peak_of_a_known_cuda_gpu_and_none_elsewhere(monkeypatch):
     assert device_peak_flops(cuda, torch.float32)[0] == pytest.approx(66.9e12)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some Future GPU")
     assert device_peak_flops(cuda, torch.bfloat16) is None
+
+
+def test_a_device_model_is_measured_against_its_gpus_peak_under_its_own_key():
+    """--device_model: the CPU's model FLOP/s over the modelled GPU's peak, logged as modelled_mfu, never as mfu."""
+    cpu = torch.device("cpu")
+    assert device_peak_flops(cpu, torch.float16, device_model_named("v100"))[0] == pytest.approx(125e12)
+    assert device_peak_flops(cpu, torch.bfloat16, device_model_named("V100")) is None  # no bfloat16 tensor cores
+    meter = ThroughputMeter.for_model(tiny_bert(), cpu, torch.bfloat16, device_model_named("A100"))
+    assert meter.peak_flops == pytest.approx(312e12) and meter.mfu_key == "modelled_mfu"
+    assert ThroughputMeter.for_model(tiny_bert(), cpu, torch.bfloat16).peak_flops is None
 
 
 def test_a_meter_on_a_known_gpu_reports_mfu_and_on_a_cpu_does_not(monkeypatch):

@@ -15,7 +15,8 @@ from transformers import default_data_collator
 from transformers.utils import logging as hf_logging
 
 from ipu_trainer import IncompatibleIPUConfigError, IPUConfig, IPUTrainer, IPUTrainingArguments
-from ipu_trainer.run.precision import DYNAMIC_GROWTH_INTERVAL, STATIC_GROWTH_INTERVAL, Precision
+from ipu_trainer.cli.startup import run_cli
+from ipu_trainer.run.precision import DYNAMIC_GROWTH_INTERVAL, Precision
 from ipu_trainer.run.resolved_run import resolve_run
 from ipu_trainer.training.optimizers import Lamb
 from ipu_trainer.training.trainer import tensorboard_line
@@ -132,19 +133,35 @@ def test_a_resolved_run_is_not_combined_with_other_arguments_or_ipu_config(tmp_p
         IPUTrainer(model=tiny_bert(), ipu_config=ipu_config(), run=run)
 
 
-def test_float16_overflow_skips_the_update_and_the_schedule_step(tmp_path):
+def test_float16_overflow_skips_the_update_and_the_schedule_step_and_a_static_scale_stays(tmp_path, caplog):
     trainer, model = float16_trainer(tmp_path, loss_scale=1e30, lr_scheduler_type="linear", max_steps=2)
     assert trainer.args.mixed_precision == "fp16" and trainer.accelerator.mixed_precision == "fp16"
     scaler = trainer.accelerator.scaler
-    assert scaler.get_scale() == 1e30 and scaler.get_growth_interval() == STATIC_GROWTH_INTERVAL
+    assert scaler.get_scale() == 1e30
     before = copy.deepcopy(model.state_dict())
-    trainer.train()
+    with caplog.at_level("WARNING", logger="ipu_trainer"):
+        trainer.train()
     # Every update overflowed in float16: no weight moved, and the learning-rate schedule never advanced.
     for name, value in model.state_dict().items():
         assert torch.isfinite(value).all(), name
         torch.testing.assert_close(value, before[name], rtol=0, atol=0, msg=name)
     assert trainer.lr_scheduler.last_epoch == 0
-    assert scaler.get_scale() < 1e30  # an overflowing update still halves even a static scale
+    assert scaler.get_scale() == pytest.approx(1e30, rel=1e-6)  # static (a float32 tensor): an overflow does not halve it
+    skipped = [r.getMessage() for r in caplog.records if "overflowed" in r.getMessage()]
+    assert len(skipped) == 2 and "2 in a row" in skipped[-1] and "static loss scale 1e+30" in skipped[-1]
+
+
+def test_ten_overflowing_updates_in_a_row_with_a_static_scale_stop_the_run_with_one_error_line(tmp_path, capsys):
+    # 5 updates per step (device iterations): the 10th, the loop's own update of step 2, is the last one made.
+    trainer, model = float16_trainer(tmp_path, loss_scale=1e30, device_iterations=5, max_steps=3,
+                                     per_device_train_batch_size=1)
+    trainer.create_optimizer()
+    counter = UpdateCounter(trainer.optimizer)
+    assert run_cli(trainer.train) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 1 and errors[0].startswith("error: 10 weight updates in a row overflowed"), errors
+    assert "--loss_scaling" in errors[0] and "--auto_loss_scaling" in errors[0]
+    assert counter.updates == 0 and trainer.state.global_step == 1  # stopped at the end of step 2
 
 
 def test_float16_with_a_sane_scale_trains_through_intermediate_updates(tmp_path):

@@ -33,3 +33,15 @@ def masked_pairs(n: int, seed: int = 1) -> Dataset:
         "labels": labels.tolist(),
         "next_sentence_label": torch.randint(0, 2, (n,), generator=g).tolist(),
     })
+
+
+def varied_masked_pairs(n: int, seed: int = 2) -> Dataset:
+    """Pre-masked pretraining rows of 5 to SEQ tokens, right-padded to SEQ with id 0 (so that packing has
+    something to pack), each unique."""
+    g = torch.Generator().manual_seed(seed)
+    rows = masked_pairs(n, seed).to_dict()
+    lengths = torch.randint(5, SEQ + 1, (n,), generator=g).tolist()
+    for i, length in enumerate(lengths):
+        for column, pad in (("input_ids", 0), ("attention_mask", 0), ("token_type_ids", 0), ("labels", -100)):
+            rows[column][i] = rows[column][i][:length] + [pad] * (SEQ - length)
+    return Dataset.from_dict(rows)

@@ -258,7 +258,8 @@ def _index_mask(size: int, indices: list[int]) -> torch.Tensor:
 
 
 def pad_to_multiple_of_for(run: ResolvedRun, max_length: Optional[int] = None) -> Optional[int]:
-    """The `pad_to_multiple_of` for a run's padding collators: 8 in half precision on a GPU, else None.
+    """The `pad_to_multiple_of` for a run's padding collators: 8 in half precision on a GPU (or a device model of
+    one), else None.
 
     Dynamically padded batches (run_mlm.py --line_by_line without --pad_to_max_length) are rounded up to a
     multiple of 8 tokens so their matmuls run on tensor cores; batches whose rows all have one fixed length
@@ -266,7 +267,7 @@ def pad_to_multiple_of_for(run: ResolvedRun, max_length: Optional[int] = None) -
     multiple of 8 the answer is None, since rounding up could make a batch longer than `max_length` (and the
     model's positions).
     """
-    if run.precision.mixed_precision == "no" or run.args.device.type != "cuda":
+    if run.precision.mixed_precision == "no" or not run.decides_as_gpu:
         return None
     multiple = HALF_PRECISION_PADDING_MULTIPLE
     if max_length is not None and max_length % multiple:

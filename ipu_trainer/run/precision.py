@@ -7,9 +7,12 @@ precision (weights and optimizer state stay float32), applied by accelerate, the
 advance, as upstream).
 
 - CUDA: bfloat16 where the GPU runs it natively, float16 with loss scaling where it does not
-  (`--loss_scaling` is the scaler's starting value; static unless `--auto_loss_scaling`).
+  (`--loss_scaling` is the scaler's starting value; static unless `--auto_loss_scaling`: a static scale never
+  changes, and an update that overflows is skipped).
 - CPU: bfloat16 where the CPU has native bfloat16 instructions, else float32: emulated bfloat16 was
   measured about a hundred times slower than float32 on such a CPU. float16 autocast on a CPU is refused.
+- A CPU run with `--device_model NAME` decides as that GPU (its bfloat16 support is the model's) and runs the
+  chosen autocast and `GradScaler` on the CPU.
 
 `--fp16` / `--bf16`, or an `ACCELERATE_MIXED_PRECISION` of fp16 / bf16 set by `accelerate launch`, ask for
 one half-precision type explicitly; `--fp32` overrides both.
@@ -24,15 +27,13 @@ from typing import Optional
 
 import torch
 
+from .device_model import DeviceModel
+
 logger = logging.getLogger(__name__)
 
 # The dynamic scaler's default starting scale and growth interval (torch's own defaults).
 DEFAULT_LOSS_SCALE = 2.0**16
 DYNAMIC_GROWTH_INTERVAL = 2000
-# A static loss scale is a scaler that never grows within a run. torch's GradScaler insists on a growth
-# factor > 1 and a backoff factor < 1, so "never grows" is an interval no run reaches; an overflowing
-# update is still skipped and halves the scale, rather than overflowing again on every step.
-STATIC_GROWTH_INTERVAL = 2**30
 
 _MIXED_PRECISION_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _ENVIRONMENT_REQUEST = "ACCELERATE_MIXED_PRECISION"
@@ -54,6 +55,21 @@ def cpu_has_fast_bfloat16() -> bool:
 def cuda_has_native_bfloat16() -> bool:
     """True when the current GPU has bfloat16 tensor cores (Ampere or newer); emulation does not count."""
     return torch.cuda.is_bf16_supported(including_emulation=False)
+
+
+class StaticLossScaler(torch.amp.GradScaler):
+    """torch's `GradScaler` with a scale that never changes (`--loss_scaling N` without `--auto_loss_scaling`).
+
+    Scaling, unscaling, the inf/NaN check and the skipped step are upstream's; only `update()` keeps the scale
+    where it is. torch refuses a backoff factor of 1, so an overflow would otherwise halve the scale. An update
+    skipped this way is counted by the trainer, which stops the run after a run of them (a static scale that
+    overflows once usually overflows again).
+    """
+
+    def update(self, new_scale: Optional[float | torch.Tensor] = None) -> None:
+        if new_scale is None and self.is_enabled():
+            new_scale = self.get_scale()
+        super().update(new_scale)
 
 
 @dataclass(frozen=True)
@@ -82,8 +98,9 @@ class Precision:
         """The float16 loss scaler for `device_type` (None unless float16)."""
         if self.mixed_precision != "fp16":
             return None
-        interval = DYNAMIC_GROWTH_INTERVAL if self.dynamic_loss_scale else STATIC_GROWTH_INTERVAL
-        return torch.amp.GradScaler(device_type, init_scale=self.loss_scale, growth_interval=interval)
+        if self.dynamic_loss_scale:
+            return torch.amp.GradScaler(device_type, init_scale=self.loss_scale, growth_interval=DYNAMIC_GROWTH_INTERVAL)
+        return StaticLossScaler(device_type, init_scale=self.loss_scale)
 
     def describe(self) -> str:
         text = f"{self.name} ({self.reason})"
@@ -114,34 +131,42 @@ def resolve_precision(
     bf16: bool,
     loss_scaling: Optional[float],
     auto_loss_scaling: bool,
+    device_model: Optional[DeviceModel] = None,
 ) -> Precision:
-    """The precision of a run on `device` from the user's flags; see the module docstring for the rules."""
+    """The precision of a run on `device` from the user's flags; see the module docstring for the rules. With a
+    `device_model` the run is on the CPU but decides as that GPU: its bfloat16 support comes from the model."""
     requested, source = requested_half_precision(fp16, bf16)
+    on_gpu = device.type == "cuda" or device_model is not None
+    if device_model is not None:
+        native_bfloat16, gpu = device_model.native_bfloat16, f"the modelled {device_model.title}"
+    elif device.type == "cuda":
+        native_bfloat16, gpu = cuda_has_native_bfloat16(), "this GPU"
     if fp32:
         if requested and source.startswith(_ENVIRONMENT_REQUEST):
             logger.info("--fp32 given: %s is not applied.", source)
         precision = Precision("no", "--fp32")
     elif requested == "fp16":
-        if device.type == "cpu":
+        if not on_gpu and device.type == "cpu":
             raise ValueError(
                 f"{source} asks for float16 autocast, which needs a GPU: on this CPU drop it (half precision then "
                 "means bfloat16 where the CPU has it, else float32) or pass --bf16"
             )
         precision = Precision("fp16", source)
     elif requested == "bf16":
-        if device.type == "cuda" and not cuda_has_native_bfloat16():
+        if on_gpu and not native_bfloat16:
+            name = device_model.device_name if device_model is not None else torch.cuda.get_device_name(device)
             raise ValueError(
-                f"{source} asks for bfloat16, but this GPU ({torch.cuda.get_device_name(device)}) has no native "
-                "bfloat16: drop it (half precision then means float16 with loss scaling here) or pass --fp16"
+                f"{source} asks for bfloat16, but {gpu} ({name}) has no native bfloat16: drop it (half precision "
+                "then means float16 with loss scaling here) or pass --fp16"
             )
-        if device.type == "cpu" and not cpu_has_fast_bfloat16():
+        if device.type == "cpu" and not on_gpu and not cpu_has_fast_bfloat16():
             logger.warning("%s on a CPU without native bfloat16: it is emulated and much slower than float32.", source)
         precision = Precision("bf16", source)
-    elif device.type == "cuda":
-        if cuda_has_native_bfloat16():
-            precision = Precision("bf16", "half precision: bfloat16 on this GPU")
+    elif on_gpu:
+        if native_bfloat16:
+            precision = Precision("bf16", f"half precision: bfloat16 on {gpu}")
         else:
-            precision = Precision("fp16", "half precision: float16, this GPU has no native bfloat16")
+            precision = Precision("fp16", f"half precision: float16, {gpu} has no native bfloat16")
     elif device.type == "cpu" and cpu_has_fast_bfloat16():
         precision = Precision("bf16", "half precision: bfloat16, native on this CPU")
     else:

@@ -2,7 +2,8 @@
 
 Everything a run's numbers depend on is decided here, in one place, before any weights or data are
 loaded: the effective IPU config, its check against the model's layer count, the training and
-evaluation placements, the precision and the dataloader workers (the one warmup formula is
+evaluation placements, the device model (`--device_model`: a CPU run deciding as a given GPU), the
+precision and the dataloader workers (the one warmup formula is
 `training_args.warmup_steps_for`, which `IPUTrainingArguments.get_warmup_steps` applies for every schedule). The
 scripts call `resolve_run` once and hand the result to `IPUTrainer`; an `IPUTrainer` built directly from
 an `IPUConfig` (as code written for optimum-graphcore does) resolves it itself.
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
 
 from ..config.ipu_config import IPUConfig
+from .device_model import DeviceModel, device_model_named
 from .placement import Placement
 from .precision import Precision, resolve_precision
 
@@ -153,6 +155,12 @@ class ResolvedRun:
     precision: Precision
     dataloader_num_workers: int
     dataloader_workers_note: Optional[str] = None
+    device_model: Optional[DeviceModel] = None  # --device_model: a CPU run deciding as that GPU
+
+    @property
+    def decides_as_gpu(self) -> bool:
+        """Whether the run's GPU-dependent choices are a GPU's: on a CUDA device, or on the CPU with a device model."""
+        return self.args.device.type == "cuda" or self.device_model is not None
 
     @property
     def shards_optimizer_state(self) -> bool:
@@ -161,8 +169,8 @@ class ResolvedRun:
 
     @property
     def offloads_optimizer_state(self) -> bool:
-        """optimizer_state_offchip on a GPU: optimizer state and update in host memory."""
-        return bool(self.ipu_config.optimizer_state_offchip) and self.args.device.type == "cuda"
+        """optimizer_state_offchip on a GPU (or modelling one): optimizer state and update in host memory."""
+        return bool(self.ipu_config.optimizer_state_offchip) and self.decides_as_gpu
 
     @property
     def train_drop_last(self) -> bool:
@@ -203,10 +211,13 @@ class ResolvedRun:
         loop.dataloader_drop_last = self.train_drop_last
         # Old checkpoints are rotated by IPUTrainer once the new one is complete, never before (checkpoints.py).
         loop.save_total_limit = None
+        gpu_pins = loop.dataloader_pin_memory and self.decides_as_gpu
         if loop.device.type == "cpu":
-            loop.dataloader_pin_memory = False  # pinning needs an accelerator; spare the warning
-        elif loop.dataloader_pin_memory and hasattr(loop.accelerator_config, "non_blocking"):
-            loop.accelerator_config.non_blocking = True  # copies from pinned batches overlap the step before
+            loop.dataloader_pin_memory = False  # pinning needs an accelerator (a modelled GPU too); spare the warning
+        if gpu_pins and hasattr(loop.accelerator_config, "non_blocking"):
+            # Copies from pinned batches overlap the step before. A modelled GPU takes the same non-blocking path
+            # (from unpinned CPU batches to the CPU: a plain copy).
+            loop.accelerator_config.non_blocking = True
         if loop.ddp_find_unused_parameters is None and find_unused_parameters is not None:
             loop.ddp_find_unused_parameters = find_unused_parameters
         return loop
@@ -224,7 +235,12 @@ class ResolvedRun:
         sharded = f"sharded over {self.args.world_size} processes (ZeRO stage 1)"
         state = sharded if self.shards_optimizer_state else "one full copy per process"
         memory = "host" if self.offloads_optimizer_state else self.args.device.type.upper()
+        if self.device_model is not None and not self.offloads_optimizer_state:
+            memory = "the modelled GPU's (here CPU)"
         lines.append(f"optimizer state: {state}, in {memory} memory")
+        if self.device_model is not None:
+            lines.append("pinned host memory: none (pinning needs a CUDA driver); the GPU's non-blocking copies run as "
+                         "plain CPU copies")
         if self.dataloader_num_workers:
             lines.append(f"dataloader: {self.args.dataloader_mode}, {self.dataloader_num_workers} worker process(es) "
                          "per training process")
@@ -257,8 +273,9 @@ def resolve_run(ipu_config: IPUConfig, args: IPUTrainingArguments, model_config:
         check_layers_fit(effective, model_config)
     train_placement = Placement.for_training(effective, args.per_device_train_batch_size, args.world_size)
     eval_placement = Placement.for_inference(effective, args.per_device_eval_batch_size, args.world_size)
+    device_model = device_model_named(getattr(args, "device_model", None))
     precision = resolve_precision(
-        args.device, args.fp32, args.fp16, args.bf16, args.loss_scaling, effective.auto_loss_scaling
+        args.device, args.fp32, args.fp16, args.bf16, args.loss_scaling, effective.auto_loss_scaling, device_model
     )
     workers, note = dataloader_workers(args.dataloader_num_workers, args.dataloader_mode)
     return ResolvedRun(
@@ -269,4 +286,5 @@ def resolve_run(ipu_config: IPUConfig, args: IPUTrainingArguments, model_config:
         precision=precision,
         dataloader_num_workers=workers,
         dataloader_workers_note=note,
+        device_model=device_model,
     )

@@ -19,6 +19,7 @@ from transformers import TrainingArguments
 from transformers.integrations import INTEGRATION_TO_CALLBACK, get_available_reporting_integrations
 
 from ..config.ipu_config import ALLOWED_POD_TYPES, VALID_N_IPU
+from .device_model import device_model_named
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +112,13 @@ class IPUTrainingArguments(TrainingArguments):
     auto_loss_scaling: bool = field(
         default=False,
         metadata={"help": "Adjust the float16 loss scale automatically (forwarded to the IPU config)."},
+    )
+    device_model: Optional[str] = field(
+        default=None,
+        metadata={"help": "Run on the CPU while taking every decision this NVIDIA GPU would (precision and float16 loss "
+                  "scaling, optimizer state offload and sharding, padding, MFU): V100, T4, A10G, L4, A100, H100, H200, "
+                  "B200, ... (any case; an unknown name lists them all). For smoke tests of a GPU configuration "
+                  "without a GPU: no CUDA kernel runs. Under torchrun every process models the same GPU (gloo)."},
     )
     dataloader_mode: str = field(
         default="sync",
@@ -256,16 +264,24 @@ class IPUTrainingArguments(TrainingArguments):
                 "both choose the optimizer: give one of them"
             )
 
+        if self.device_model is not None:
+            device_model_named(self.device_model)  # an unknown name is refused before anything is set up
+            self.use_cpu = True  # the run is on the CPU (gloo under torchrun) whatever the machine has
         if not self.use_cpu and not _has_accelerator():
             # Lets accelerate set up gloo data parallelism when torchrun starts several CPU processes.
             self.use_cpu = True
         if original_optimizer:
             self.optim = _UPSTREAM_STAND_IN_OPTIMIZER
+        pin_memory = self.dataloader_pin_memory
         try:
             super().__post_init__()
         finally:
             if original_optimizer:
                 self.optim = ORIGINAL_OPTIMIZER
+        if self.device_model is not None:
+            # Upstream turns pinning off for a CPU run; the modelled GPU's decision (non-blocking batch copies) reads
+            # the user's value. The loop's copy still does not pin on the CPU (ResolvedRun.loop_arguments).
+            self.dataloader_pin_memory = pin_memory
         self._check_report_to()
 
     def _check_training_length(self) -> None:

@@ -19,6 +19,7 @@ plain CUDA-core rate; tf32 the tensor-core rate that float32 matmuls get when TF
 | H200 SXM             | NVIDIA H200                                  | 66.9 | 494.7 | 989.4 | 989.4 |
 | H200 NVL             | NVIDIA H200 NVL                              | 60   | 417.5 | 835.5 | 835.5 |
 | GH200 (its GPU)      | NVIDIA GH200 480GB                           | 66.9 | 494.7 | 989.4 | 989.4 |
+| B200 (2)             | NVIDIA B200                                  | 75   | 1125  | 2250  | 2250  |
 | A100 SXM4/PCIe 40/80 | NVIDIA A100-SXM4-80GB, NVIDIA A100-PCIE-40GB | 19.5 | 156   | 312   | 312   |
 | A10                  | NVIDIA A10                                   | 31.2 | 62.5  | 125   | 125   |
 | A10G (1)             | NVIDIA A10G                                  | 35   | 35    | 70    | 70    |
@@ -34,6 +35,8 @@ plain CUDA-core rate; tf32 the tensor-core rate that float32 matmuls get when TF
 
 (1) The A10G is made for AWS and has no public NVIDIA datasheet; its figures are AWS's, and match its
 80 SMs at 1.71 GHz with GA102's half-rate float32-accumulate tensor math.
+(2) NVIDIA quotes the B200 for the 8-GPU HGX B200 board (1000 W per GPU): FP32 600 TFLOP/s and, with
+sparsity, TF32 18 and FP16/BF16 36 PFLOP/s. One GPU's dense share is an eighth of that, the sparse ones halved.
 
 Any other name, including a MIG slice (it gets a fraction of the GPU), a laptop or "D"/"Ti" variant, has
 no entry: the lookup answers None and callers report MFU as unknown rather than against a wrong peak.
@@ -70,6 +73,7 @@ _GPUS = (
     _Peaks("NVIDIA H200 SXM", r"\bH200\b(?! NVL)", 66.9, 494.7, 989.4, 989.4),
     _Peaks("NVIDIA H200 NVL", r"\bH200 NVL\b", 60.0, 417.5, 835.5, 835.5),
     _Peaks("NVIDIA GH200", r"\bGH200\b", 66.9, 494.7, 989.4, 989.4),
+    _Peaks("NVIDIA B200", r"\bB200\b", 75.0, 1125.0, 2250.0, 2250.0),
     _Peaks("NVIDIA A100", r"\bA100\b", 19.5, 156.0, 312.0, 312.0),
     _Peaks("NVIDIA A10", r"\bA10\b", 31.2, 62.5, 125.0, 125.0),
     _Peaks("NVIDIA A10G", r"\bA10G\b", 35.0, 35.0, 70.0, 70.0),

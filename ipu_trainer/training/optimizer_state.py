@@ -3,6 +3,7 @@ data-parallel processes (`replicated_tensor_sharding`, ZeRO stage 1), and how a 
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -20,6 +21,25 @@ def wait_for_device_to_host_copies(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class _StateOfDeviceParameters(Mapping):
+    """The host optimizer's state, keyed by the model's parameters (the ones in `param_groups`), read live."""
+
+    def __init__(self, host_state: dict, host_of: dict[torch.Tensor, torch.Tensor],
+                 device_of: dict[torch.Tensor, torch.Tensor]) -> None:
+        self._host_state = host_state
+        self._host_of = host_of
+        self._device_of = device_of
+
+    def __getitem__(self, device_param: torch.Tensor) -> Any:
+        return self._host_state[self._host_of[device_param]]
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return (self._device_of[host_param] for host_param in list(self._host_state))
+
+    def __len__(self) -> int:
+        return len(self._host_state)
+
+
 class HostOffloadedOptimizer(torch.optim.Optimizer):
     """An optimizer whose state lives in host memory (`optimizer_state_offchip: true` on a GPU).
 
@@ -28,6 +48,13 @@ class HostOffloadedOptimizer(torch.optim.Optimizer):
     moments are twice the model's size) at the price of three parameter-sized transfers per update,
     small beside an update of thousands of sequences. The host copies are refreshed from the device
     every update, so weights loaded into the model after this optimizer was built are never lost.
+
+    `param_groups` hold the model's parameters, as any optimizer's do: whatever works on the gradients before
+    `step()` works on the ones that exist, on the device. The float16 `GradScaler` unscales and inf-checks
+    them there, and skips `step()` after an overflow; the host copies have no gradient until `step()` copies
+    it in (after the first update, the previous update's). The host optimizer has its own groups: their
+    hyper-parameters (a scheduler's learning rate) are taken from `param_groups` before each host update and
+    each `state_dict()`, and `state` is the host optimizer's, keyed by the model's parameters.
 
     The transfers are asynchronous; why no host tensor is read or handed out while one is in flight:
     - the copies into the host buffers (parameters, gradients) are waited for before the host update
@@ -43,7 +70,7 @@ class HostOffloadedOptimizer(torch.optim.Optimizer):
         groups = list(params)
         if groups and not isinstance(groups[0], dict):
             groups = [{"params": groups}]
-        pin = torch.cuda.is_available()
+        pin = torch.cuda.is_available()  # pinned memory needs a CUDA driver; a CPU (or a device model) has none
         self._device_params: list[torch.Tensor] = []
         self._host_params: list[torch.Tensor] = []
         host_groups = []
@@ -57,14 +84,23 @@ class HostOffloadedOptimizer(torch.optim.Optimizer):
                 self._host_params.append(host)
             host_groups.append({**group, "params": host_params})
         self.optimizer = optimizer_class(host_groups, **optimizer_kwargs)
-        super().__init__(self._host_params, self.optimizer.defaults)
-        # One set of groups and state, the wrapped optimizer's, so schedulers and checkpoints see them.
-        self.param_groups = self.optimizer.param_groups
-        self.state = self.optimizer.state
+        device_groups = [{**host_group, "params": group["params"]}
+                         for host_group, group in zip(self.optimizer.param_groups, groups, strict=True)]
+        super().__init__(device_groups, self.optimizer.defaults)
+        self._share_host_state()
+
+    def _share_host_state(self) -> None:
+        self.state = _StateOfDeviceParameters(  # type: ignore[assignment]
+            self.optimizer.state, dict(zip(self._device_params, self._host_params)),
+            dict(zip(self._host_params, self._device_params)))
 
     def device_parameters(self) -> list[torch.Tensor]:
         """The model's parameters, in the order of the host parameters (the numbering of `state_dict()`)."""
         return list(self._device_params)
+
+    def _hyperparameters_to_host(self) -> None:
+        for group, host_group in zip(self.param_groups, self.optimizer.param_groups, strict=True):
+            host_group.update({key: value for key, value in group.items() if key != "params"})
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
@@ -80,6 +116,7 @@ class HostOffloadedOptimizer(torch.optim.Optimizer):
             host_param.grad.copy_(device_param.grad, non_blocking=True)
         for device in {param.device for param in self._device_params}:
             wait_for_device_to_host_copies(device)
+        self._hyperparameters_to_host()
         self.optimizer.step()
         for device_param, host_param in zip(self._device_params, self._host_params):
             device_param.copy_(host_param, non_blocking=True)
@@ -94,13 +131,15 @@ class HostOffloadedOptimizer(torch.optim.Optimizer):
                 param.grad.zero_()
 
     def state_dict(self) -> dict:
+        self._hyperparameters_to_host()
         return self.optimizer.state_dict()
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.optimizer.load_state_dict(state_dict)  # state follows the host parameters' device
-        # Loading replaces the wrapped optimizer's group list and state; keep sharing them.
-        self.param_groups = self.optimizer.param_groups
-        self.state = self.optimizer.state
+        # Loading replaces the host optimizer's groups (hyper-parameters included) and state.
+        for group, host_group in zip(self.param_groups, self.optimizer.param_groups, strict=True):
+            group.update({key: value for key, value in host_group.items() if key != "params"})
+        self._share_host_state()
 
 
 def model_parameters(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:

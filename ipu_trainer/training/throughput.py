@@ -8,7 +8,8 @@ since the previous log line) to the line, so they also land in `trainer_state.js
 - `tokens_per_second`: the tokens of those samples that are not padding (the ones of the attention mask, or
   of a sequence in packed rows; every token of a batch without either), per second.
 - `mfu` (only on a CUDA GPU listed in `ipu_trainer.training.mfu`): model FLOPs per second over the datasheet peak of
-  all the processes' GPUs for the run's compute dtype. A batch of B rows padded to length S counts
+  all the processes' GPUs for the run's compute dtype. With `--device_model` the same ratio against the modelled
+  GPU's peak is `modelled_mfu` (the CPU's speed: it says nothing about the GPU's). A batch of B rows padded to length S counts
   B x `transformer_training_flops_per_sequence(S)`, with the vocabulary projection at the masked positions
   only for the masked-position heads (their `max_num_masked_tokens`).
 
@@ -39,6 +40,7 @@ import torch.distributed as dist
 from transformers import TrainerCallback
 
 from ..models.masked_positions import MaskedPositionsHeadMixin
+from ..run.device_model import DeviceModel
 from ..run.resolved_run import num_hidden_layers_of
 from .mfu import datasheet_peak_flops, transformer_training_flops_per_sequence
 
@@ -58,12 +60,16 @@ class Window:
     seconds: float
 
 
-def device_peak_flops(device: torch.device, dtype: torch.dtype) -> Optional[tuple[float, str]]:
-    """The datasheet dense peak (FLOP/s, description) of the CUDA GPU `device` for matmuls in `dtype`; None on
-    any other device and for a GPU that `ipu_trainer.training.mfu` does not list."""
+def device_peak_flops(device: torch.device, dtype: torch.dtype,
+                      device_model: Optional[DeviceModel] = None) -> Optional[tuple[float, str]]:
+    """The datasheet dense peak (FLOP/s, description) of the CUDA GPU `device` (or of `device_model`, the GPU a CPU
+    run models) for matmuls in `dtype`; None on any other device and for a GPU that `ipu_trainer.training.mfu` does
+    not list."""
+    tf32 = bool(torch.backends.cuda.matmul.allow_tf32)
+    if device_model is not None:
+        return datasheet_peak_flops(device_model.device_name, dtype, tf32=tf32)
     if device.type != "cuda":
         return None
-    tf32 = bool(torch.backends.cuda.matmul.allow_tf32)
     return datasheet_peak_flops(torch.cuda.get_device_name(device), dtype, tf32=tf32)
 
 
@@ -113,8 +119,12 @@ class ThroughputMeter(TrainerCallback):
         flops_per_sequence: Optional[Callable[[int], float]] = None,
         peak_flops: Optional[float] = None,
         clock: Callable[[], float] = time.perf_counter,
+        modelled: bool = False,
     ) -> None:
         self.device = device
+        # Against a modelled GPU's peak (--device_model) the ratio is the CPU's speed over that GPU's, logged under
+        # its own key so that it is never read as a GPU's utilisation.
+        self.mfu_key = "modelled_mfu" if modelled else "mfu"
         self.flops_per_sequence = flops_per_sequence
         self.peak_flops = peak_flops
         self.clock = clock
@@ -123,16 +133,23 @@ class ThroughputMeter(TrainerCallback):
         self._start_window(self.clock())
 
     @classmethod
-    def for_model(cls, model: Any, device: torch.device, compute_dtype: torch.dtype) -> ThroughputMeter:
-        """A meter for `model` training on `device` with matmuls in `compute_dtype`, with MFU where the GPU is known."""
-        peak = device_peak_flops(device, compute_dtype)
+    def for_model(cls, model: Any, device: torch.device, compute_dtype: torch.dtype,
+                  device_model: Optional[DeviceModel] = None) -> ThroughputMeter:
+        """A meter for `model` training on `device` (deciding as `device_model`, if given) with matmuls in
+        `compute_dtype`, with MFU where the GPU is known."""
+        peak = device_peak_flops(device, compute_dtype, device_model)
         flops = training_flops_function(model) if peak is not None else None
-        if peak is not None and flops is not None:
+        dtype = str(compute_dtype).replace("torch.", "")
+        if peak is not None and flops is not None and device_model is not None:
+            logger.info("modelled_mfu in the training log is this CPU's model FLOP/s over the modelled %s: not a GPU "
+                        "measurement.", peak[1])
+        elif peak is not None and flops is not None:
             logger.info("MFU in the training log is measured against the %s.", peak[1])
-        elif device.type == "cuda":
-            logger.info("No MFU in the training log: no %s peak for %r in ipu_trainer/mfu.py.",
-                        str(compute_dtype).replace("torch.", ""), torch.cuda.get_device_name(device))
-        return cls(device, flops, peak[0] if peak is not None and flops is not None else None)
+        elif device.type == "cuda" or device_model is not None:
+            name = device_model.device_name if device_model is not None else torch.cuda.get_device_name(device)
+            logger.info("No MFU in the training log: no %s peak for %r in ipu_trainer/mfu.py.", dtype, name)
+        return cls(device, flops, peak[0] if peak is not None and flops is not None else None,
+                   modelled=device_model is not None)
 
     # ---- counting -------------------------------------------------------------------------------------
 
@@ -191,7 +208,7 @@ class ThroughputMeter(TrainerCallback):
             return {}
         metrics = {"samples_per_second": samples / seconds, "tokens_per_second": tokens / seconds}
         if self.peak_flops is not None:
-            metrics["mfu"] = flops / seconds / (self.peak_flops * processes)
+            metrics[self.mfu_key] = flops / seconds / (self.peak_flops * processes)
         return metrics
 
     # ---- timing (TrainerCallback events) --------------------------------------------------------------

@@ -53,6 +53,7 @@ from .checkpoints import (
     mark_complete,
     rotate_checkpoints,
 )
+from .loss_scaling import StaticLossScaleGuard
 from .optimizer_state import HostOffloadedOptimizer, ShardedOptimizer, prepare_optimizer_for_checkpoint
 from .optimizers import POPTORCH_MAX_WEIGHT_NORM, AdamW, Lamb, original_parameter_groups
 from .run_control import (
@@ -309,8 +310,14 @@ class IPUTrainer(Trainer):
         self.add_callback(self._stop_on_signal)
         self._step_timer = StepTimer()
         self.add_callback(self._step_timer)
-        self.throughput = ThroughputMeter.for_model(self.model, self.args.device, run.precision.compute_dtype)
+        self.throughput = ThroughputMeter.for_model(self.model, self.args.device, run.precision.compute_dtype,
+                                                    run.device_model)
         self.add_callback(self.throughput)
+        self.static_loss_scale_guard: Optional[StaticLossScaleGuard] = None
+        if run.precision.mixed_precision == "fp16" and not run.precision.dynamic_loss_scale:
+            self.static_loss_scale_guard = StaticLossScaleGuard(
+                run.precision.loss_scale, lambda: self.accelerator.optimizer_step_was_skipped)
+            self.add_callback(self.static_loss_scale_guard)
         self._log_run_layout()
 
     def _prepare_model(self, model: nn.Module) -> None:
@@ -419,6 +426,9 @@ class IPUTrainer(Trainer):
     def _log_run_layout(self) -> None:
         device = self.args.device
         device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
+        if self.run.device_model is not None:
+            device_name += f", modelling an {self.run.device_model.title}"
+            logger.warning("%s.", self.run.device_model.describe())
         lines = [f"device: {device} ({device_name})"]
         lines += self.run.describe()
         user_args = self.run.args
@@ -462,6 +472,10 @@ class IPUTrainer(Trainer):
         scaler = self.run.precision.grad_scaler(self.args.device.type)
         if scaler is not None:
             self.accelerator.scaler = scaler
+            if self.run.device_model is not None:
+                # accelerate applies float16 autocast only on a GPU; a modelled one runs the same autocast and
+                # GradScaler on CPU tensors, as accelerate would switch them on for CUDA.
+                self.accelerator.native_amp = True
 
     # ---- data ---------------------------------------------------------------------------------------
 
@@ -668,6 +682,8 @@ class IPUTrainer(Trainer):
         if self.args.max_grad_norm is not None and self.args.max_grad_norm > 0:
             self.accelerator.clip_grad_norm_(model.parameters(), self.args.max_grad_norm)
         self.optimizer.step()
+        if self.static_loss_scale_guard is not None:
+            self.static_loss_scale_guard.record()
         model.zero_grad()
 
     # ---- throughput log -----------------------------------------------------------------------------
