@@ -323,3 +323,19 @@ def test_between_steps_or_without_a_timer_the_signal_line_is_the_plain_one(caplo
 def test_durations_read_as_a_person_says_them():
     assert [rough_duration(s) for s in (0.3, 40, 60, 89, 540, 5400, 86400, 3 * 86400)] == [
         "under a second", "~40 s", "~1 min", "~1.5 min", "~9 min", "~1.5 h", "~24 h", "~3 days"]
+
+
+def test_a_lock_removes_the_output_folder_it_created_when_nothing_else_was_written(tmp_path):
+    new = RunLock(str(tmp_path / "new" / "out"))
+    new.acquire()
+    new.release()
+    assert not (tmp_path / "new" / "out").exists()  # a refused run leaves no empty output folder
+    used = RunLock(str(tmp_path / "used"))
+    used.acquire()
+    (tmp_path / "used" / "checkpoint-1").mkdir()
+    used.release()
+    assert (tmp_path / "used" / "checkpoint-1").is_dir()
+    existing = RunLock(str(tmp_path))
+    existing.acquire()
+    existing.release()
+    assert tmp_path.is_dir() and not (tmp_path / "run.lock").exists()  # a folder it did not create stays

@@ -105,13 +105,6 @@ def end_distributed() -> None:
     del group  # the last reference: its release lets go of the GIL and joins the gloo threads
 
 
-def _on_every_process(first_process: Callable[[], Any], training_args: Any) -> Any:
-    """Run `first_process` on process 0 only and give its result to every process, or raise its error (as a
-    `ValueError`) on every process, so that all processes of a torchrun act on one decision and stop together
-    instead of waiting for one that gave up."""
-    return decided_by_process_zero(first_process, training_args.process_index)
-
-
 @dataclass
 class ClaimedOutputDir:
     """What a training command does with its `--output_dir`, decided once by process 0 for every process."""
@@ -148,7 +141,7 @@ def claim_output_dir(training_args: Any, *script_args: Any) -> ClaimedOutputDir:
         return decide(output_dir, current, training_args.overwrite_output_dir,
                       needs_optimizer=not training_args.save_only_model)
 
-    decision = _on_every_process(take_lock_and_decide, training_args)
+    decision = decided_by_process_zero(take_lock_and_decide, training_args.process_index)
     if decision.finished is not None:
         raise RunFinished(decision.finished)
     if decision.started is not None:
@@ -203,7 +196,7 @@ def train_and_save(trainer: Any, training_args: Any, claim: ClaimedOutputDir, nu
         claim.record.write(output_dir)
 
     if claim.record is not None:
-        _on_every_process(start_the_run, training_args)
+        decided_by_process_zero(start_the_run, training_args.process_index)
     checkpoint = training_args.resume_from_checkpoint or claim.checkpoint
     train_result = trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_model()  # the model, the tokenizer and ipu_config.json
