@@ -17,6 +17,17 @@ from ipu_trainer.cli.offline_assets import english_text_documents, train_wordpie
 from ipu_trainer.cli.startup import run_cli
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` (`two_gpus`) are skipped on a machine with no (fewer than two) CUDA GPUs; on a GPU
+    machine `pytest -m cuda tests` runs just them (bench/gpu_check.sh)."""
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for item in items:
+        if "cuda" in item.keywords and gpus == 0:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+        elif "two_gpus" in item.keywords and gpus < 2:
+            item.add_marker(pytest.mark.skip(reason="needs two CUDA GPUs"))
+
+
 @pytest.fixture(scope="session")
 def english_documents():
     return english_text_documents()
@@ -127,14 +138,14 @@ def launch_worker(output_dir, *args, processes=1, check=True):
     return result
 
 
-def assert_same_weights(dir_a, dir_b):
-    """The model.safetensors of two output folders hold the same weights (to float32 rounding)."""
+def assert_same_weights(dir_a, dir_b, rtol=1e-5, atol=1e-6):
+    """The model.safetensors of two output folders hold the same weights (by default to float32 rounding)."""
     from safetensors.torch import load_file
 
     a, b = load_file(os.path.join(dir_a, "model.safetensors")), load_file(os.path.join(dir_b, "model.safetensors"))
     assert a.keys() == b.keys()
     for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(a[name], b[name], rtol=rtol, atol=atol, msg=name)
 
 
 def recorded_batches(monkeypatch, module):

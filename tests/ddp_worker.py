@@ -4,7 +4,8 @@ Trains the tiny BERT with IPUTrainer and writes, per process, the rows it traine
 bytes of optimizer state it holds and the throughput meter's last window; process 0 also saves the model.
 
 With --device_matrix it runs the 2-process cases of DEVICE_MATRIX (tests/test_device_matrix.py runs the
-1-process ones in-process through `run_device_case`) and writes one report per case and process.
+1-process ones in-process through `run_device_case`) and writes one report per case and process; with --on_gpu
+as well, for real on two CUDA GPUs (NCCL) instead of modelled on the CPU.
 
 With --resume_matrix it checks resuming instead: for every optimizer-state layout and optimizer, a run
 of 4 steps that checkpoints every 2, then, in the same processes, a fresh run resumed from its
@@ -47,6 +48,7 @@ from tiny import SEQ, masked_pairs, tiny_bert, varied_masked_pairs  # noqa: E402
 from ipu_trainer import IPUConfig, IPUTrainer, IPUTrainingArguments  # noqa: E402
 from ipu_trainer.cli.startup import end_distributed  # noqa: E402
 from ipu_trainer.data.packing import PackedDataset, pack_for_training  # noqa: E402
+from ipu_trainer.run.device_model import device_model_named  # noqa: E402
 from ipu_trainer.run.resolved_run import resolve_run  # noqa: E402
 from ipu_trainer.models import BertForPreTrainingMaskedPositions  # noqa: E402
 from ipu_trainer.training.optimizer_state import HostOffloadedOptimizer, ShardedOptimizer  # noqa: E402
@@ -150,13 +152,18 @@ def optimizer_chain(optimizer) -> list:
     return chain
 
 
-def run_device_case(case: dict, output_dir: str, resume: str = None) -> dict:
+def run_device_case(case: dict, output_dir: str, resume: str = None, on_gpu: bool = False) -> dict:
     """Train the case's tiny BERT (the package's masked-position pretraining model) for DEVICE_MATRIX_STEPS steps on
-    the CPU, modelling the case's GPU; checkpoint-2 is saved for cases that resume. Returns what the test checks."""
+    the CPU, modelling the case's GPU; checkpoint-2 is saved for cases that resume. Returns what the test checks.
+
+    on_gpu: run the case for real on this machine's CUDA GPU instead, in the precision the case's GPU would pick
+    (--fp16 for a GPU without native bfloat16, else --bf16), everything else as modelled (bench/gpu_check.sh)."""
+    float16 = not device_model_named(case["gpu"]).native_bfloat16
+    where = dict(fp16=float16, bf16=not float16) if on_gpu else dict(device_model=case["gpu"])
     ipu_config = IPUConfig(layers_per_ipu=[-1], replication_factor=2, gradient_accumulation_steps=1,
                            optimizer_state_offchip=case["offload"], replicated_tensor_sharding=case["sharding"])
     args = IPUTrainingArguments(
-        output_dir=output_dir, device_model=case["gpu"], per_device_train_batch_size=2, learning_rate=1e-3,
+        output_dir=output_dir, **where, per_device_train_batch_size=2, learning_rate=1e-3,
         weight_decay=0.01, lr_scheduler_type="linear", max_steps=DEVICE_MATRIX_STEPS, report_to=[], logging_steps=1,
         save_strategy="steps" if case["resume"] else "no", save_steps=2, seed=0, disable_tqdm=True,
         loss_scaling=LOSS_SCALE, auto_loss_scaling=case["loss"] == "dynamic",
@@ -191,13 +198,15 @@ def run_device_case(case: dict, output_dir: str, resume: str = None) -> dict:
 
 def device_matrix(options) -> None:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if options.on_gpu:  # resumed and uninterrupted runs compared: deterministic kernels (CUBLAS_WORKSPACE_CONFIG set)
+        torch.use_deterministic_algorithms(True, warn_only=True)
     for case in DEVICE_MATRIX:
         if case["processes"] != world_size:
             continue
         run = os.path.join(options.output_dir, device_case_name(case))
-        reports = [run_device_case(case, os.path.join(run, "straight"))]
+        reports = [run_device_case(case, os.path.join(run, "straight"), on_gpu=options.on_gpu)]
         if case["resume"]:
-            resumed = run_device_case(case, os.path.join(run, "resumed"),
+            resumed = run_device_case(case, os.path.join(run, "resumed"), on_gpu=options.on_gpu,
                                       resume=os.path.join(run, "straight", f"checkpoint-{DEVICE_MATRIX_STEPS // 2}"))
             reports.append(resumed)
         os.makedirs(run, exist_ok=True)
@@ -223,6 +232,7 @@ def main() -> tuple[str, dict] | None:
     parser.add_argument("--checkpoints_from", help="with --resume_matrix: resume this matrix's sharded runs")
     parser.add_argument("--late_collective_at_exit", action="store_true", help="force the race at exit, no training")
     parser.add_argument("--device_matrix", action="store_true", help="the DEVICE_MATRIX cases of this process count")
+    parser.add_argument("--on_gpu", action="store_true", help="with --device_matrix: run the cases on CUDA GPUs")
     options = parser.parse_args()
 
     if options.late_collective_at_exit:

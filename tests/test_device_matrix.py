@@ -15,6 +15,10 @@ uninterrupted run. The subset (ddp_worker.DEVICE_MATRIX, 8 of the 80 combination
 | H100 | 2         | on      | on       | off     | (bfloat16) | yes    |
 
 The 1-process cases run in this process; the 2-process ones in one torchrun launch (gloo).
+
+The tests marked `cuda` run the same cases for real on a CUDA GPU (bench/gpu_check.sh): the 1-process cases on one
+GPU, the 2-process ones with NCCL where there are two. There the V100 cases train in float16 (--fp16) and the others
+in bfloat16, whatever the GPU at hand; resuming is compared with deterministic algorithms.
 """
 
 import itertools
@@ -22,6 +26,7 @@ import json
 import os
 
 import pytest
+import torch
 
 from conftest import assert_same_weights, launch_worker
 from ddp_worker import DEVICE_MATRIX, DEVICE_MATRIX_STEPS, LOSS_SCALE, device_case_name, run_device_case
@@ -50,9 +55,9 @@ def test_the_subset_covers_every_pair_of_settings_and_is_the_docstrings_table():
     assert documented == list(DEVICE_MATRIX)
 
 
-def check_report(case, report, resumed=False):
+def check_report(case, report, resumed=False, on_gpu=False):
     float16 = case["gpu"] in FLOAT16_GPUS
-    assert report["world_size"] == case["processes"] and report["device"].startswith("cpu")
+    assert report["world_size"] == case["processes"] and report["device"].startswith("cuda" if on_gpu else "cpu")
     assert report["precision"] == ("fp16" if float16 else "bf16") and report["autocast"]
     expected_scaler = {"static": "StaticLossScaler", "dynamic": "GradScaler", None: None}[case["loss"]]
     assert report["scaler"] == expected_scaler
@@ -63,7 +68,10 @@ def check_report(case, report, resumed=False):
     assert report["offloaded"] == case["offload"]  # optimizer_state_offchip on a GPU: host memory
     assert report["sharded"] == (case["sharding"] and case["processes"] > 1)
     assert report["packed"] == case["packing"]
-    assert "modelled_mfu" in report["log"][-1] and "mfu" not in report["log"][-1]
+    if on_gpu:  # the real MFU, where the GPU is in the MFU table
+        assert "modelled_mfu" not in report["log"][-1]
+    else:
+        assert "modelled_mfu" in report["log"][-1] and "mfu" not in report["log"][-1]
 
 
 def one_process_cases():
@@ -102,3 +110,45 @@ def test_two_process_cases_in_one_torchrun_launch(two_process_runs):
                 check_report(case, reports[1], resumed=True)
         if case["resume"]:
             assert_same_weights(run / "straight", run / "resumed")
+
+
+# ---- the same cases for real on CUDA GPUs (bench/gpu_check.sh) ------------------------------------------------------
+
+# Resuming on a GPU reaches the same weights only with deterministic kernels: cuBLAS needs this workspace setting
+# before its first use, hence at import, before any test runs.
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+GPU_RESUME_TOLERANCE = dict(rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture
+def deterministic_kernels():
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    yield
+    torch.use_deterministic_algorithms(False)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", one_process_cases())
+def test_one_process_case_on_the_gpu(case, tmp_path, deterministic_kernels):
+    check_report(case, run_device_case(case, str(tmp_path / "straight"), on_gpu=True), on_gpu=True)
+    if case["resume"]:
+        checkpoint = tmp_path / "straight" / f"checkpoint-{DEVICE_MATRIX_STEPS // 2}"
+        resumed = run_device_case(case, str(tmp_path / "resumed"), resume=str(checkpoint), on_gpu=True)
+        check_report(case, resumed, resumed=True, on_gpu=True)
+        assert_same_weights(tmp_path / "straight", tmp_path / "resumed", **GPU_RESUME_TOLERANCE)
+
+
+@pytest.mark.cuda
+@pytest.mark.two_gpus
+def test_two_process_cases_on_two_gpus(tmp_path):
+    launch_worker(tmp_path, "--device_matrix", "--on_gpu", processes=2)
+    for case in (case for case in DEVICE_MATRIX if case["processes"] == 2):
+        run = tmp_path / device_case_name(case)
+        for rank in (0, 1):
+            with open(run / f"rank{rank}.json") as handle:
+                reports = json.load(handle)
+            check_report(case, reports[0], on_gpu=True)
+            if case["resume"]:
+                check_report(case, reports[1], resumed=True, on_gpu=True)
+        if case["resume"]:
+            assert_same_weights(run / "straight", run / "resumed", **GPU_RESUME_TOLERANCE)

@@ -80,6 +80,31 @@ def test_host_offloaded_optimizer_under_the_float16_grad_scaler(overflow):
         assert set(map(id, offloaded.state)) == set(map(id, offloaded_model.parameters()))
 
 
+@pytest.mark.cuda
+def test_host_offloaded_optimizer_on_a_gpu_keeps_pinned_host_state_and_makes_the_gpu_updates():
+    """On a GPU the host copies are pinned (so the non-blocking copies overlap) and every update, under the float16
+    GradScaler as on a V100, equals the plain optimizer's on the GPU."""
+    plain_model, offloaded_model = tiny_model().cuda(), tiny_model().cuda()
+    plain = torch.optim.AdamW(plain_model.parameters(), lr=0.01)
+    offloaded = HostOffloadedOptimizer(offloaded_model.parameters(), optimizer_class=torch.optim.AdamW, lr=0.01)
+    scalers = [torch.amp.GradScaler("cuda", init_scale=1024.0) for _ in range(2)]
+    for inputs in torch.randn(3, 4, 6, device="cuda"):
+        for model, optimizer, scaler in zip((plain_model, offloaded_model), (plain, offloaded), scalers):
+            with torch.autocast("cuda", dtype=torch.float16):
+                loss = model(inputs).float().square().mean()
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad()
+    for expected, got in zip(plain_model.parameters(), offloaded_model.parameters()):
+        assert got.device.type == "cuda"
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    host = [p for group in offloaded.optimizer.param_groups for p in group["params"]]  # the host copies
+    assert host and all(p.device.type == "cpu" and p.is_pinned() for p in host)
+    assert all(t.device.type == "cpu" for state in offloaded.state.values() for t in state.values() if torch.is_tensor(t))
+
+
 def test_host_offloaded_optimizer_picks_up_weights_loaded_after_it_was_built():
     model = tiny_model()
     optimizer = HostOffloadedOptimizer(model.parameters(), optimizer_class=torch.optim.SGD, lr=0.0)

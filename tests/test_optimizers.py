@@ -151,7 +151,7 @@ def test_low_precision_params_keep_float32_state():
     assert param.dtype == torch.bfloat16
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 def test_lamb_on_cuda_matches_cpu():
     cpu_model = make_model()
     cuda_model = copy.deepcopy(cpu_model).cuda()

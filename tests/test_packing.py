@@ -249,6 +249,34 @@ def test_packed_pretraining_batch_gives_the_unpacked_losses_and_gradients(nsp_pa
     torch.testing.assert_close(got.seq_relationship_logits[slots], expected.seq_relationship_logits, rtol=1e-5, atol=1e-6)
 
 
+def relative_difference(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((got.float() - expected.float()).norm() / expected.float().norm().clamp_min(1e-12))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_packed_batch_on_a_gpu_runs_the_memory_efficient_attention_kernel(nsp_pairs, dtype):
+    """On a GPU the block-diagonal mask must be one the fused memory-efficient SDPA kernel takes (dtype, layout,
+    alignment under autocast). With only that kernel allowed an ineligible mask is an error instead of a silent
+    fall back to the slow math kernel; the packed batch gives the unpacked losses and gradients (to half precision's
+    rounding under autocast)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    unpacked, packed = ({key: value.cuda() for key, value in batch.items()} for batch in nsp_pairs)
+    torch.manual_seed(0)
+    model = BertForPreTrainingMaskedPositions(bert_config(max_num_masked_tokens=SEQ)).cuda()
+    tolerance = 1e-4 if dtype == torch.float32 else 3e-2
+    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]), torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+        loss, grads = loss_and_grads(model, unpacked)
+        packed_loss, packed_grads = loss_and_grads(model, packed)
+    assert torch.isfinite(packed_loss) and relative_difference(packed_loss, loss) <= tolerance
+    assert packed_grads.keys() == grads.keys()
+    for name in grads:
+        if name.endswith("attention.self.key.bias"):
+            continue  # zero but for rounding: a key bias adds the same score to every key, which softmax cancels
+        assert relative_difference(packed_grads[name], grads[name]) <= tolerance, name
+
+
 def test_pretraining_metrics_score_packed_nsp_per_sequence(nsp_pairs):
     _, packed = nsp_pairs
     torch.manual_seed(0)
