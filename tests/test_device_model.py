@@ -55,6 +55,7 @@ def test_the_runs_decisions_are_the_modelled_gpus(tmp_path, no_cuda_queries, nam
     config = IPUConfig(layers_per_ipu=[-1], optimizer_state_offchip=True, replicated_tensor_sharding=True)
     run = resolve_run(config, args)
     assert args.device.type == "cpu" and run.device_model.name == name
+    assert args.device_model == name  # one spelling in the run record whatever the case given
     assert run.precision.mixed_precision == precision
     assert (run.precision.loss_scale, run.precision.dynamic_loss_scale) == ((1024.0, False) if precision == "fp16"
                                                                             else (None, False))

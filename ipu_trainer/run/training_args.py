@@ -265,7 +265,9 @@ class IPUTrainingArguments(TrainingArguments):
             )
 
         if self.device_model is not None:
-            device_model_named(self.device_model)  # an unknown name is refused before anything is set up
+            # An unknown name is refused before anything is set up; a known one is spelled as the table does, so
+            # that `v100` and `V100` are the same run to the run record.
+            self.device_model = device_model_named(self.device_model).name
             self.use_cpu = True  # the run is on the CPU (gloo under torchrun) whatever the machine has
         if not self.use_cpu and not _has_accelerator():
             # Lets accelerate set up gloo data parallelism when torchrun starts several CPU processes.
