@@ -179,8 +179,10 @@ def test_split_sentences():
 
 def test_static_mlm_labels(pairs, tokenizer):
     labelled = add_mlm_labels(pairs, tokenizer, mlm_probability=0.15, seed=1)
-    assert labelled.column_names == ["input_ids", "attention_mask", "token_type_ids", "labels", "next_sentence_label"]
+    assert labelled.column_names == ["input_ids", "attention_mask", "token_type_ids", "labels", "next_sentence_label",
+                                     "length"]
     assert labelled["input_ids"] == pairs["input_ids"]  # unmasked originals, for dynamic masking
+    assert labelled["length"] == [sum(mask) for mask in pairs["attention_mask"]]  # real tokens, for --packing
     ids, labels = np.array(labelled["input_ids"]), np.array(labelled["labels"])
     masked = labels != -100
     assert 0.1 < masked.sum() / np.array(labelled["attention_mask"]).sum() < 0.2
