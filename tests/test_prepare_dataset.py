@@ -187,6 +187,23 @@ def test_bench_smoke(monkeypatch, capsys):
     assert float(lines[-1].split()[1][:-1]) > 0
 
 
+def test_scale_bench_helpers(tmp_path):
+    """bench/scale.py's parts that do not need minutes: its corpus is the same bytes every time, its large dataset is
+    a dataset of that many rows, and its memory sampler sees a child's allocation."""
+    scale = runpy.run_path(os.path.join(REPO, "bench", "scale.py"))
+    first, second = tmp_path / "a.txt", tmp_path / "b.txt"
+    assert scale["write_corpus"](str(first), 0.05) >= 0.05
+    scale["write_corpus"](str(second), 0.05)
+    assert first.read_bytes() == second.read_bytes() and b"\n\n" in first.read_bytes()
+    scale["synthetic_rows"](str(tmp_path / "small"), 30, seq_len=16)
+    scale["linked_copies"](str(tmp_path / "small"), str(tmp_path / "large"), 4)
+    large = datasets.load_from_disk(str(tmp_path / "large"))
+    assert len(large) == 120 and large[95] == datasets.load_from_disk(str(tmp_path / "small"))[5]
+    measured = scale["run_measured"]([sys.executable, "-c", "import time; b = bytearray(200 << 20); time.sleep(0.5)"],
+                                     dict(os.environ))
+    assert measured["returncode"] == 0 and measured["anon_mb"] > 150
+
+
 def test_dataset_name_with_text_column(monkeypatch, tmp_path, tokenizer_dir, english_documents):
     # A local folder stands in for a hub dataset (same load_dataset call, no network).
     folder = tmp_path / "my_dataset"
