@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import random
+import resource
 import shutil
 import subprocess
 import sys
@@ -104,6 +105,7 @@ def run_measured(command: list[str], env: dict[str, str], marker: str | None = N
     last lines."""
     started = time.perf_counter()
     load_before = os.getloadavg()[0]
+    children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
     lines: list[str] = []
     seen: list[float] = []
@@ -123,8 +125,11 @@ def run_measured(command: list[str], env: dict[str, str], marker: str | None = N
         time.sleep(0.05)
     wall = time.perf_counter() - started
     reader.join(timeout=5)
+    # CPU seconds of the child and every descendant it waited for: what other load on a shared machine leaves alone.
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (children.ru_utime - children_before.ru_utime) + (children.ru_stime - children_before.ru_stime)
     return {"wall": wall, "anon_mb": peak["RssAnon"] / 1024, "file_mb": peak["RssFile"] / 1024,
-            "pss_anon_mb": peak["Pss_Anon"] / 1024,
+            "pss_anon_mb": peak["Pss_Anon"] / 1024, "cpu": cpu,
             "marker_s": seen[0] if seen else None, "returncode": process.returncode, "tail": lines[-20:],
             "load": (load_before, os.getloadavg()[0])}
 
@@ -159,7 +164,8 @@ def bench_prepare(workdir: str, tokenizer: str, runs: list[tuple[float, int | No
                                       for name in names) / 1e6,
                         shards=len([n for n in os.listdir(os.path.join(output, "train")) if n.startswith("data-")]))
         results.append(measured)
-        print(f"prepare {size:.1f} MB, {measured['workers']} worker(s): {measured['wall']:.1f} s, "
+        print(f"prepare {size:.1f} MB, {measured['workers']} worker(s): {measured['wall']:.1f} s "
+              f"({measured['cpu']:.1f} CPU s), "
               f"RssAnon {measured['anon_mb']:.0f} MB, RssFile {measured['file_mb']:.0f} MB", flush=True)
         shutil.rmtree(output, ignore_errors=True)
     return results
@@ -266,12 +272,13 @@ def main(argv: list[str] | None = None) -> dict:
             shutil.rmtree(workdir, ignore_errors=True)
 
     print(f"\nmachine: {os.cpu_count()} CPUs; files left in the global datasets cache: {cached}\n")
-    print("| corpus | --num_workers | pairs | output (shards) | wall | s per MB | peak RssAnon | peak Pss_Anon | "
-          "peak RssFile | load avg |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| corpus | --num_workers | pairs | output (shards) | wall | s per MB | CPU s per MB | peak RssAnon | "
+          "peak Pss_Anon | peak RssFile | load avg |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for run in prepared:
         print(f"| {run['megabytes']:.4g} MB | {run['workers']} | {run['pairs']:,} | {run['output_mb']:.0f} MB "
               f"({run['shards']}) | {run['wall']:.1f} s | {run['wall'] / run['megabytes']:.2f} | "
+              f"{run['cpu'] / run['megabytes']:.2f} | "
               f"{run['anon_mb']:.0f} MB | {run['pss_anon_mb']:.0f} MB | {run['file_mb']:.0f} MB | "
               f"{run['load'][0]:.1f} -> {run['load'][1]:.1f} |")
     if first_steps:
