@@ -11,7 +11,12 @@ tfrecord shards):
 
 The output is a DatasetDict with a "train" split (and "validation" with --validation_file or
 --validation_split_percentage): `input_ids`, `attention_mask`, `token_type_ids`, `labels`,
-`next_sentence_label`.
+`next_sentence_label`, and `length` (each pair's real tokens, which --packing plans its rows from), written in
+files of at most --max_shard_size.
+
+Memory does not grow with the corpus: documents are read, paired, masked and written in blocks (the pairs of a
+block take their random next sentences from the block's own documents: see ipu_trainer/data/nsp_pairs.py), and
+the summary is read back in blocks too.
 
 Masking. `labels` always comes from a seeded static masking (-100 where a token is not masked). By
 default `input_ids` are stored UNMASKED: the trainer's default dynamic masking re-masks every batch from
@@ -38,6 +43,7 @@ import numpy as np
 import pyarrow.compute
 from datasets.exceptions import DatasetGenerationError
 from datasets.fingerprint import Hasher
+from datasets.utils.py_utils import convert_file_size_to_int
 
 from ipu_trainer.cli.datasets import load_hub_dataset
 from ipu_trainer.cli.model_loading import load_tokenizer
@@ -51,6 +57,7 @@ from ipu_trainer.data.nsp_pairs import (
     dataset_fingerprint,
     load_text_documents,
 )
+from ipu_trainer.data.packing import LENGTH_COLUMN
 from ipu_trainer.models.layers import IGNORE_INDEX
 
 logger = logging.getLogger("prepare_dataset")
@@ -73,6 +80,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output_dir", required=True, help="where the save_to_disk dataset is written")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output_dir")
     parser.add_argument("--num_workers", type=int, default=None, help="processes for building and masking")
+    parser.add_argument(
+        "--max_shard_size", default="500MB",
+        help="largest data file of a split (e.g. 500MB, 2GB): a large result is written as many files",
+    )
+    parser.add_argument("--num_shards", type=int, help="data files per split, instead of --max_shard_size")
     parser.add_argument("--seed", type=int, default=42, help="seed for pairs, masking and the validation split")
     parser.add_argument("--mlm_probability", type=float, default=0.15)
     parser.add_argument("--short_seq_prob", type=float, default=0.1)
@@ -110,6 +122,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise ValueError("--validation_file goes with --train_file (text documents)")
     if args.validation_file and args.validation_split_percentage > 0:
         raise ValueError("give --validation_file or --validation_split_percentage, not both")
+    if args.num_shards is not None and args.num_shards < 1:
+        raise ValueError(f"--num_shards={args.num_shards} must be >= 1")
+    try:
+        shard_bytes = convert_file_size_to_int(args.max_shard_size)
+    except ValueError:
+        shard_bytes = 0
+    if shard_bytes < 1:
+        raise ValueError(f"--max_shard_size={args.max_shard_size!r} is not a size: give one like 500MB or 2GB")
     return args
 
 
@@ -317,12 +337,14 @@ def tfrecord_to_spec(record: dict[str, np.ndarray], static_masking: bool = False
     labels[positions] = originals
     if not static_masking:
         input_ids[positions] = originals
+    attention_mask = np.asarray(record["input_mask"], dtype=np.int64)
     return {
         "input_ids": input_ids,
-        "attention_mask": np.asarray(record["input_mask"], dtype=np.int64),
+        "attention_mask": attention_mask,
         "token_type_ids": np.asarray(record["segment_ids"], dtype=np.int64),
         "labels": labels,
         "next_sentence_label": int(np.asarray(record["next_sentence_labels"]).reshape(-1)[0]),
+        LENGTH_COLUMN: int(attention_mask.sum()),
     }
 
 
@@ -362,15 +384,27 @@ def _tfrecord_examples_with_stamps(paths: list[str], stamps: list, static_maskin
 # ---- summary --------------------------------------------------------------------------------------
 
 
+# Rows read at a time by `summarize`: a block of 128-token rows is a few MB, so the summary of a corpus of any size
+# costs the same memory (it read whole columns at once, about 2 bytes of memory per byte of output).
+SUMMARY_ROWS = 1 << 15
+
+
 def summarize(dataset: datasets.Dataset) -> dict[str, float]:
-    table = dataset.with_format("arrow")[:]
-    attention = pyarrow.compute.list_flatten(table.column("attention_mask"))
-    labels = pyarrow.compute.list_flatten(table.column("labels"))
-    num_masked = pyarrow.compute.sum(pyarrow.compute.not_equal(labels, IGNORE_INDEX)).as_py() or 0
+    """The split's numbers for the log and prepare_dataset.json, read `SUMMARY_ROWS` rows at a time."""
+    arrow = dataset.with_format("arrow")
+    random_next = tokens = positions = num_masked = 0
+    for start in range(0, len(dataset), SUMMARY_ROWS):
+        table = arrow[start : start + SUMMARY_ROWS]
+        attention = pyarrow.compute.list_flatten(table.column("attention_mask"))
+        labels = pyarrow.compute.list_flatten(table.column("labels"))
+        random_next += pyarrow.compute.sum(table.column("next_sentence_label")).as_py() or 0
+        tokens += pyarrow.compute.sum(attention).as_py() or 0
+        positions += len(attention)
+        num_masked += pyarrow.compute.sum(pyarrow.compute.not_equal(labels, IGNORE_INDEX)).as_py() or 0
     return {
         "pairs": len(dataset),
-        "random_next_fraction": pyarrow.compute.mean(table.column("next_sentence_label")).as_py(),
-        "padding_fraction": 1.0 - pyarrow.compute.mean(attention).as_py(),
+        "random_next_fraction": random_next / max(1, len(dataset)),
+        "padding_fraction": 1.0 - tokens / max(1, positions),
         "masked_tokens_per_sequence": num_masked / max(1, len(dataset)),
     }
 
@@ -459,8 +493,13 @@ def build_dataset(args: argparse.Namespace, partial_dir: str, cache_dir: str | N
             )
 
     # ---- write: into the work folder, renamed to the output by `main` once complete ------------------------
+    # Sharded: files of at most --max_shard_size (or --num_shards of them per split), each memory-mapped on its own
+    # when the dataset is loaded.
     dataset = datasets.DatasetDict(splits)
-    dataset.save_to_disk(partial_dir, num_proc=args.num_workers if args.num_workers and args.num_workers > 1 else None)
+    shards = ({"num_shards": {name: min(args.num_shards, len(split)) for name, split in splits.items()}}
+              if args.num_shards else {"max_shard_size": args.max_shard_size})
+    dataset.save_to_disk(partial_dir, num_proc=args.num_workers if args.num_workers and args.num_workers > 1 else None,
+                         **shards)
     summary["splits"] = {name: summarize(split) for name, split in dataset.items()}
     with open(os.path.join(partial_dir, SUMMARY_FILE), "w") as handle:
         json.dump(summary, handle, indent=2)

@@ -307,6 +307,8 @@ ROWS = {
                                                  ["--overwrite", "did not write", SENTINEL],
                                                  dict(make=lambda tmp, a: previous_prepare_output(tmp, SENTINEL))),
     "prepare-output-not-empty": (PREPARE, {"--output_dir": "{out}"}, ["--output_dir", "not empty", "--overwrite"], dict()),
+    "prepare-shard-size-not-a-size": (PREPARE, {"--max_shard_size": "lots"}, ["--max_shard_size='lots'", "500MB"], dict()),
+    "prepare-no-shards": (PREPARE, {"--num_shards": "0"}, ["--num_shards=0 must be >= 1"], dict()),
 }
 
 # What a row that is refused "early" must not have reached.

@@ -110,6 +110,27 @@ def test_layout_and_provenance_of_every_pair(pairs, tokenizer):
     assert checked_adjacent > 50
 
 
+def test_random_next_sentences_come_from_the_other_documents_of_the_same_block(documents, pairs, tokenizer):
+    """The rule, written from its statement: documents are cut into len // DOCUMENTS_PER_BLOCK blocks of consecutive
+    documents, block k holding documents [k * N // blocks, (k + 1) * N // blocks); a random B comes from another
+    document of A's block (what bounds the memory by the block, as Google's tool drew from its own input shard), drawn
+    uniformly, so it reaches across the block rather than only its neighbours."""
+    num_blocks = len(documents) // DOCUMENTS_PER_BLOCK
+    assert num_blocks == 2
+    block_of = {d: b for b in range(num_blocks)
+                for d in range(b * len(documents) // num_blocks, (b + 1) * len(documents) // num_blocks)}
+    reached = {b: set() for b in range(num_blocks)}
+    for row in pairs:
+        if row["next_sentence_label"] == 1:
+            tokens_a, tokens_b = segments(row, tokenizer)
+            (doc_a,), (doc_b,) = {d for d, _ in identities(tokens_a, tokenizer)}, {d for d, _ in identities(tokens_b, tokenizer)}
+            assert doc_a != doc_b and block_of[doc_a] == block_of[doc_b]
+            reached[block_of[doc_b]].add(doc_b)
+    for block, found in reached.items():
+        size = sum(1 for b in block_of.values() if b == block)
+        assert len(found) > size / 3 and max(found) - min(found) > 0.9 * size
+
+
 def test_deterministic_and_independent_of_num_proc(documents, pairs, tokenizer):
     parallel = build_nsp_pairs(documents, tokenizer, MAX_SEQ_LENGTH, seed=42, num_proc=2)
     parallel_again = build_nsp_pairs(documents, tokenizer, MAX_SEQ_LENGTH, seed=42, num_proc=2)
@@ -179,8 +200,10 @@ def test_split_sentences():
 
 def test_static_mlm_labels(pairs, tokenizer):
     labelled = add_mlm_labels(pairs, tokenizer, mlm_probability=0.15, seed=1)
-    assert labelled.column_names == ["input_ids", "attention_mask", "token_type_ids", "labels", "next_sentence_label"]
+    assert labelled.column_names == ["input_ids", "attention_mask", "token_type_ids", "labels", "next_sentence_label",
+                                     "length"]
     assert labelled["input_ids"] == pairs["input_ids"]  # unmasked originals, for dynamic masking
+    assert labelled["length"] == [sum(mask) for mask in pairs["attention_mask"]]  # real tokens, for --packing
     ids, labels = np.array(labelled["input_ids"]), np.array(labelled["labels"])
     masked = labels != -100
     assert 0.1 < masked.sum() / np.array(labelled["attention_mask"]).sum() < 0.2

@@ -10,6 +10,7 @@ from datasets import Dataset, DatasetDict
 from transformers import AutoTokenizer, BertConfig, RobertaConfig
 
 from conftest import loss_and_grads, read_json, script_module
+from ipu_trainer.data import packing
 from ipu_trainer.data.collators import DataCollatorForLanguageModelingWithMaxTokensMasked
 from ipu_trainer.data.packing import (
     DataCollatorForPackedSequences,
@@ -112,6 +113,19 @@ def test_sequence_lengths_come_from_the_attention_mask_also_through_a_selection(
     ragged = Dataset.from_dict({"input_ids": [[1, 2], [1, 2, 3, 4]]})
     assert sequence_lengths(ragged).tolist() == [2, 4]
     assert sequence_lengths([{"input_ids": [1, 2, 3]}]).tolist() == [3]
+
+
+def test_sequence_lengths_are_read_from_the_length_column_checked_on_the_first_rows(monkeypatch):
+    """prepare_dataset.py's `length` column spares --packing a pass over every row's attention_mask: past the first
+    CHECKED_LENGTH_ROWS rows only the column is read (here the masks there disagree with it, and the column wins),
+    and a column that disagrees with the first rows' masks is refused."""
+    monkeypatch.setattr(packing, "CHECKED_LENGTH_ROWS", 2)
+    masks = [[1] * n + [0] * (8 - n) for n in (3, 8, 1, 5)]
+    dataset = Dataset.from_dict({"input_ids": [[7] * 8] * 4, "attention_mask": masks, "length": [3, 8, 2, 2]})
+    assert sequence_lengths(dataset).tolist() == [3, 8, 2, 2]
+    assert sequence_lengths(dataset.select([1, 0, 3])).tolist() == [8, 3, 2]
+    with pytest.raises(ValueError, match="'length' column does not hold the sum of each row's attention_mask"):
+        sequence_lengths(dataset.select([2, 0]))
 
 
 # ---- packed rows -----------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import prepare_dataset  # noqa: E402
 
-PRETRAINING_COLUMNS = ["input_ids", "attention_mask", "token_type_ids", "labels", "next_sentence_label"]
+PRETRAINING_COLUMNS = ["input_ids", "attention_mask", "token_type_ids", "labels", "next_sentence_label", "length"]
 
 
 @pytest.fixture(scope="module")
@@ -140,12 +140,68 @@ def test_tfrecord_shards_convert_to_spec(monkeypatch, tmp_path):
     assert datasets.load_from_disk(str(output))["train"][0]["input_ids"] == examples[0][0]  # kept as stored
 
 
+def test_the_summary_reads_a_bounded_block_of_rows_at_a_time(monkeypatch):
+    """The summary of a corpus of any size costs one block of memory: no read of more than SUMMARY_ROWS rows, and
+    the same numbers as computed from the whole columns."""
+    monkeypatch.setattr(prepare_dataset, "SUMMARY_ROWS", 64)
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(5, 17, size=250)
+    mask = (np.arange(16) < lengths[:, None]).astype(np.int32)
+    labels = np.where(rng.random((250, 16)) < 0.15, 7, -100)
+    nsp = rng.integers(0, 2, size=250)
+    dataset = datasets.Dataset.from_dict({"attention_mask": mask, "labels": labels, "next_sentence_label": nsp})
+    slices = []
+    read = datasets.Dataset.__getitem__
+
+    def recording(self, key):
+        if isinstance(key, slice):
+            slices.append(len(range(*key.indices(len(self)))))
+        return read(self, key)
+
+    monkeypatch.setattr(datasets.Dataset, "__getitem__", recording)
+    summary = prepare_dataset.summarize(dataset)
+    assert slices and max(slices) <= 64
+    assert summary == pytest.approx({"pairs": 250, "random_next_fraction": nsp.mean(),
+                                     "padding_fraction": 1 - mask.mean(), "masked_tokens_per_sequence": (labels != -100).sum() / 250})
+
+
+def test_output_is_sharded(monkeypatch, tmp_path, tokenizer_dir, english_documents):
+    output = tmp_path / "out"
+    run_main(monkeypatch, "--tokenizer_name", tokenizer_dir, "--train_file", small_corpus(tmp_path, english_documents),
+             "--max_seq_length", "32", "--output_dir", str(output), "--num_shards", "3")
+    assert sorted(name for name in os.listdir(output / "train") if name.startswith("data-")) == [
+        f"data-0000{i}-of-00003.arrow" for i in range(3)]
+    run_main(monkeypatch, "--tokenizer_name", tokenizer_dir, "--train_file", small_corpus(tmp_path, english_documents),
+             "--max_seq_length", "32", "--output_dir", str(tmp_path / "by-size"), "--max_shard_size", "20KB")
+    by_size = [name for name in os.listdir(tmp_path / "by-size" / "train") if name.startswith("data-")]
+    assert len(by_size) > 3
+    assert (datasets.load_from_disk(str(tmp_path / "by-size"))["train"]["input_ids"]
+            == datasets.load_from_disk(str(output))["train"]["input_ids"])
+
+
 def test_bench_smoke(monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["preprocess.py", "--megabytes", "0.2", "--max_seq_length", "64"])
     runpy.run_path(os.path.join(REPO, "bench", "preprocess.py"), run_name="__main__")
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[-1].startswith("speedup: ") and lines[-1].endswith("x")
     assert float(lines[-1].split()[1][:-1]) > 0
+
+
+def test_scale_bench_helpers(tmp_path):
+    """bench/scale.py's parts that do not need minutes: its corpus is the same bytes every time, its large dataset is
+    a dataset of that many rows, and its memory sampler sees a child's allocation."""
+    scale = runpy.run_path(os.path.join(REPO, "bench", "scale.py"))
+    first, second = tmp_path / "a.txt", tmp_path / "b.txt"
+    assert scale["write_corpus"](str(first), 0.05) >= 0.05
+    scale["write_corpus"](str(second), 0.05)
+    assert first.read_bytes() == second.read_bytes() and b"\n\n" in first.read_bytes()
+    scale["synthetic_rows"](str(tmp_path / "small"), 30, seq_len=16)
+    scale["linked_copies"](str(tmp_path / "small"), str(tmp_path / "large"), 4)
+    large = datasets.load_from_disk(str(tmp_path / "large"))
+    assert len(large) == 120 and large[95] == datasets.load_from_disk(str(tmp_path / "small"))[5]
+    measured = scale["run_measured"]([sys.executable, "-c", "import time; b = bytearray(200 << 20); time.sleep(0.5)"],
+                                     dict(os.environ))
+    assert measured["returncode"] == 0 and measured["anon_mb"] > 150
 
 
 def test_dataset_name_with_text_column(monkeypatch, tmp_path, tokenizer_dir, english_documents):

@@ -45,6 +45,7 @@ from datasets.fingerprint import Hasher
 from transformers import PreTrainedTokenizerBase
 
 from .collators import DataCollatorForLanguageModelingWithMaxTokensMasked
+from .packing import LENGTH_COLUMN
 from .sources import (
     FILE_BUILDERS,
     STREAM_SCAN_BYTES,
@@ -73,7 +74,9 @@ PAIR_FEATURES = datasets.Features(
     }
 )
 
-# Pairs with MLM labels: the format of Graphcore/wikipedia-bert-128 (what prepare_dataset.py writes).
+# Pairs with MLM labels: the format of Graphcore/wikipedia-bert-128 (what prepare_dataset.py writes), plus each
+# pair's number of real tokens (the sum of its attention_mask), so that --packing plans its rows from one small
+# column instead of reading every row's attention_mask before the first step.
 MASKED_PAIR_FEATURES = datasets.Features(
     {
         "input_ids": PAIR_FEATURES["input_ids"],
@@ -81,6 +84,7 @@ MASKED_PAIR_FEATURES = datasets.Features(
         "token_type_ids": PAIR_FEATURES["token_type_ids"],
         "labels": datasets.Sequence(datasets.Value("int32")),
         "next_sentence_label": PAIR_FEATURES["next_sentence_label"],
+        LENGTH_COLUMN: datasets.Value("int32"),
     }
 )
 
@@ -692,12 +696,15 @@ def _mask_block(
     )
     collator.generator = torch.Generator().manual_seed(_block_seed("mask", seed, block))
     masked, labels = collator.torch_mask_tokens(torch.from_numpy(input_ids.astype(np.int64)))
+    attention_mask = rows["attention_mask"]
+    attention_mask = np.stack(attention_mask) if attention_mask.dtype == object else attention_mask
     return {
         "input_ids": masked.numpy() if mask_input_ids else input_ids,
-        "attention_mask": rows["attention_mask"],
+        "attention_mask": attention_mask,
         "token_type_ids": rows["token_type_ids"],
         "labels": labels.numpy(),
         "next_sentence_label": rows["next_sentence_label"],
+        LENGTH_COLUMN: attention_mask.sum(axis=1, dtype=np.int32),
     }
 
 
@@ -710,7 +717,8 @@ def add_mlm_labels(
     num_proc: int | None = None,
     load_from_cache_file: bool = True,
 ) -> datasets.Dataset:
-    """Add a seeded static-masking `labels` column (the pre-built datasets' order of columns).
+    """Add a seeded static-masking `labels` column (the pre-built datasets' order of columns) and the pairs' lengths
+    (`LENGTH_COLUMN`, for --packing).
 
     Masking uses `DataCollatorForLanguageModelingWithMaxTokensMasked` at the pairs' sequence length, on
     fixed blocks of `PAIRS_PER_MASKING_BLOCK` rows each with its own seed, so it is reproducible whatever
@@ -724,7 +732,7 @@ def add_mlm_labels(
     num_blocks = -(-len(pairs) // PAIRS_PER_MASKING_BLOCK)
     fingerprint = Hasher.hash(
         [_RECIPE_VERSION, "mask", dataset_fingerprint(pairs), tokenizer, mlm_probability, seed, mask_input_ids,
-         PAIRS_PER_MASKING_BLOCK]
+         PAIRS_PER_MASKING_BLOCK, LENGTH_COLUMN]
     )
     return _map_blocks(
         _mask_block,
