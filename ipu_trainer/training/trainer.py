@@ -39,6 +39,7 @@ from transformers.utils import check_torch_load_is_safe
 from ..config.ipu_config import IPUConfig
 from ..data.collators import pad_on_batch_axis
 from ..models.layers import num_projection_chunks, set_recomputation
+from ..run.fsdp import shard_cpu_processes
 from ..run.placement import Placement
 from ..run.precision import Precision
 from ..run.resolved_run import ResolvedRun, resolve_run
@@ -469,6 +470,9 @@ class IPUTrainer(Trainer):
         `GradScaler` for fp16; it is replaced, before anything is prepared, by one that starts at
         `--loss_scaling` and grows only with `--auto_loss_scaling` (static otherwise)."""
         super().create_accelerator_and_postprocess()
+        if self.run.uses_fsdp and not self.is_fsdp_enabled:
+            shard_cpu_processes(self.accelerator, self.args.fsdp_plugin_args)  # accelerate shards GPU runs only
+            self.is_fsdp_enabled = True
         scaler = self.run.precision.grad_scaler(self.args.device.type)
         if scaler is not None:
             self.accelerator.scaler = scaler
@@ -662,9 +666,11 @@ class IPUTrainer(Trainer):
         total_loss = torch.zeros((), device=self.args.device)
         for update_index, update in enumerate(updates):
             for index, micro_batch in enumerate(update):
-                # Processes all-reduce gradients once per update, on its last micro-batch.
-                last = index == len(update) - 1
-                with contextlib.nullcontext() if last else self.accelerator.no_sync(model):
+                # Processes all-reduce gradients once per update, on its last micro-batch. Under --fsdp they are
+                # reduce-scattered on every micro-batch instead: deferring would keep each process's whole
+                # unsharded gradient until the last one, the memory FSDP exists to save (same average either way).
+                defer = index < len(update) - 1 and not self.run.uses_fsdp
+                with self.accelerator.no_sync(model) if defer else contextlib.nullcontext():
                     with self.compute_loss_context_manager():
                         loss = self.compute_loss(model, micro_batch)
                     total_loss += loss.detach().float()
