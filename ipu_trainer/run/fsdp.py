@@ -21,6 +21,7 @@ trainer prepares the model. This module only decides what accelerate is given, f
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any, Optional
 
 import torch
@@ -43,9 +44,16 @@ def check_fsdp_options(fsdp: Any, fsdp_config: Any) -> None:
         if item not in FSDP2_OPTIONS:
             raise ValueError(f"--fsdp {item} is not a known option: use full_shard, shard_grad_op, offload")
     if isinstance(fsdp_config, dict):
-        version = {key.removeprefix("fsdp_"): value for key, value in fsdp_config.items()}.get("version", 2)
+        config = {key.removeprefix("fsdp_"): value for key, value in fsdp_config.items()}
+        version = config.get("version", 2)
         if int(version) != 2:
             raise ValueError(f"--fsdp_config version={version} is not supported: only FSDP2 (version 2) is used")
+        state_dict_type = str(config.get("state_dict_type", "FULL_STATE_DICT"))
+        if state_dict_type != "FULL_STATE_DICT":
+            # A sharded checkpoint would hold no model.safetensors: neither checkpoints.py's completeness check
+            # nor from_pretrained could read it.
+            raise ValueError(f"--fsdp_config state_dict_type={state_dict_type} is not supported: checkpoints are "
+                             "written with FULL_STATE_DICT (gathered on process 0), leave it out")
 
 
 def check_fsdp_processes(world_size: int) -> None:
@@ -57,14 +65,41 @@ def check_fsdp_processes(world_size: int) -> None:
         )
 
 
+def layers_to_wrap(model: torch.nn.Module) -> Optional[list[str]]:
+    """The model's layer classes (`_no_split_modules`) that can be FSDP units of their own: those holding no
+    parameter shared with the rest of the model. BERT lists `BertEmbeddings`, whose word embeddings are tied to
+    the MLM decoder: sharding it alone would give the embeddings a new parameter and leave the decoder the old
+    one (the tie broken, then the embedding sharded twice). accelerate keeps tied input and output embeddings in
+    one unit itself when no layer class holds them. None when the model names no layer classes."""
+    names = getattr(model, "_no_split_modules", None)
+    if not names:
+        return None
+    uses = Counter(id(param) for _, param in model.named_parameters(remove_duplicate=False))
+    kept = []
+    for name in names:
+        instances = [module for module in model.modules() if type(module).__name__ == name]
+        shared = any(
+            uses[id(param)] > inside
+            for module in instances
+            for param, inside in Counter(p for _, p in module.named_parameters(remove_duplicate=False)).items()
+        )
+        if instances and not shared:
+            kept.append(name)
+    return kept
+
+
 def fsdp_plugin_arguments(
-    plugin_args: dict[str, Any], compute_dtype: torch.dtype, cpu_offload: bool
+    plugin_args: dict[str, Any], compute_dtype: torch.dtype, cpu_offload: bool,
+    layer_classes: Optional[list[str]] = None,
 ) -> dict[str, Any]:
     """transformers' FSDP plugin arguments (from `--fsdp` / `--fsdp_config`) with the run's decisions on top: the
-    mixed precision policy with float32 reductions, and host offload for `optimizer_state_offchip`."""
+    mixed precision policy with float32 reductions, host offload for `optimizer_state_offchip`, and the layer
+    classes to shard one by one (`layers_to_wrap`) unless `--fsdp_config transformer_layer_cls_to_wrap` names them."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
     arguments = dict(plugin_args)
+    if layer_classes and "transformer_cls_names_to_wrap" not in arguments:
+        arguments["transformer_cls_names_to_wrap"] = ",".join(layer_classes)
     # param_dtype None keeps float32 parameters for the computation (a float32 run); float32 reductions either way.
     param_dtype: Optional[torch.dtype] = None if compute_dtype == torch.float32 else compute_dtype
     arguments["mixed_precision_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)

@@ -200,7 +200,9 @@ class ResolvedRun:
         """Whether evaluation drops its last incomplete batch: --dataloader_drop_last, by default no."""
         return bool(self.args.dataloader_drop_last)
 
-    def loop_arguments(self, find_unused_parameters: Optional[bool] = None) -> IPUTrainingArguments:
+    def loop_arguments(
+        self, find_unused_parameters: Optional[bool] = None, fsdp_layer_classes: Optional[list[str]] = None
+    ) -> IPUTrainingArguments:
         """A copy of the user's arguments as the upstream training loop must see them.
 
         One dataloader batch per step (the process's share of micro x replicas x accumulation x device
@@ -208,7 +210,8 @@ class ResolvedRun:
         happen inside `IPUTrainer.training_step`. Recomputation is applied to the model from the IPU config,
         and the precision is the one resolved here (which also keeps an `ACCELERATE_MIXED_PRECISION` from
         the environment from adding a second autocast). `find_unused_parameters` fills in
-        `--ddp_find_unused_parameters` when the user left it unset.
+        `--ddp_find_unused_parameters` when the user left it unset; under --fsdp, `fsdp_layer_classes` are the
+        model's layer classes to shard one by one (`fsdp.layers_to_wrap`).
         """
         loop = copy.copy(self.args)
         loop.accelerator_config = copy.copy(self.args.accelerator_config)
@@ -239,7 +242,7 @@ class ResolvedRun:
             loop.ddp_find_unused_parameters = find_unused_parameters
         if self.uses_fsdp:
             loop.fsdp_plugin_args = fsdp_plugin_arguments(
-                self.args.fsdp_plugin_args, self.precision.compute_dtype, self.fsdp_offloads)
+                self.args.fsdp_plugin_args, self.precision.compute_dtype, self.fsdp_offloads, fsdp_layer_classes)
         return loop
 
     def describe(self) -> list[str]:
