@@ -88,6 +88,57 @@ def layers_to_wrap(model: torch.nn.Module) -> Optional[list[str]]:
     return kept
 
 
+def output_embedding_group(model: torch.nn.Module) -> Optional[list[torch.nn.Module]]:
+    """The modules that must be one FSDP unit with the output embeddings, when accelerate's own grouping cannot
+    hold them; None when it can.
+
+    FSDP2 refuses a parameter visible from two units. accelerate makes one unit of the input and the output
+    embeddings (when their weights are tied) and leaves everything else outside the layers to the root unit. BERT's
+    MLM head registers its output bias twice, as `cls.predictions.decoder.bias` and `cls.predictions.bias`: the
+    second registration falls in the root unit while the first is in accelerate's, and sharding fails. The unit
+    returned here holds every module that registers a parameter of the embeddings (for BERT the word embeddings and
+    the whole `cls.predictions`), keeping only the outermost of nested ones."""
+    input_embed = getattr(model, "get_input_embeddings", lambda: None)()
+    output_embed = getattr(model, "get_output_embeddings", lambda: None)()
+    if output_embed is None:
+        return None
+    embedded = {id(p) for module in (input_embed, output_embed) if module is not None for p in module.parameters()}
+    registering = [module for module in model.modules()
+                   if any(id(p) in embedded for _, p in module.named_parameters(recurse=False, remove_duplicate=False))]
+    inside = {id(module) for embed in (input_embed, output_embed) if embed is not None for module in embed.modules()}
+    if all(id(module) in inside for module in registering):
+        return None  # every registration is inside the embeddings: accelerate's unit holds them
+    candidates = [module for module in [input_embed, output_embed, *registering] if module is not None]
+    outermost: list[torch.nn.Module] = []
+    for module in candidates:
+        nested = any(other is not module and any(sub is module for sub in other.modules()) for other in candidates)
+        if not nested and all(kept is not module for kept in outermost):
+            outermost.append(module)
+    if any(module is model for module in outermost):
+        raise ValueError(f"--fsdp cannot shard {type(model).__name__}: its output embeddings' parameters are "
+                         "registered on the model itself; train it without --fsdp")
+    return outermost
+
+
+def shard_with_embedding_group(model: torch.nn.Module, plugin: Any, group: list[torch.nn.Module],
+                               layer_classes: Optional[list[str]]) -> None:
+    """Apply FSDP2 to `model` as accelerate would (each layer of `layer_classes` a unit, the embeddings a unit
+    kept gathered from the forward to the backward, the rest the root unit, the plugin's resharding, offload
+    and mixed precision), with `group` as the embeddings' unit. accelerate then finds the model sharded and
+    leaves it as it is; its optimizer, clipping and checkpoint code work on it as on a model it sharded."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    kwargs = {"reshard_after_forward": plugin.reshard_after_forward, "offload_policy": plugin.cpu_offload,
+              "mp_policy": plugin.mixed_precision_policy or MixedPrecisionPolicy()}
+    grouped = {id(sub) for module in group for sub in module.modules()}
+    names = set(layer_classes or [])
+    layers = [module for module in model.modules() if type(module).__name__ in names and id(module) not in grouped]
+    for layer in reversed(layers):  # innermost first, as accelerate does
+        fully_shard(layer, **kwargs)
+    fully_shard(group, **{**kwargs, "reshard_after_forward": False})
+    fully_shard(model, **kwargs)
+
+
 def fsdp_plugin_arguments(
     plugin_args: dict[str, Any], compute_dtype: torch.dtype, cpu_offload: bool,
     layer_classes: Optional[list[str]] = None,

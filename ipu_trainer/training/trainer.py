@@ -39,7 +39,7 @@ from transformers.utils import check_torch_load_is_safe
 from ..config.ipu_config import IPUConfig
 from ..data.collators import pad_on_batch_axis
 from ..models.layers import num_projection_chunks, set_recomputation
-from ..run.fsdp import layers_to_wrap, shard_cpu_processes
+from ..run.fsdp import layers_to_wrap, output_embedding_group, shard_cpu_processes, shard_with_embedding_group
 from ..run.placement import Placement
 from ..run.precision import Precision
 from ..run.resolved_run import ResolvedRun, resolve_run
@@ -341,7 +341,24 @@ class IPUTrainer(Trainer):
         """A fresh model from `model_init` (each `train()` builds one), with the IPU config's settings."""
         model = super().call_model_init(trial)
         self._prepare_model(model)
+        if self.run.uses_fsdp:
+            self._shard_embedding_group(model)
         return model
+
+    def _shard_embedding_group(self, model: nn.Module) -> None:
+        """Under --fsdp, a model whose embeddings' parameters are also registered outside them (BERT's MLM bias) is
+        sharded here, with those registrations in the embeddings' unit; accelerate shards every other model."""
+        group = output_embedding_group(model)
+        if group is None:
+            return
+        plugin = self.accelerator.state.fsdp_plugin
+        # accelerate resolves the layer class names of its wrap policy at every prepare, and finds none in a
+        # sharded model (FSDP renames the classes): resolved here, on the model as it is, once for all.
+        plugin.set_auto_wrap_policy(model)
+        for param in model.parameters():  # FSDP2 wants float32 master weights under mixed precision, as accelerate
+            if param.requires_grad and param.dtype != torch.float32 and self.run.precision.mixed_precision != "no":
+                param.data = param.data.float()
+        shard_with_embedding_group(model, plugin, group, plugin.transformer_cls_names_to_wrap or layers_to_wrap(model))
 
     @property
     def tokenizer(self) -> Any:
@@ -481,6 +498,8 @@ class IPUTrainer(Trainer):
         if self.run.uses_fsdp and not self.is_fsdp_enabled:
             shard_cpu_processes(self.accelerator, self.args.fsdp_plugin_args)  # accelerate shards GPU runs only
             self.is_fsdp_enabled = True
+        if self.run.uses_fsdp and self.model is not None:
+            self._shard_embedding_group(self.model)
         scaler = self.run.precision.grad_scaler(self.args.device.type)
         if scaler is not None:
             self.accelerator.scaler = scaler
