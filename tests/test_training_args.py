@@ -23,8 +23,7 @@ def test_the_original_batch_size_defaults_replace_transformers_eight(tmp_path):
 @pytest.mark.parametrize("values, environment, flag", [
     (dict(deepspeed="ds_config.json"), {}, "--deepspeed"),
     ({}, {"ACCELERATE_USE_DEEPSPEED": "true"}, "--deepspeed"),
-    (dict(fsdp="full_shard"), {}, "--fsdp"),
-    ({}, {"ACCELERATE_USE_FSDP": "true"}, "--fsdp"),
+    ({}, {"ACCELERATE_USE_FSDP": "true"}, "ACCELERATE_USE_FSDP"),  # --fsdp itself is supported (tests/test_fsdp.py)
     (dict(auto_find_batch_size=True), {}, "--auto_find_batch_size"),
 ])
 def test_modes_that_would_change_the_batch_math_are_refused(tmp_path, monkeypatch, values, environment, flag):

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from ..config.ipu_config import IPUConfig
 from .device_model import DeviceModel, device_model_named
+from .fsdp import check_fsdp_processes, fsdp_description, fsdp_plugin_arguments
 from .placement import Placement
 from .precision import Precision, resolve_precision
 
@@ -163,14 +164,30 @@ class ResolvedRun:
         return self.args.device.type == "cuda" or self.device_model is not None
 
     @property
+    def uses_fsdp(self) -> bool:
+        """--fsdp: parameters, gradients and optimizer state sharded by FSDP2 (run/fsdp.py)."""
+        return bool(self.args.fsdp)
+
+    @property
     def shards_optimizer_state(self) -> bool:
-        """replicated_tensor_sharding with several processes: ZeRO stage 1 over the processes."""
-        return bool(self.ipu_config.replicated_tensor_sharding) and self.args.world_size > 1
+        """replicated_tensor_sharding with several processes: ZeRO stage 1 over the processes. Under --fsdp the
+        optimizer state is sharded by FSDP itself (replicated_tensor_sharding is implied), so no ZeRO on top."""
+        return bool(self.ipu_config.replicated_tensor_sharding) and self.args.world_size > 1 and not self.uses_fsdp
 
     @property
     def offloads_optimizer_state(self) -> bool:
-        """optimizer_state_offchip on a GPU (or modelling one): optimizer state and update in host memory."""
-        return bool(self.ipu_config.optimizer_state_offchip) and self.decides_as_gpu
+        """optimizer_state_offchip on a GPU (or modelling one): optimizer state and update in host memory, by the
+        package's HostOffloadedOptimizer; under --fsdp by FSDP2's CPUOffloadPolicy instead (`fsdp_offloads`)."""
+        return bool(self.ipu_config.optimizer_state_offchip) and self.decides_as_gpu and not self.uses_fsdp
+
+    @property
+    def fsdp_offloads(self) -> bool:
+        """Under --fsdp: optimizer_state_offchip on a GPU (or modelling one), or `--fsdp offload` / fsdp_config
+        cpu_offload, puts the shards and the optimizer step in host memory (FSDP2's CPUOffloadPolicy)."""
+        if not self.uses_fsdp:
+            return False
+        asked = bool((self.args.fsdp_plugin_args or {}).get("cpu_offload"))
+        return asked or (bool(self.ipu_config.optimizer_state_offchip) and self.decides_as_gpu)
 
     @property
     def train_drop_last(self) -> bool:
@@ -183,7 +200,9 @@ class ResolvedRun:
         """Whether evaluation drops its last incomplete batch: --dataloader_drop_last, by default no."""
         return bool(self.args.dataloader_drop_last)
 
-    def loop_arguments(self, find_unused_parameters: Optional[bool] = None) -> IPUTrainingArguments:
+    def loop_arguments(
+        self, find_unused_parameters: Optional[bool] = None, fsdp_layer_classes: Optional[list[str]] = None
+    ) -> IPUTrainingArguments:
         """A copy of the user's arguments as the upstream training loop must see them.
 
         One dataloader batch per step (the process's share of micro x replicas x accumulation x device
@@ -191,7 +210,8 @@ class ResolvedRun:
         happen inside `IPUTrainer.training_step`. Recomputation is applied to the model from the IPU config,
         and the precision is the one resolved here (which also keeps an `ACCELERATE_MIXED_PRECISION` from
         the environment from adding a second autocast). `find_unused_parameters` fills in
-        `--ddp_find_unused_parameters` when the user left it unset.
+        `--ddp_find_unused_parameters` when the user left it unset; under --fsdp, `fsdp_layer_classes` are the
+        model's layer classes to shard one by one (`fsdp.layers_to_wrap`).
         """
         loop = copy.copy(self.args)
         loop.accelerator_config = copy.copy(self.args.accelerator_config)
@@ -220,6 +240,9 @@ class ResolvedRun:
             loop.accelerator_config.non_blocking = True
         if loop.ddp_find_unused_parameters is None and find_unused_parameters is not None:
             loop.ddp_find_unused_parameters = find_unused_parameters
+        if self.uses_fsdp:
+            loop.fsdp_plugin_args = fsdp_plugin_arguments(
+                self.args.fsdp_plugin_args, self.precision.compute_dtype, self.fsdp_offloads, fsdp_layer_classes)
         return loop
 
     def describe(self) -> list[str]:
@@ -237,7 +260,11 @@ class ResolvedRun:
         memory = "host" if self.offloads_optimizer_state else self.args.device.type.upper()
         if self.device_model is not None and not self.offloads_optimizer_state:
             memory = "the modelled GPU's (here CPU)"
-        lines.append(f"optimizer state: {state}, in {memory} memory")
+        if self.uses_fsdp:
+            reshard = (self.args.fsdp_plugin_args or {}).get("reshard_after_forward", True)
+            lines.append(f"model: {fsdp_description(bool(reshard), self.fsdp_offloads, self.args.world_size)}")
+        else:
+            lines.append(f"optimizer state: {state}, in {memory} memory")
         if self.device_model is not None:
             lines.append("pinned host memory: none (pinning needs a CUDA driver); the GPU's non-blocking copies run as "
                          "plain CPU copies")
@@ -255,8 +282,10 @@ class ResolvedRun:
         settings = self.ipu_config.ipu_only_settings()
         if self.shards_optimizer_state:
             settings.pop("replicated_tensor_sharding", None)
-        if self.offloads_optimizer_state:
+        if self.offloads_optimizer_state or self.fsdp_offloads:
             settings.pop("optimizer_state_offchip", None)
+        if self.uses_fsdp:
+            settings.pop("replicated_tensor_sharding", None)  # implied: FSDP shards the optimizer state
         return settings
 
 
@@ -268,6 +297,8 @@ def resolve_run(ipu_config: IPUConfig, args: IPUTrainingArguments, model_config:
     device cannot run; none of it needs weights or data.
     """
     refuse_data_parallel(args)
+    if args.fsdp:
+        check_fsdp_processes(args.world_size)
     effective = effective_ipu_config(ipu_config, args)
     if model_config is not None:
         check_layers_fit(effective, model_config)

@@ -20,6 +20,7 @@ from transformers.integrations import INTEGRATION_TO_CALLBACK, get_available_rep
 
 from ..config.ipu_config import ALLOWED_POD_TYPES, VALID_N_IPU
 from .device_model import device_model_named
+from .fsdp import check_fsdp_options
 
 logger = logging.getLogger(__name__)
 
@@ -213,11 +214,11 @@ class IPUTrainingArguments(TrainingArguments):
                 "accumulates replicas x accumulation micro-batches per update. Use torchrun with "
                 "replicated_tensor_sharding (ZeRO stage 1) and optimizer_state_offchip in the IPU config instead"
             )
-        if self.fsdp or _environment_flag("ACCELERATE_USE_FSDP"):
-            raise ValueError(
-                "--fsdp is not supported yet: use torchrun with replicated_tensor_sharding (ZeRO stage 1) and "
-                "optimizer_state_offchip in the IPU config to save device memory"
-            )
+        if self.fsdp:
+            check_fsdp_options(self.fsdp, self.fsdp_config)  # FSDP2 only (see run/fsdp.py)
+        elif _environment_flag("ACCELERATE_USE_FSDP"):
+            # accelerate would build its FSDP plugin from the environment, without the run's precision and offload.
+            raise ValueError("ACCELERATE_USE_FSDP is not supported: pass --fsdp full_shard (and --fsdp_config) instead")
         if self.auto_find_batch_size:
             raise ValueError(
                 "--auto_find_batch_size is not supported: it would shrink the micro batch and with it the samples per "
@@ -280,6 +281,8 @@ class IPUTrainingArguments(TrainingArguments):
         finally:
             if original_optimizer:
                 self.optim = ORIGINAL_OPTIMIZER
+        if self.fsdp:
+            check_fsdp_options("", self.fsdp_config)  # now parsed, also when given as a file or a JSON string
         if self.device_model is not None:
             # Upstream turns pinning off for a CPU run; the modelled GPU's decision (non-blocking batch copies) reads
             # the user's value. The loop's copy still does not pin on the CPU (ResolvedRun.loop_arguments).

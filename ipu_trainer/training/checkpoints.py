@@ -32,8 +32,13 @@ COMPLETION_MARKER = "checkpoint_complete.json"
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 TRAINER_STATE_NAME = "trainer_state.json"
 OPTIMIZER_NAME = "optimizer.pt"
+# Under --fsdp accelerate writes the (full) optimizer state as optimizer.bin and the weights a second time, for its
+# own resume, as pytorch_model_fsdp.bin (model.safetensors is written too, gathered for from_pretrained).
+FSDP_OPTIMIZER_NAME = "optimizer.bin"
+FSDP_WEIGHTS_NAME = "pytorch_model_fsdp.bin"
 SCHEDULER_NAME = "scheduler.pt"
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json",
+                FSDP_WEIGHTS_NAME)
 _CHUNK = 1 << 22
 
 
@@ -129,6 +134,8 @@ def checkpoint_problem(checkpoint_dir: str, needs_optimizer: bool = True) -> Opt
     else:
         files = {relative: None for relative in _files_of(checkpoint_dir)}
     required = [TRAINER_STATE_NAME] + ([OPTIMIZER_NAME, SCHEDULER_NAME] if needs_optimizer else [])
+    if FSDP_WEIGHTS_NAME in files and OPTIMIZER_NAME in required:
+        required[required.index(OPTIMIZER_NAME)] = FSDP_OPTIMIZER_NAME  # an --fsdp checkpoint
     for name in required:
         if name not in files:
             return f"it has no {name}" + ("" if os.path.isfile(marker_path) else " (interrupted while saving?)")

@@ -3,6 +3,7 @@ data-parallel processes (`replicated_tensor_sharding`, ZeRO stage 1), and how a 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -231,6 +232,26 @@ def prepare_optimizer_for_checkpoint(optimizer: torch.optim.Optimizer, device: t
     # whatever bytes the host buffers held then. Only process 0 receives copies; waiting everywhere costs the
     # others one synchronization per checkpoint.
     wait_for_device_to_host_copies(device)
+
+
+def holds_no_tensor_state(optimizer_file: str) -> bool:
+    """Whether a saved optimizer state (a torch file; memory-mapped, so only its index is read) has no tensor in
+    its per-parameter state: plain SGD's, whose state is its hyper-parameters alone. False for a missing file."""
+    if not os.path.isfile(optimizer_file):
+        return False
+    saved = torch.load(optimizer_file, map_location="cpu", weights_only=True, mmap=True)
+    return not any(torch.is_tensor(value) for state in saved.get("state", {}).values() for value in state.values())
+
+
+def load_hyperparameters(optimizer: torch.optim.Optimizer, state_dict: dict) -> None:
+    """Take the hyper-parameters (learning rate...) of a saved optimizer state group by group, whatever its
+    parameters are called (indices, or an FSDP state's parameter names)."""
+    saved_groups = state_dict["param_groups"]
+    if len(saved_groups) != len(optimizer.param_groups):
+        raise ValueError(f"the saved optimizer has {len(saved_groups)} parameter groups, this one "
+                         f"{len(optimizer.param_groups)}")
+    for group, saved in zip(optimizer.param_groups, saved_groups):
+        group.update({key: value for key, value in saved.items() if key not in ("params", "param_names")})
 
 
 # ---- Private upstream touchpoints ------------------------------------------------------------------------

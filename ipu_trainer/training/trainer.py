@@ -39,11 +39,13 @@ from transformers.utils import check_torch_load_is_safe
 from ..config.ipu_config import IPUConfig
 from ..data.collators import pad_on_batch_axis
 from ..models.layers import num_projection_chunks, set_recomputation
+from ..run.fsdp import layers_to_wrap, output_embedding_group, shard_cpu_processes, shard_with_embedding_group
 from ..run.placement import Placement
 from ..run.precision import Precision
 from ..run.resolved_run import ResolvedRun, resolve_run
 from ..run.training_args import IPUTrainingArguments
 from .checkpoints import (
+    FSDP_OPTIMIZER_NAME,
     OPTIMIZER_NAME,
     SCHEDULER_NAME,
     TRAINER_STATE_NAME,
@@ -54,7 +56,13 @@ from .checkpoints import (
     rotate_checkpoints,
 )
 from .loss_scaling import StaticLossScaleGuard
-from .optimizer_state import HostOffloadedOptimizer, ShardedOptimizer, prepare_optimizer_for_checkpoint
+from .optimizer_state import (
+    HostOffloadedOptimizer,
+    ShardedOptimizer,
+    holds_no_tensor_state,
+    load_hyperparameters,
+    prepare_optimizer_for_checkpoint,
+)
 from .optimizers import POPTORCH_MAX_WEIGHT_NORM, AdamW, Lamb, original_parameter_groups
 from .run_control import (
     CheckpointWriteError,
@@ -286,7 +294,8 @@ class IPUTrainer(Trainer):
         find_unused = False if hasattr(model, "parallelize") else None
         super().__init__(
             model=model,
-            args=run.loop_arguments(find_unused_parameters=find_unused),
+            args=run.loop_arguments(find_unused_parameters=find_unused,
+                                    fsdp_layer_classes=layers_to_wrap(model) if run.uses_fsdp else None),
             data_collator=data_collator,
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
@@ -332,7 +341,24 @@ class IPUTrainer(Trainer):
         """A fresh model from `model_init` (each `train()` builds one), with the IPU config's settings."""
         model = super().call_model_init(trial)
         self._prepare_model(model)
+        if self.run.uses_fsdp:
+            self._shard_embedding_group(model)
         return model
+
+    def _shard_embedding_group(self, model: nn.Module) -> None:
+        """Under --fsdp, a model whose embeddings' parameters are also registered outside them (BERT's MLM bias) is
+        sharded here, with those registrations in the embeddings' unit; accelerate shards every other model."""
+        group = output_embedding_group(model)
+        if group is None:
+            return
+        plugin = self.accelerator.state.fsdp_plugin
+        # accelerate resolves the layer class names of its wrap policy at every prepare, and finds none in a
+        # sharded model (FSDP renames the classes): resolved here, on the model as it is, once for all.
+        plugin.set_auto_wrap_policy(model)
+        for param in model.parameters():  # FSDP2 wants float32 master weights under mixed precision, as accelerate
+            if param.requires_grad and param.dtype != torch.float32 and self.run.precision.mixed_precision != "no":
+                param.data = param.data.float()
+        shard_with_embedding_group(model, plugin, group, plugin.transformer_cls_names_to_wrap or layers_to_wrap(model))
 
     @property
     def tokenizer(self) -> Any:
@@ -469,6 +495,11 @@ class IPUTrainer(Trainer):
         `GradScaler` for fp16; it is replaced, before anything is prepared, by one that starts at
         `--loss_scaling` and grows only with `--auto_loss_scaling` (static otherwise)."""
         super().create_accelerator_and_postprocess()
+        if self.run.uses_fsdp and not self.is_fsdp_enabled:
+            shard_cpu_processes(self.accelerator, self.args.fsdp_plugin_args)  # accelerate shards GPU runs only
+            self.is_fsdp_enabled = True
+        if self.run.uses_fsdp and self.model is not None:
+            self._shard_embedding_group(self.model)
         scaler = self.run.precision.grad_scaler(self.args.device.type)
         if scaler is not None:
             self.accelerator.scaler = scaler
@@ -662,9 +693,11 @@ class IPUTrainer(Trainer):
         total_loss = torch.zeros((), device=self.args.device)
         for update_index, update in enumerate(updates):
             for index, micro_batch in enumerate(update):
-                # Processes all-reduce gradients once per update, on its last micro-batch.
-                last = index == len(update) - 1
-                with contextlib.nullcontext() if last else self.accelerator.no_sync(model):
+                # Processes all-reduce gradients once per update, on its last micro-batch. Under --fsdp they are
+                # reduce-scattered on every micro-batch instead: deferring would keep each process's whole
+                # unsharded gradient until the last one, the memory FSDP exists to save (same average either way).
+                defer = index < len(update) - 1 and not self.run.uses_fsdp
+                with self.accelerator.no_sync(model) if defer else contextlib.nullcontext():
                     with self.compute_loss_context_manager():
                         loss = self.compute_loss(model, micro_batch)
                     total_loss += loss.detach().float()
@@ -738,16 +771,25 @@ class IPUTrainer(Trainer):
         every GPU, before ZeRO keeps its 1/W or the offload moves it to the host, which runs out of GPU memory
         for exactly the models those settings exist for. Both optimizers' `load_state_dict` put each tensor
         where they keep it (the GPU for a shard's parameters, host memory when offloaded)."""
-        if checkpoint is None or not _places_its_own_state(self.optimizer):
+        # Under --fsdp upstream loads through torch's set_optimizer_state_dict, which fails on a state without any
+        # tensor (plain SGD's): such a state is only hyper-parameters, taken here instead.
+        stateless_fsdp = (checkpoint is not None and self.is_fsdp_enabled
+                          and holds_no_tensor_state(os.path.join(checkpoint, FSDP_OPTIMIZER_NAME)))
+        if checkpoint is None or not (_places_its_own_state(self.optimizer) or stateless_fsdp):
             super()._load_optimizer_and_scheduler(checkpoint)
             return
-        optimizer_file, scheduler_file = (os.path.join(checkpoint, name) for name in (OPTIMIZER_NAME, SCHEDULER_NAME))
+        optimizer_name = FSDP_OPTIMIZER_NAME if stateless_fsdp else OPTIMIZER_NAME
+        optimizer_file, scheduler_file = (os.path.join(checkpoint, name) for name in (optimizer_name, SCHEDULER_NAME))
         if not (os.path.isfile(optimizer_file) and os.path.isfile(scheduler_file)):
             return  # as upstream: a checkpoint saved without them (--save_only_model) resumes the weights only
         check_torch_load_is_safe()
         # Memory-mapped: the processes of a machine share one copy of the file's pages, and each reads the parts
         # it keeps, instead of every process holding the whole state in host memory at once.
-        self.optimizer.load_state_dict(torch.load(optimizer_file, map_location="cpu", weights_only=True, mmap=True))
+        saved = torch.load(optimizer_file, map_location="cpu", weights_only=True, mmap=True)
+        if stateless_fsdp:
+            load_hyperparameters(self.optimizer, saved)
+        else:
+            self.optimizer.load_state_dict(saved)
         with warnings.catch_warnings(record=True) as caught_warnings:
             self.lr_scheduler.load_state_dict(torch.load(scheduler_file, weights_only=True))
         reissue_pt_warnings(caught_warnings)
