@@ -298,10 +298,12 @@ FIELDS: tuple[Field, ...] = (
           on_ipu="recomputation checkpoints", here="activation checkpointing of every layer"),
     Field("optimizer_state_offchip", False, _boolean, ipu_only=True, on_ipu="optimizer state in streaming memory",
           here="on a GPU, optimizer state (and the update) in host memory: no optimizer state on the device, three "
-          "parameter-sized copies per update; no effect on a CPU"),
+          "parameter-sized copies per update; no effect on a CPU; under `--fsdp`, FSDP2's CPU offload of the shards and "
+          "the update"),
     Field("replicated_tensor_sharding", False, _boolean, ipu_only=True,
           on_ipu="optimizer state sharded over replicas",
-          here="optimizer state sharded over the data-parallel processes (ZeRO stage 1); no effect with one process"),
+          here="optimizer state sharded over the data-parallel processes (ZeRO stage 1); no effect with one process; "
+          "implied under `--fsdp` (FSDP shards it itself)"),
     Field("matmul_proportion", 0.2, _matmul_proportion(optional=False), per_mode=True, ipu_only=True,
           on_ipu="IPU memory for matmuls", here=NO_EFFECT),
     Field("inference_matmul_proportion", None, _matmul_proportion(optional=True), ipu_only=True, follows=True),
