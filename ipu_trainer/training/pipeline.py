@@ -307,6 +307,7 @@ class Pipeline:
         """Stages after the first write their optimizer state (from pipeline 0); stage 0's is upstream's
         optimizer.pt, written by process 0."""
         if self.stage_index > 0 and self.train_group.replica == 0:
+            os.makedirs(folder, exist_ok=True)  # process 0 may not have created it yet
             torch.save(optimizer.state_dict(), os.path.join(folder, optimizer_part_name(self.stage_index)))
 
     def optimizer_part(self, checkpoint: str) -> str:
@@ -338,8 +339,9 @@ class Pipeline:
         schedule.step(*args, **kwargs)
         outputs = None
         if isinstance(recorder, _RecordOutputs):
+            # The last `stages` calls (the first run of a schedule also calls the stage for its shape inference).
             outputs = [type(output)({name: value.cpu() for name, value in output.items() if value is not None})
-                       for output in recorder.outputs]
+                       for output in recorder.outputs[-group.stages:]]
             recorder.outputs.clear()
         mine: list[Any] = [None]
         dist.scatter_object_list(mine, outputs, src=group.ranks[-1], group=group.pipeline_group)

@@ -730,8 +730,8 @@ class IPUTrainer(Trainer):
         with upstream_save_quiet():
             super().save_model(output_dir, _internal_call=_internal_call)
         if self.args.should_save:
-            if self.pipeline is not None:
-                self.pipeline.save_layout(folder)
+            if self.pipeline is not None and checkpoint:
+                self.pipeline.save_layout(folder)  # which layout the checkpoint's optimizer parts belong to
             self.ipu_config.save_pretrained(folder)
             torch.save(self.run.args, os.path.join(folder, TRAINING_ARGS_NAME))
             if not checkpoint:
