@@ -103,6 +103,11 @@ def resolve_pipeline(
                  f"inference_ipus_per_replica={eval_stages}")
         raise ValueError(f"--pipeline: {world_size} process(es) cannot hold whole pipelines of {which} stages: start "
                          f"a multiple of {fitting} processes (torchrun --nproc_per_node {fitting} ...)")
+    if schedule == "GPipe" and world_size // stages > 1:
+        # torch 2.13's DDP reducer fails an internal assert on the second update under ScheduleGPipe (its bucket
+        # rebuild counts every parameter twice); 1F1B runs the same update with DDP, and holds fewer activations.
+        raise refuse_with_pipeline("GPipe and several data-parallel pipelines", "DDP fails under torch's GPipe schedule "
+                                   "(an internal assert of its reducer); use --pipeline 1F1B, the same update")
     model_type = getattr(model_config, "model_type", None)
     if model_config is not None and model_type not in PIPELINED_MODEL_TYPES:
         raise ValueError(f"--pipeline cannot cut model type {model_type!r} into stages; supported: "

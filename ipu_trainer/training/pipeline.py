@@ -209,6 +209,11 @@ class Pipeline:
         args, kwargs = self.stage_module.stage_inputs(batch)
         schedule = self._schedule()
         self._recorded.clear()
+        scaler = self._scaler()
+        if scaler is not None and not self.is_last:
+            # The loss, which the scaler scales, is on the last stage; the gradients here carry its scale too, and the
+            # scaler must know it has one before it unscales them (its scale is made on its first use).
+            scaler.scale(torch.zeros((), device=self.device))
         if self.is_last:
             rows = batch["input_ids"].shape[0]
             schedule.step(*args, target=torch.zeros(rows, device=self.device), return_outputs=False, **kwargs)
