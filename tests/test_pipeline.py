@@ -324,6 +324,24 @@ def test_two_replicas_of_two_stages_on_four_processes_reach_the_weights_of_one_p
 
 
 @pytest.mark.slow
+def test_float16_with_clipping_on_two_stages_reaches_the_weights_of_one_process(pretraining_data, tokenizer_dir, tmp_path,
+                                                                                monkeypatch):
+    """A modelled V100: float16 autocast in every stage, the GradScaler's scale on the stages before the last (whose
+    gradients carry it), and clipping at a norm below the gradients' norm, which is every stage's."""
+    extra = ("--device_model", "V100", "--loss_scaling", "1024", "--max_grad_norm", "0.5")
+    unpipelined, pipelined = tmp_path / "unpipelined", tmp_path / "pipelined"
+    argv = [value for value in pretraining_argv(pretraining_data, tokenizer_dir, unpipelined, *extra) if value != "--fp32"]
+    run_script(monkeypatch, argv)
+    argv = [value for value in pretraining_argv(pretraining_data, tokenizer_dir, pipelined, *extra, "--pipeline")
+            if value != "--fp32"]
+    torchrun(2, argv)
+    norms = [[entry["grad_norm"] for entry in read_json(folder / "trainer_state.json")["log_history"]
+              if "grad_norm" in entry] for folder in (unpipelined, pipelined)]
+    assert min(norms[0]) > 0.5 and norms[1] == pytest.approx(norms[0], rel=1e-3)
+    assert relative_difference(unpipelined, pipelined) <= 1e-4
+
+
+@pytest.mark.slow
 def test_a_number_of_processes_that_is_not_a_multiple_of_the_stages_is_refused_before_loading(tmp_path):
     # The check needs only the IPU config and the process count: it comes before the (here absent) data and tokenizer.
     argv = pretraining_argv("unused", "unused", tmp_path / "out", "--pipeline")
