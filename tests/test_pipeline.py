@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForPreTraining, GPT2Config, RobertaConfig, Trainer, default_data_collator
 
-from conftest import REPO, free_port, make_args, read_json, run_script
+from conftest import REPO, TINY_GPT2, free_port, make_args, quickstart_argv, read_json, run_script
 from tiny import SEQ, masked_pairs, tiny_bert
 from ipu_trainer import IPUConfig, IPUTrainer
 from ipu_trainer.config.ipu_config import IncompatibleIPUConfigError
@@ -339,6 +339,21 @@ def test_float16_with_clipping_on_two_stages_reaches_the_weights_of_one_process(
               if "grad_norm" in entry] for folder in (unpipelined, pipelined)]
     assert min(norms[0]) > 0.5 and norms[1] == pytest.approx(norms[0], rel=1e-3)
     assert relative_difference(unpipelined, pipelined) <= 1e-4
+
+
+@pytest.mark.slow
+def test_gpt2_on_two_stages_reaches_the_weights_of_one_process(assets, tmp_path, monkeypatch):
+    """run_clm.py: GPT-2's blocks split [1 1], its LM head tied to the token embedding across the two stages."""
+    def argv(output_dir, *extra):
+        return quickstart_argv("run_clm", assets, output_dir, "--ipu_config_overrides", PLACEMENT.replace(
+            "[2 2]", "[1 1]") + ",replication_factor=1", "--config_overrides",
+            TINY_GPT2 + ",resid_pdrop=0,embd_pdrop=0,attn_pdrop=0", "--per_device_train_batch_size", "2",
+            "--optim", "sgd", "--learning_rate", "0.5", "--max_steps", "3", "--logging_steps", "1", *extra)
+
+    run_script(monkeypatch, argv(tmp_path / "unpipelined"))
+    torchrun(2, argv(tmp_path / "pipelined", "--pipeline"))
+    assert losses(tmp_path / "pipelined") == pytest.approx(losses(tmp_path / "unpipelined"), rel=1e-5)
+    assert relative_difference(tmp_path / "unpipelined", tmp_path / "pipelined") <= 1e-4
 
 
 @pytest.mark.slow
