@@ -261,6 +261,9 @@ class ResolvedRun:
             settings.pop("replicated_tensor_sharding", None)
         if self.offloads_optimizer_state:
             settings.pop("optimizer_state_offchip", None)
+        if self.pipeline is not None:  # they place the stages
+            for name in ("layers_per_ipu", "ipus_per_replica", "inference_layers_per_ipu", "inference_ipus_per_replica"):
+                settings.pop(name, None)
         return settings
 
 
