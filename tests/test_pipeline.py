@@ -277,6 +277,13 @@ def unpipelined(pretraining_data, tokenizer_dir, tmp_path_factory):
     return outputs
 
 
+def test_packing_is_refused_before_anything_is_written(pretraining_data, tokenizer_dir, tmp_path, monkeypatch):
+    argv = pretraining_argv(pretraining_data, tokenizer_dir, tmp_path / "out", "--pipeline", "--packing")
+    with pytest.raises(ValueError, match="--pipeline with --packing is not supported"):
+        run_script(monkeypatch, argv)
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.slow
 def test_two_stages_on_two_processes_reach_the_weights_of_one_process(
         pretraining_data, tokenizer_dir, unpipelined, tmp_path):
