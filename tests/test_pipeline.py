@@ -100,6 +100,28 @@ def test_batches_of_different_lengths_are_padded_to_one():
     assert batch["labels"][1].tolist() == [1, 1, 1, -100, -100]
 
 
+@pytest.mark.parametrize("elsewhere", [True, False])
+def test_a_process_with_finite_gradients_skips_the_update_when_another_overflowed(monkeypatch, elsewhere):
+    """The float16 overflow flag is agreed: the all-reduce (faked here) says another process overflowed, so this one's
+    GradScaler skips the update and lowers its scale as that process's does."""
+    from ipu_trainer.training import pipeline as module
+
+    parameter = torch.nn.Parameter(torch.ones(3))
+    parameter.grad = torch.full((3,), 4.0)
+    process = SimpleNamespace(_parameters=lambda: [parameter], device=torch.device("cpu"))
+    monkeypatch.setattr(module.dist, "all_reduce", lambda flag, **kwargs: flag.fill_(1.0 if elsewhere else 0.0))
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    scaler.scale(torch.zeros(()))
+    module.Pipeline._agree_on_overflow(process)
+    optimizer = torch.optim.SGD([parameter], lr=1.0)
+    scaler.step(optimizer)
+    scaler.update()
+    if elsewhere:
+        assert parameter.tolist() == [1.0, 1.0, 1.0] and scaler.get_scale() == 2.0
+    else:
+        assert parameter.tolist() == [0.0, 0.0, 0.0] and scaler.get_scale() == 4.0
+
+
 # ---- the layout, before anything loads ------------------------------------------------------------------------------
 
 
