@@ -46,6 +46,7 @@ from ipu_trainer.data.collators import max_num_masked_tokens, pad_to_multiple_of
 from ipu_trainer.data.packing import pack_for_training
 from ipu_trainer.data.sources import map_data
 from ipu_trainer.models import masked_lm_model_for
+from ipu_trainer.run.pipeline_layout import refuse_with_pipeline
 from ipu_trainer.run.resolved_run import resolve_run
 from ipu_trainer.training.metrics import AccuracyMetric, masked_lm_predictions, token_accuracy_metrics
 
@@ -133,6 +134,8 @@ def main():
     # Arguments and logging
     model_args, data_args, training_args = parse_script_args(ModelArguments, DataTrainingArguments, __doc__)
     setup_logging(training_args)
+    if training_args.pipeline and data_args.packing:  # before anything is written or loaded
+        raise refuse_with_pipeline("--packing", "the stages take unpacked rows; leave out --packing")
     check_outputs_before_loading(training_args)
     claim = claim_output_dir(training_args, model_args, data_args)
     set_seed(training_args.seed)

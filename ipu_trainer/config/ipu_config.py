@@ -274,11 +274,12 @@ FIELDS: tuple[Field, ...] = (
     Field("layers_per_ipu", [-1], _layers_per_ipu(optional=False), per_mode=True, ipu_only=True,
           on_ipu="layers per pipeline stage",
           here="checked against the model's layer count (the same error as the original); one device holds a whole "
-          "replica"),
+          "replica, or with `--pipeline` the layers per stage process"),
     Field("inference_layers_per_ipu", None, _layers_per_ipu(optional=True), ipu_only=True, follows=True),
     Field("ipus_per_replica", None, _int_at_least(1, optional=True), per_mode=True, ipu_only=True, follows=True,
           on_ipu="pipeline stages per replica (default: one per `layers_per_ipu` entry)",
-          here="checked against `layers_per_ipu`; `--n_ipu` ÷ it gives the replicas"),
+          here="checked against `layers_per_ipu`; `--n_ipu` ÷ it gives the replicas; with `--pipeline`, processes "
+          "per replica"),
     Field("inference_ipus_per_replica", None, _int_at_least(1, optional=True), ipu_only=True, follows=True),
     Field("embedding_serialization_factor", None, _int_at_least(1, optional=True), per_mode=True, follows=True,
           on_ipu="vocabulary matmul split in N",

@@ -3,7 +3,8 @@
 These are the placement helpers of optimum-graphcore's `modeling_utils` that need no IPU: code written
 for it calls them to inspect or split `layers_per_ipu`. They read the config in its current mode
 (`ipu_config.eval()` gives the inference placement). Here a device holds a whole replica, so the
-placement is only checked and reported; the wildcard arithmetic is `IPUConfig.resolved_layers_per_ipu`.
+placement is only checked and reported, unless `--pipeline` places the stages on processes
+(`ipu_trainer.models.stages`); the wildcard arithmetic is `IPUConfig.resolved_layers_per_ipu`.
 """
 
 from __future__ import annotations

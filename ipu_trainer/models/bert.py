@@ -95,15 +95,35 @@ class BertForPreTrainingMaskedPositions(MaskedPositionsHeadMixin, BertForPreTrai
             return_dict=True,
             **kwargs,
         )
+        return self.pretraining_heads(
+            outputs.last_hidden_state, labels, next_sentence_label, cls_positions, outputs.pooler_output,
+            hidden_states=outputs.hidden_states, attentions=outputs.attentions,
+        )
+
+    def pretraining_heads(
+        self,
+        sequence_output: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        next_sentence_label: torch.Tensor | None = None,
+        cls_positions: torch.Tensor | None = None,
+        pooler_output: torch.Tensor | None = None,
+        hidden_states: tuple[torch.Tensor, ...] | None = None,
+        attentions: tuple[torch.Tensor, ...] | None = None,
+    ) -> MaskedPositionsPreTrainingOutput:
+        """The pooler, both heads and the losses on the encoder output [B, S, H]: the part of `forward` after the
+        encoder, also run on its own by the last stage of a pipeline (`ipu_trainer.models.stages`). `pooler_output`:
+        the encoder's pooled [CLS] output when it has computed it already (else the pooler runs here)."""
         only_loss = self.training and (labels is not None or next_sentence_label is not None)
         mlm_loss, prediction_logits, masked_lm_labels = self._masked_lm_head(
-            outputs.last_hidden_state, labels, return_logits=not (only_loss and labels is not None)
+            sequence_output, labels, return_logits=not (only_loss and labels is not None)
         )
 
         if cls_positions is None:
-            seq_relationship_logits = self.cls.seq_relationship(outputs.pooler_output)
+            if pooler_output is None:
+                pooler_output = self.bert.pooler(sequence_output)
+            seq_relationship_logits = self.cls.seq_relationship(pooler_output)
         else:
-            pooled = pool_sequence_starts(self.bert.pooler, outputs.last_hidden_state, cls_positions)
+            pooled = pool_sequence_starts(self.bert.pooler, sequence_output, cls_positions)
             seq_relationship_logits = self.cls.seq_relationship(pooled).view(*cls_positions.shape, 2)
         nsp_loss = None
         if next_sentence_label is not None:
@@ -121,8 +141,8 @@ class BertForPreTrainingMaskedPositions(MaskedPositionsHeadMixin, BertForPreTrai
             masked_lm_labels=masked_lm_labels,
             mlm_loss=mlm_loss,
             nsp_loss=nsp_loss,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
+            hidden_states=hidden_states,
+            attentions=attentions,
         )
 
     def _head_transform(self, hidden_states: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,10 @@ update are shared out evenly: each process runs `replicas x accumulation / W` of
 their losses, and the gradient all-reduce averages the processes. So W must divide
 `replicas x accumulation`: W = replicas gives the IPU layout, a divisor of it hosts several replicas
 per process, and a multiple of it splits each replica's accumulation over several processes.
+
+With `--pipeline` (`run.pipeline_layout`), `world_size` counts the data-parallel pipelines and `pipeline_stages`
+the processes of each: a pipeline runs its share of micro-batches as one process would, and each of its processes
+reads 1/`pipeline_stages` of the pipeline's batch from its dataloader.
 """
 
 from __future__ import annotations
@@ -28,15 +32,19 @@ class Placement:
     gradient_accumulation_steps: int
     device_iterations: int
     world_size: int = 1
+    pipeline_stages: int = 1  # processes per data-parallel process (--pipeline); they share its dataloader reads
 
     @classmethod
-    def for_training(cls, ipu_config: IPUConfig, micro_batch_size: int, world_size: int) -> "Placement":
+    def for_training(
+        cls, ipu_config: IPUConfig, micro_batch_size: int, world_size: int, pipeline_stages: int = 1
+    ) -> "Placement":
         placement = cls(
             micro_batch_size=micro_batch_size,
             replication_factor=ipu_config.replication_factor,
             gradient_accumulation_steps=ipu_config.gradient_accumulation_steps,
             device_iterations=ipu_config.device_iterations,
             world_size=world_size,
+            pipeline_stages=pipeline_stages,
         )
         placement.check()
         return placement
@@ -65,6 +73,13 @@ class Placement:
                 f"{micro_batches} (e.g. torchrun --nproc_per_node {fitting}) or change replication_factor, --n_ipu "
                 "or --gradient_accumulation_steps"
             )
+        if (self.samples_per_step // self.world_size) % self.pipeline_stages:
+            raise IncompatibleIPUConfigError(
+                f"incompatible placement: each pipeline's step batch of {self.samples_per_step // self.world_size} "
+                f"samples cannot be read in {self.pipeline_stages} equal parts by its {self.pipeline_stages} stage "
+                "processes; make --per_device_train_batch_size x gradient_accumulation_steps a multiple of "
+                f"ipus_per_replica={self.pipeline_stages}"
+            )
 
     @property
     def micro_batches_per_update(self) -> int:
@@ -82,24 +97,28 @@ class Placement:
     @property
     def process_batch_size(self) -> int:
         """Samples one process takes from its dataloader per step."""
-        return self.samples_per_step // self.world_size
+        return self.samples_per_step // (self.world_size * self.pipeline_stages)
 
     def describe(self) -> list[str]:
+        unit = "pipelines" if self.pipeline_stages > 1 else "processes"
         replicas = f"{self.replication_factor}"
         if self.world_size == 1:
             replicas += " (emulated by accumulation in this process)" if self.replication_factor > 1 else ""
         elif self.replication_factor % self.world_size == 0:
             per_process = self.replication_factor // self.world_size
-            replicas += f" over {self.world_size} processes ({per_process} per process"
+            replicas += f" over {self.world_size} {unit} ({per_process} per {unit[:-1]}"
             replicas += ", emulated by accumulation)" if per_process > 1 else ")"
         else:
-            replicas += f" over {self.world_size} processes (each replica's accumulation split across processes)"
+            replicas += f" over {self.world_size} {unit} (each replica's accumulation split across {unit})"
+        processes = f"data-parallel processes: {self.world_size}"
+        if self.pipeline_stages > 1:
+            processes = f"data-parallel pipelines: {self.world_size} (each {self.pipeline_stages} processes)"
         return [
-            f"data-parallel processes: {self.world_size}",
+            processes,
             f"replicas: {replicas}",
             f"micro batch: {self.micro_batch_size}, gradient accumulation: {self.gradient_accumulation_steps}, "
             f"device iterations: {self.device_iterations}",
-            f"micro-batches per weight update per process: {self.micro_batches_per_update} "
+            f"micro-batches per weight update per {unit[:-1]}: {self.micro_batches_per_update} "
             "(gradients all-reduced once per update)" if self.world_size > 1 else
             f"micro-batches per weight update: {self.micro_batches_per_update}",
             f"samples per weight update: {self.samples_per_update} "

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Optional
 from ..config.ipu_config import IPUConfig
 from .device_model import DeviceModel, device_model_named
 from .fsdp import check_fsdp_processes, fsdp_description, fsdp_plugin_arguments
+from .pipeline_layout import PipelineLayout, refuse_with_pipeline, resolve_pipeline
 from .placement import Placement
 from .precision import Precision, resolve_precision
 
@@ -157,6 +158,7 @@ class ResolvedRun:
     dataloader_num_workers: int
     dataloader_workers_note: Optional[str] = None
     device_model: Optional[DeviceModel] = None  # --device_model: a CPU run deciding as that GPU
+    pipeline: Optional[PipelineLayout] = None  # --pipeline: the stages' processes
 
     @property
     def decides_as_gpu(self) -> bool:
@@ -171,8 +173,10 @@ class ResolvedRun:
     @property
     def shards_optimizer_state(self) -> bool:
         """replicated_tensor_sharding with several processes: ZeRO stage 1 over the processes. Under --fsdp the
-        optimizer state is sharded by FSDP itself (replicated_tensor_sharding is implied), so no ZeRO on top."""
-        return bool(self.ipu_config.replicated_tensor_sharding) and self.args.world_size > 1 and not self.uses_fsdp
+        optimizer state is sharded by FSDP itself (replicated_tensor_sharding is implied), so no ZeRO on top; under
+        --pipeline each stage's optimizer holds only its stage's state."""
+        return (bool(self.ipu_config.replicated_tensor_sharding) and self.args.world_size > 1 and not self.uses_fsdp
+                and self.pipeline is None)
 
     @property
     def offloads_optimizer_state(self) -> bool:
@@ -249,6 +253,8 @@ class ResolvedRun:
         """The start-up block's lines about batches, precision, optimizer state and data loading."""
         eval_placement = self.eval_placement
         lines = list(self.train_placement.describe())
+        if self.pipeline is not None:
+            lines += self.pipeline.describe(self.train_placement.micro_batches_per_update)
         lines.append(
             f"evaluation batch: {eval_placement.samples_per_step} samples (micro {eval_placement.micro_batch_size} "
             f"x inference replicas {self.ipu_config.inference_replication_factor} x inference device iterations "
@@ -286,6 +292,9 @@ class ResolvedRun:
             settings.pop("optimizer_state_offchip", None)
         if self.uses_fsdp:
             settings.pop("replicated_tensor_sharding", None)  # implied: FSDP shards the optimizer state
+        if self.pipeline is not None:  # they place the stages
+            for name in ("layers_per_ipu", "ipus_per_replica", "inference_layers_per_ipu", "inference_ipus_per_replica"):
+                settings.pop(name, None)
         return settings
 
 
@@ -302,9 +311,14 @@ def resolve_run(ipu_config: IPUConfig, args: IPUTrainingArguments, model_config:
     effective = effective_ipu_config(ipu_config, args)
     if model_config is not None:
         check_layers_fit(effective, model_config)
-    train_placement = Placement.for_training(effective, args.per_device_train_batch_size, args.world_size)
+    pipeline = resolve_pipeline(args, effective, model_config, num_hidden_layers_of(model_config))
+    stages = pipeline.stages if pipeline is not None else 1
+    train_placement = Placement.for_training(effective, args.per_device_train_batch_size, args.world_size // stages,
+                                             pipeline_stages=stages)
     eval_placement = Placement.for_inference(effective, args.per_device_eval_batch_size, args.world_size)
     device_model = device_model_named(getattr(args, "device_model", None))
+    if pipeline is not None and effective.optimizer_state_offchip and (args.device.type == "cuda" or device_model):
+        raise refuse_with_pipeline("optimizer_state_offchip=true", "set optimizer_state_offchip=false")
     precision = resolve_precision(
         args.device, args.fp32, args.fp16, args.bf16, args.loss_scaling, effective.auto_loss_scaling, device_model
     )
@@ -318,4 +332,5 @@ def resolve_run(ipu_config: IPUConfig, args: IPUTrainingArguments, model_config:
         dataloader_num_workers=workers,
         dataloader_workers_note=note,
         device_model=device_model,
+        pipeline=pipeline,
     )

@@ -121,6 +121,14 @@ class IPUTrainingArguments(TrainingArguments):
                   "B200, ... (any case; an unknown name lists them all). For smoke tests of a GPU configuration "
                   "without a GPU: no CUDA kernel runs. Under torchrun every process models the same GPU (gloo)."},
     )
+    pipeline: Optional[str] = field(
+        default=None,
+        metadata={"help": "Under torchrun, run each replica as a pipeline of ipus_per_replica processes, its layers "
+                  "placed as layers_per_ipu says (W processes: W / ipus_per_replica data-parallel pipelines); each "
+                  "update's micro-batches flow through the stages. --pipeline alone uses the 1F1B schedule; "
+                  "--pipeline GPipe the GPipe one.",
+                  "nargs": "?", "const": "1F1B", "choices": ["1F1B", "GPipe"]},
+    )
     dataloader_mode: str = field(
         default="sync",
         metadata={

@@ -64,6 +64,7 @@ from .optimizer_state import (
     prepare_optimizer_for_checkpoint,
 )
 from .optimizers import POPTORCH_MAX_WEIGHT_NORM, AdamW, Lamb, original_parameter_groups
+from .pipeline import Pipeline, check_checkpoint_layout
 from .run_control import (
     CheckpointWriteError,
     ShutdownTimeoutCheck,
@@ -277,6 +278,7 @@ class IPUTrainer(Trainer):
         self._scheduler_from_factory = False
         self._eval_data_collator = eval_data_collator
         self.force_to_pipelined = force_to_pipelined
+        self.pipeline: Optional[Pipeline] = None  # --pipeline: built once the accelerator exists (below)
 
         self._prepare_model(model)
         # Whether this trainer builds the original's optimizer with its parameter groups (`create_optimizer`).
@@ -327,6 +329,9 @@ class IPUTrainer(Trainer):
             self.static_loss_scale_guard = StaticLossScaleGuard(
                 run.precision.loss_scale, lambda: self.accelerator.optimizer_step_was_skipped)
             self.add_callback(self.static_loss_scale_guard)
+        if run.pipeline is not None:
+            self.pipeline = Pipeline(self.model, run.pipeline, self.train_placement.micro_batches_per_update,
+                                     self.args.device, self.accelerator.autocast, lambda: self.accelerator.scaler)
         self._log_run_layout()
 
     def _prepare_model(self, model: nn.Module) -> None:
@@ -433,6 +438,8 @@ class IPUTrainer(Trainer):
     def create_optimizer(self, model: Optional[nn.Module] = None) -> torch.optim.Optimizer:
         """With the original's optimizer, the original's parameter groups (`original_parameter_groups`: LAMB's
         biases without trust ratio); otherwise upstream's two groups for the --optim it builds."""
+        if model is None and self.pipeline is not None:
+            model = self.pipeline.stage_module  # each stage's process updates its stage's parameters
         if self.optimizer is None and self._builds_original_optimizer:
             opt_model = self.model if model is None else model
             groups = original_parameter_groups(opt_model, self.run.args.weight_decay, lamb=self.run.args.uses_lamb)
@@ -575,6 +582,10 @@ class IPUTrainer(Trainer):
             # A schedule built for an earlier train() call is bound to that call's optimizer.
             self.lr_scheduler, self._scheduler_from_factory = None, False
         checkpoint = self._checkpoint_to_resume(resume_from_checkpoint)
+        if self.pipeline is not None:
+            # The loop trains what it finds as the wrapped model (this process's stage, in DDP over its data-parallel
+            # group) and then leaves the model unprepared: no DDP over all processes around the whole model.
+            self.model_wrapped = self.pipeline.module
         if checkpoint is not None:
             finished = self._already_finished(checkpoint)
             if finished is not None:
@@ -682,6 +693,9 @@ class IPUTrainer(Trainer):
         divided by the number of micro-batches in that update (their mean). All updates but the last are
         applied here; the upstream loop applies the last one, then advances the schedule once.
         """
+        if self.pipeline is not None:
+            rows = self.train_placement.micro_batch_size * self.train_placement.micro_batches_per_update
+            return self.pipeline.training_step(inputs, rows, lambda: self._apply_update(model))
         model.train()
         if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
             self.optimizer.train()
@@ -713,7 +727,7 @@ class IPUTrainer(Trainer):
         """One of the device iterations inside a step, clipped and applied like the loop's own update (with a
         float16 GradScaler: unscaled, and skipped on overflow)."""
         if self.args.max_grad_norm is not None and self.args.max_grad_norm > 0:
-            self.accelerator.clip_grad_norm_(model.parameters(), self.args.max_grad_norm)
+            self._clip_grad_norm(model)
         self.optimizer.step()
         if self.static_loss_scale_guard is not None:
             self.static_loss_scale_guard.record()
@@ -744,9 +758,13 @@ class IPUTrainer(Trainer):
             self._checkpoint_in_progress = output_dir  # a checkpoint save starts here; _CheckpointCompletion ends it
             self._shutdown_check.save_started()
         folder = output_dir if output_dir is not None else self.args.output_dir
+        if self.pipeline is not None:
+            self.pipeline.sync_weights()  # process 0 saves the whole model, every stage's current weights
         with upstream_save_quiet():
             super().save_model(output_dir, _internal_call=_internal_call)
         if self.args.should_save:
+            if self.pipeline is not None and checkpoint:
+                self.pipeline.save_layout(folder)  # which layout the checkpoint's optimizer parts belong to
             self.ipu_config.save_pretrained(folder)
             torch.save(self.run.args, os.path.join(folder, TRAINING_ARGS_NAME))
             if not checkpoint:
@@ -759,10 +777,28 @@ class IPUTrainer(Trainer):
     # straight onto the GPU when there are several processes, before any optimizer can keep just its part;
     # no public hook runs between that read and `load_state_dict`. `_already_finished` loads a checkpoint's
     # weights through upstream's `_load_from_checkpoint`, the loader that knows every weight layout.
-    # tests/test_trainer.py fails by name if upstream renames or stops calling any of them.
+    # --pipeline: upstream clips and measures the gradient norm in `_clip_grad_norm` / `_get_grad_norm` over the
+    # parameters of the model it holds, one stage in a pipelined process; no public hook computes that norm. And
+    # `train` hands the loop the stage as `model_wrapped`, which upstream then does not prepare (no DDP over every
+    # process around the whole model): its `use_accelerator_prepare = model is self.model`.
+    # tests/test_trainer.py and tests/test_pipeline.py fail by name if upstream renames or stops calling any of them.
+
+    def _clip_grad_norm(self, model: nn.Module) -> Any:
+        """--pipeline: the norm over every stage, not this process's stage alone (upstream's `_clip_grad_norm`)."""
+        if self.pipeline is not None:
+            return self.pipeline.clip_grad_norm_(self.accelerator, self.args.max_grad_norm)
+        return super()._clip_grad_norm(model)
+
+    def _get_grad_norm(self, model: nn.Module, grad_norm: Any = None) -> Any:
+        """--pipeline: the logged norm is every stage's (upstream's `_get_grad_norm` computes it without clipping)."""
+        if self.pipeline is not None and grad_norm is None:
+            return self.pipeline.clip_grad_norm_(self.accelerator, float("inf"))
+        return super()._get_grad_norm(model, grad_norm)
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         prepare_optimizer_for_checkpoint(self.optimizer, self.args.device)  # a sharded state is gathered on process 0
+        if self.pipeline is not None:
+            self.pipeline.save_optimizer_part(self.optimizer, output_dir)  # stage 0's is upstream's optimizer.pt
         super()._save_optimizer_and_scheduler(output_dir)
 
     def _load_optimizer_and_scheduler(self, checkpoint: Optional[str]) -> None:
@@ -771,15 +807,20 @@ class IPUTrainer(Trainer):
         every GPU, before ZeRO keeps its 1/W or the offload moves it to the host, which runs out of GPU memory
         for exactly the models those settings exist for. Both optimizers' `load_state_dict` put each tensor
         where they keep it (the GPU for a shard's parameters, host memory when offloaded)."""
+        if checkpoint is not None and self.pipeline is None:
+            check_checkpoint_layout(checkpoint, None)
         # Under --fsdp upstream loads through torch's set_optimizer_state_dict, which fails on a state without any
         # tensor (plain SGD's): such a state is only hyper-parameters, taken here instead.
         stateless_fsdp = (checkpoint is not None and self.is_fsdp_enabled
                           and holds_no_tensor_state(os.path.join(checkpoint, FSDP_OPTIMIZER_NAME)))
-        if checkpoint is None or not (_places_its_own_state(self.optimizer) or stateless_fsdp):
+        if self.pipeline is None and (checkpoint is None
+                                      or not (_places_its_own_state(self.optimizer) or stateless_fsdp)):
             super()._load_optimizer_and_scheduler(checkpoint)
             return
         optimizer_name = FSDP_OPTIMIZER_NAME if stateless_fsdp else OPTIMIZER_NAME
         optimizer_file, scheduler_file = (os.path.join(checkpoint, name) for name in (optimizer_name, SCHEDULER_NAME))
+        if self.pipeline is not None:  # each stage reads its own part of the optimizer state
+            optimizer_file = self.pipeline.optimizer_part(checkpoint)
         if not (os.path.isfile(optimizer_file) and os.path.isfile(scheduler_file)):
             return  # as upstream: a checkpoint saved without them (--save_only_model) resumes the weights only
         check_torch_load_is_safe()
@@ -793,6 +834,25 @@ class IPUTrainer(Trainer):
         with warnings.catch_warnings(record=True) as caught_warnings:
             self.lr_scheduler.load_state_dict(torch.load(scheduler_file, weights_only=True))
         reissue_pt_warnings(caught_warnings)
+
+    # ---- evaluation -------------------------------------------------------------------------------------
+
+    def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
+        if self.pipeline is not None:
+            self.pipeline.sync_weights()  # the evaluation stages may be split otherwise than the training ones
+        return super().evaluate(*args, **kwargs)
+
+    def predict(self, *args: Any, **kwargs: Any) -> Any:
+        if self.pipeline is not None:
+            self.pipeline.sync_weights()
+        return super().predict(*args, **kwargs)
+
+    def prediction_step(self, model: nn.Module, inputs: dict[str, Any], prediction_loss_only: bool,
+                        ignore_keys: Optional[list[str]] = None) -> Any:
+        """--pipeline: upstream's prediction step on a forward that runs through the evaluation stages."""
+        if self.pipeline is not None:
+            model = self.pipeline.evaluation_module(self.model)
+        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
 
     # ---- compile only -------------------------------------------------------------------------------
 
