@@ -2,6 +2,7 @@
 processes, checkpoints that resume after a crash, the final model a plain transformers checkpoint; the refusals;
 the one private accelerate touchpoint (run/fsdp.py's shard_cpu_processes)."""
 
+import math
 import os
 import shutil
 import subprocess
@@ -91,14 +92,6 @@ def test_two_fsdp_processes_reach_the_weights_of_one_process_and_resume_after_a_
     checkpoint = sharded / "checkpoint-2"
     assert {"optimizer.bin", "pytorch_model_fsdp.bin", "checkpoint_complete.json"} <= set(os.listdir(checkpoint))
 
-    # A crash right after checkpoint-2: the same command resumes from it.
-    crashed.mkdir()
-    shutil.copytree(checkpoint, crashed / "checkpoint-2")
-    result = run(command(script, data, crashed, 2, "--fsdp", "full_shard"))
-    assert "Resuming from" in result.stderr + result.stdout
-    assert read_json(crashed / "trainer_state.json")["global_step"] == 4
-    assert largest_relative_difference(reference, crashed) <= 1e-4
-
     # The final model is a plain transformers checkpoint, loaded in one process, its tied weights still tied.
     saved = load_file(os.path.join(sharded, "model.safetensors"))
     if script == "run_clm":
@@ -114,6 +107,31 @@ def test_two_fsdp_processes_reach_the_weights_of_one_process_and_resume_after_a_
         assert model.cls.predictions.decoder.weight is model.bert.embeddings.word_embeddings.weight
         torch.testing.assert_close(model.cls.predictions.decoder.bias, saved["cls.predictions.bias"], rtol=0, atol=0)
         assert model.cls.predictions.bias.abs().sum() > 0  # trained, not a fresh zero bias
+
+    # A crash right after checkpoint-2: the same command resumes from it.
+    crashed.mkdir()
+    shutil.copytree(checkpoint, crashed / "checkpoint-2")
+    result = run(command(script, data, crashed, 2, "--fsdp", "full_shard"))
+    assert "Resuming from" in result.stderr + result.stdout
+    assert read_json(crashed / "trainer_state.json")["global_step"] == 4
+    assert largest_relative_difference(reference, crashed) <= 1e-4
+
+
+@pytest.mark.slow
+def test_float16_with_offloaded_shards_on_a_modelled_v100(assets, masked_pairs, tmp_path):
+    """The seed config's optimizer_state_offchip on a (modelled) V100 under --fsdp: float16 autocast with the static
+    loss scale, the shards and the update in host memory (CPUOffloadPolicy). The scaler's overflow check on sharded
+    gradients is torch's (its DTensor handler takes the maximum over the shards, so every process skips alike)."""
+    flags = command("run_pretraining", (assets, masked_pairs), tmp_path, 2, "--fsdp", "full_shard",
+                    "--device_model", "V100", "--loss_scaling", "1024", "--save_strategy", "no", "--logging_steps", "1")
+    flags.remove("--fp32")
+    log = run(flags)
+    output = log.stderr + log.stdout
+    assert "CPU run modelling an NVIDIA V100" in output and "float16" in output
+    assert "host memory (CPUOffloadPolicy)" in output
+    losses = [entry["loss"] for entry in read_json(tmp_path / "trainer_state.json")["log_history"] if "loss" in entry]
+    assert len(losses) == 4 and all(map(math.isfinite, losses))
+    assert all(torch.isfinite(weights).all() for weights in load_file(tmp_path / "model.safetensors").values())
 
 
 # ---- decisions and refusals, without processes --------------------------------------------------------------
@@ -140,7 +158,9 @@ def test_reductions_are_float32_and_offload_is_the_ipu_configs():
     arguments = fsdp_plugin_arguments({"fsdp_version": 2}, torch.bfloat16, cpu_offload=True, layer_classes=["X"])
     policy = arguments["mixed_precision_policy"]
     assert (policy.param_dtype, policy.reduce_dtype) == (torch.bfloat16, torch.float32)
-    assert arguments["cpu_offload"] is True and arguments["transformer_cls_names_to_wrap"] == "X"
+    assert arguments["cpu_offload"].pin_memory and arguments["transformer_cls_names_to_wrap"] == "X"
+    # A CPU run (modelling a GPU or not) has no pinned memory: torch refuses to pin without an accelerator.
+    assert not fsdp_plugin_arguments({}, torch.float16, cpu_offload=True, pin_memory=False)["cpu_offload"].pin_memory
     given = fsdp_plugin_arguments({"transformer_cls_names_to_wrap": "Y"}, torch.float32, False, ["X"])
     assert given["transformer_cls_names_to_wrap"] == "Y" and given["mixed_precision_policy"].param_dtype is None
 

@@ -141,12 +141,14 @@ def shard_with_embedding_group(model: torch.nn.Module, plugin: Any, group: list[
 
 def fsdp_plugin_arguments(
     plugin_args: dict[str, Any], compute_dtype: torch.dtype, cpu_offload: bool,
-    layer_classes: Optional[list[str]] = None,
+    layer_classes: Optional[list[str]] = None, pin_memory: bool = True,
 ) -> dict[str, Any]:
     """transformers' FSDP plugin arguments (from `--fsdp` / `--fsdp_config`) with the run's decisions on top: the
-    mixed precision policy with float32 reductions, host offload for `optimizer_state_offchip`, and the layer
-    classes to shard one by one (`layers_to_wrap`) unless `--fsdp_config transformer_layer_cls_to_wrap` names them."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy
+    mixed precision policy with float32 reductions, host offload for `optimizer_state_offchip` (in pinned memory on
+    a GPU; a CPU run, modelling a GPU or not, has no pinned memory: torch refuses to pin without an accelerator), and
+    the layer classes to shard one by one (`layers_to_wrap`) unless `--fsdp_config transformer_layer_cls_to_wrap`
+    names them."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy
 
     arguments = dict(plugin_args)
     if layer_classes and "transformer_cls_names_to_wrap" not in arguments:
@@ -155,7 +157,7 @@ def fsdp_plugin_arguments(
     param_dtype: Optional[torch.dtype] = None if compute_dtype == torch.float32 else compute_dtype
     arguments["mixed_precision_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     if cpu_offload:
-        arguments["cpu_offload"] = True
+        arguments["cpu_offload"] = CPUOffloadPolicy(pin_memory=pin_memory)
     return arguments
 
 

@@ -246,7 +246,8 @@ class ResolvedRun:
             loop.ddp_find_unused_parameters = find_unused_parameters
         if self.uses_fsdp:
             loop.fsdp_plugin_args = fsdp_plugin_arguments(
-                self.args.fsdp_plugin_args, self.precision.compute_dtype, self.fsdp_offloads, fsdp_layer_classes)
+                self.args.fsdp_plugin_args, self.precision.compute_dtype, self.fsdp_offloads, fsdp_layer_classes,
+                pin_memory=self.args.device.type == "cuda")
         return loop
 
     def describe(self) -> list[str]:
