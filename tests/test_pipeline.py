@@ -396,3 +396,15 @@ def test_a_number_of_processes_that_is_not_a_multiple_of_the_stages_is_refused_b
     assert errors == ["error: --pipeline: 3 process(es) cannot hold whole pipelines of ipus_per_replica=2 stages: "
                       "start a multiple of 2 processes (torchrun --nproc_per_node 2 ...)"]
     assert not (tmp_path / "out").exists()
+
+
+def test_a_schedule_that_calls_the_last_stage_other_than_once_per_micro_batch_stops_the_run():
+    """The loss and evaluation outputs are read from the schedule's last calls (its first run adds one for shape
+    inference): another count from a future torch stops the run instead of mixing in a placeholder's output."""
+    from ipu_trainer.training.pipeline import _check_calls
+
+    _check_calls(4, 4, "loss function")
+    _check_calls(5, 4, "loss function")
+    for calls in (3, 6):
+        with pytest.raises(RuntimeError, match="called the loss function"):
+            _check_calls(calls, 4, "loss function")

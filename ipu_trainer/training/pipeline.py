@@ -225,7 +225,8 @@ class Pipeline:
         if not self._recorded:
             return torch.zeros((), device=self.device)
         # The last micro_batches calls: on its first step the schedule also calls the loss function on the placeholder
-        # output of its shape inference.
+        # output of its shape inference. Any other count means torch changed how its schedules call the loss.
+        _check_calls(len(self._recorded), self.micro_batches, "loss function")
         return torch.stack(self._recorded[-self.micro_batches:]).mean()
 
     def training_step(self, inputs: dict[str, Any], rows_per_update: int, apply_update: Callable[[], None]) -> torch.Tensor:
@@ -345,6 +346,7 @@ class Pipeline:
         outputs = None
         if isinstance(recorder, _RecordOutputs):
             # The last `stages` calls (the first run of a schedule also calls the stage for its shape inference).
+            _check_calls(len(recorder.outputs), group.stages, "last evaluation stage")
             outputs = [type(output)({name: value.cpu() for name, value in output.items() if value is not None})
                        for output in recorder.outputs[-group.stages:]]
             recorder.outputs.clear()
@@ -354,6 +356,15 @@ class Pipeline:
         for name, value in list(output.items()):
             output[name] = value.to(self.device)
         return output
+
+
+def _check_calls(calls: int, expected: int, what: str) -> None:
+    """torch's pipeline schedules call the last stage (and the loss) once per micro-batch, plus once for shape
+    inference on their first run; the results are read from the last calls. Anything else would silently mix in
+    a placeholder's output, so it stops the run instead."""
+    if calls not in (expected, expected + 1):
+        raise RuntimeError(f"--pipeline: torch's schedule called the {what} {calls} times for {expected} micro-batches; "
+                           "this torch version pipelines differently from the one the package was tested with")
 
 
 class _PipelinedForward(nn.Module):
