@@ -100,13 +100,13 @@ class Placement:
         return self.samples_per_step // (self.world_size * self.pipeline_stages)
 
     def describe(self) -> list[str]:
-        unit = "pipelines" if self.pipeline_stages > 1 else "processes"
+        unit, one = ("pipelines", "pipeline") if self.pipeline_stages > 1 else ("processes", "process")
         replicas = f"{self.replication_factor}"
         if self.world_size == 1:
             replicas += " (emulated by accumulation in this process)" if self.replication_factor > 1 else ""
         elif self.replication_factor % self.world_size == 0:
             per_process = self.replication_factor // self.world_size
-            replicas += f" over {self.world_size} {unit} ({per_process} per {unit[:-1]}"
+            replicas += f" over {self.world_size} {unit} ({per_process} per {one}"
             replicas += ", emulated by accumulation)" if per_process > 1 else ")"
         else:
             replicas += f" over {self.world_size} {unit} (each replica's accumulation split across {unit})"
@@ -118,7 +118,7 @@ class Placement:
             f"replicas: {replicas}",
             f"micro batch: {self.micro_batch_size}, gradient accumulation: {self.gradient_accumulation_steps}, "
             f"device iterations: {self.device_iterations}",
-            f"micro-batches per weight update per {unit[:-1]}: {self.micro_batches_per_update} "
+            f"micro-batches per weight update per {one}: {self.micro_batches_per_update} "
             "(gradients all-reduced once per update)" if self.world_size > 1 else
             f"micro-batches per weight update: {self.micro_batches_per_update}",
             f"samples per weight update: {self.samples_per_update} "
