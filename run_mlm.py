@@ -136,6 +136,10 @@ def main():
     setup_logging(training_args)
     if training_args.pipeline and data_args.packing:  # before anything is written or loaded
         raise refuse_with_pipeline("--packing", "the stages take unpacked rows; leave out --packing")
+    if training_args.pipeline and data_args.line_by_line and not data_args.pad_to_max_length:
+        # torch's pipeline stages size their activation buffers from the first step: a later, longer batch breaks them.
+        raise refuse_with_pipeline("--line_by_line batches padded to their longest line",
+                                   "the stages need one sequence length; add --pad_to_max_length")
     check_outputs_before_loading(training_args)
     claim = claim_output_dir(training_args, model_args, data_args)
     set_seed(training_args.seed)

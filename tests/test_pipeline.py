@@ -306,6 +306,17 @@ def test_packing_is_refused_before_anything_is_written(pretraining_data, tokeniz
     assert not (tmp_path / "out").exists()
 
 
+def test_dynamically_padded_lines_are_refused_before_anything_is_written(assets, tmp_path, monkeypatch):
+    argv = quickstart_argv("run_mlm", assets, tmp_path / "out", "--pipeline", "--line_by_line")
+    with pytest.raises(ValueError, match="--pipeline with --line_by_line batches padded to their longest line"):
+        run_script(monkeypatch, argv)
+    assert not (tmp_path / "out").exists()
+    # Padded to max_seq_length, every batch has the one length the stages were built for: not refused here.
+    with pytest.raises(Exception) as raised:
+        run_script(monkeypatch, [*argv, "--pad_to_max_length"])
+    assert "--line_by_line batches padded" not in str(raised.value)
+
+
 @pytest.mark.slow
 def test_two_stages_on_two_processes_reach_the_weights_of_one_process(
         pretraining_data, tokenizer_dir, unpipelined, tmp_path):
