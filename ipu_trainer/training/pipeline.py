@@ -220,7 +220,7 @@ class Pipeline:
         else:
             schedule.step(*args, return_outputs=False, **kwargs)
         self._sum_tied_gradients()
-        if self._scaler() is not None:
+        if scaler is not None:
             self._agree_on_overflow()
         if not self._recorded:
             return torch.zeros((), device=self.device)
@@ -263,12 +263,15 @@ class Pipeline:
         """Every process's GradScaler skips the update if any process's gradients overflowed: a process whose own
         gradients are finite gets one inf where its scaler looks, so that all scalers also halve the scale alike."""
         grads = [parameter.grad for parameter in self._parameters() if parameter.grad is not None]
-        local = torch.tensor([0.0 if all(bool(torch.isfinite(grad).all()) for grad in grads) else 1.0],
-                             device=self.device)
+        if not grads:
+            local = torch.zeros(1, device=self.device)
+        else:  # computed on the device: no wait for it here, the scaler's own check waits once
+            local = torch.stack([~torch.isfinite(grad).all() for grad in grads]).any().float().reshape(1)
         overflow = local.clone()
         dist.all_reduce(overflow, op=dist.ReduceOp.MAX)
-        if overflow.item() and not local.item() and grads:
-            grads[0].view(-1)[0] = float("inf")
+        if grads:
+            first = grads[0].view(-1)[:1]
+            first.copy_(torch.where(overflow > local, torch.full_like(first, float("inf")), first))
 
     def broadcast_loss(self, loss: torch.Tensor) -> torch.Tensor:
         """The last stage's loss on every process of its pipeline (the value the loop logs and averages)."""
