@@ -215,16 +215,21 @@ class ShardedOptimizer(ZeroRedundancyOptimizer):
         return {"state": state, "param_groups": groups}
 
 
+def find_wrapped_optimizer(optimizer: torch.optim.Optimizer, classes: tuple[type, ...]) -> Any:
+    """The first optimizer of one of `classes` inside `optimizer`'s wrappers (e.g. accelerate's), or None."""
+    while not isinstance(optimizer, classes) and hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    return optimizer if isinstance(optimizer, classes) else None
+
+
 def prepare_optimizer_for_checkpoint(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
     """Get the run's optimizer ready for `optimizer.state_dict()` to be written to a checkpoint by process 0.
 
     Call it on every process (a sharded optimizer's shards are sent to process 0); `device` is the device the
     model is on. Optimizers that are not sharded need nothing.
     """
-    sharded = optimizer
-    while not isinstance(sharded, ShardedOptimizer) and hasattr(sharded, "optimizer"):
-        sharded = sharded.optimizer  # e.g. accelerate's wrapper
-    if not isinstance(sharded, ShardedOptimizer):
+    sharded = find_wrapped_optimizer(optimizer, (ShardedOptimizer,))
+    if sharded is None:
         return
     sharded.consolidate_state_dict(to=0)
     # ZeroRedundancyOptimizer.consolidate_state_dict copies the shards it receives (and its own) to the CPU with

@@ -59,6 +59,7 @@ from .loss_scaling import StaticLossScaleGuard
 from .optimizer_state import (
     HostOffloadedOptimizer,
     ShardedOptimizer,
+    find_wrapped_optimizer,
     holds_no_tensor_state,
     load_hyperparameters,
     prepare_optimizer_for_checkpoint,
@@ -883,9 +884,7 @@ class IPUTrainer(Trainer):
 
 def _places_its_own_state(optimizer: torch.optim.Optimizer) -> bool:
     """Whether the run's optimizer (under accelerate's wrapper) is one that puts loaded state where it keeps it."""
-    while not isinstance(optimizer, (ShardedOptimizer, HostOffloadedOptimizer)) and hasattr(optimizer, "optimizer"):
-        optimizer = optimizer.optimizer
-    return isinstance(optimizer, (ShardedOptimizer, HostOffloadedOptimizer))
+    return find_wrapped_optimizer(optimizer, (ShardedOptimizer, HostOffloadedOptimizer)) is not None
 
 
 class _CheckpointCompletion(TrainerCallback):
