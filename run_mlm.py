@@ -34,7 +34,7 @@ from ipu_trainer.cli.datasets import (
 from ipu_trainer.cli.model_loading import load_ipu_config, load_model, load_model_config, load_tokenizer, max_positions_of
 from ipu_trainer.cli.script_args import DataArguments as SharedDataArguments
 from ipu_trainer.cli.script_args import ModelArguments as SharedModelArguments
-from ipu_trainer.cli.script_args import PackingArguments, parse_script_args
+from ipu_trainer.cli.script_args import PackingArguments, check_pipeline_args, parse_script_args
 from ipu_trainer.cli.startup import (
     check_outputs_before_loading,
     claim_output_dir,
@@ -46,7 +46,6 @@ from ipu_trainer.data.collators import max_num_masked_tokens, pad_to_multiple_of
 from ipu_trainer.data.packing import pack_for_training
 from ipu_trainer.data.sources import map_data
 from ipu_trainer.models import masked_lm_model_for
-from ipu_trainer.run.pipeline_layout import refuse_with_pipeline
 from ipu_trainer.run.resolved_run import resolve_run
 from ipu_trainer.training.metrics import AccuracyMetric, masked_lm_predictions, token_accuracy_metrics
 
@@ -134,12 +133,7 @@ def main():
     # Arguments and logging
     model_args, data_args, training_args = parse_script_args(ModelArguments, DataTrainingArguments, __doc__)
     setup_logging(training_args)
-    if training_args.pipeline and data_args.packing:  # before anything is written or loaded
-        raise refuse_with_pipeline("--packing", "the stages take unpacked rows; leave out --packing")
-    if training_args.pipeline and data_args.line_by_line and not data_args.pad_to_max_length:
-        # torch's pipeline stages size their activation buffers from the first step: a later, longer batch breaks them.
-        raise refuse_with_pipeline("--line_by_line batches padded to their longest line",
-                                   "the stages need one sequence length; add --pad_to_max_length")
+    check_pipeline_args(data_args, training_args)  # before anything is written or loaded
     check_outputs_before_loading(training_args)
     claim = claim_output_dir(training_args, model_args, data_args)
     set_seed(training_args.seed)

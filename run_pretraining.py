@@ -46,7 +46,7 @@ from ipu_trainer.cli.model_loading import (
 )
 from ipu_trainer.cli.script_args import DataArguments as SharedDataArguments
 from ipu_trainer.cli.script_args import ModelArguments as SharedModelArguments
-from ipu_trainer.cli.script_args import PackingArguments, parse_script_args
+from ipu_trainer.cli.script_args import PackingArguments, check_pipeline_args, parse_script_args
 from ipu_trainer.cli.startup import (
     check_outputs_before_loading,
     claim_output_dir,
@@ -65,7 +65,6 @@ from ipu_trainer.data.nsp_pairs import (
 from ipu_trainer.data.packing import pack_for_training
 from ipu_trainer.data.sources import column_names_of, first_example
 from ipu_trainer.models import masked_positions_model_for
-from ipu_trainer.run.pipeline_layout import refuse_with_pipeline
 from ipu_trainer.run.resolved_run import resolve_run
 from ipu_trainer.training.metrics import pretraining_metrics, pretraining_predictions
 from ipu_trainer.training.optimizers import get_groupbert_schedule
@@ -127,8 +126,7 @@ def main():
     # Arguments and logging
     model_args, data_args, training_args = parse_script_args(ModelArguments, DataTrainingArguments, __doc__)
     setup_logging(training_args)
-    if training_args.pipeline and data_args.packing:  # before anything is written or loaded
-        raise refuse_with_pipeline("--packing", "the stages take unpacked rows; leave out --packing")
+    check_pipeline_args(data_args, training_args)  # before anything is written or loaded
     check_outputs_before_loading(training_args)
     claim = claim_output_dir(training_args, model_args, data_args)
     set_seed(training_args.seed)

@@ -13,6 +13,7 @@ from typing import Any, ClassVar, Optional
 
 from transformers import HfArgumentParser, TrainingArguments
 
+from ..run.pipeline_layout import refuse_with_pipeline
 from ..run.training_args import IPUTrainingArguments
 from .datasets import data_files_of, eval_held_out_of_train
 
@@ -198,6 +199,19 @@ def parse_script_args(
         parsed = parser.parse_args_into_dataclasses()
     check_streaming_args(parsed[1], parsed[2])
     return parsed
+
+
+def check_pipeline_args(data_args: Any, training_args: Any) -> None:
+    """What --pipeline cannot take from a script's data flags, refused before anything is written or loaded: packed
+    rows (the stages take unpacked ones), and lines padded to their batch's longest (torch's pipeline stages size
+    their buffers from the first step, so a longer later batch would break the run)."""
+    if not getattr(training_args, "pipeline", None):
+        return
+    if getattr(data_args, "packing", False):
+        raise refuse_with_pipeline("--packing", "the stages take unpacked rows; leave out --packing")
+    if getattr(data_args, "line_by_line", False) and not getattr(data_args, "pad_to_max_length", False):
+        raise refuse_with_pipeline("--line_by_line batches padded to their longest line",
+                                   "the stages need one sequence length; add --pad_to_max_length")
 
 
 def check_streaming_args(data_args: Any, training_args: Any) -> None:
