@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from ipu_trainer.training.run_control import (
+    decided_by_process_zero,
     RunLock,
     StepTimer,
     StopOnSignal,
@@ -339,3 +340,24 @@ def test_a_lock_removes_the_output_folder_it_created_when_nothing_else_was_writt
     existing.acquire()
     existing.release()
     assert tmp_path.is_dir() and not (tmp_path / "run.lock").exists()  # a folder it did not create stays
+
+
+def test_a_decision_reaches_every_process_also_when_process_zero_fails(monkeypatch):
+    """Process 0 decides; a wrong input is a ValueError everywhere (one error: line), and a bug there still answers
+    the others (a RuntimeError naming it) before process 0 raises it, instead of leaving them waiting forever."""
+    assert decided_by_process_zero(lambda: "checkpoint-2", 0) == "checkpoint-2"
+    with pytest.raises(ValueError, match="bad folder"):
+        decided_by_process_zero(lambda: (_ for _ in ()).throw(ValueError("bad folder")), 0)
+    with pytest.raises(KeyError):
+        decided_by_process_zero(lambda: {}["missing"], 0)
+
+    # Process 1 of a run whose process 0 hit that KeyError: the broadcast brings it the failure.
+    sent = []
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "broadcast_object_list", lambda shared, src: sent.append(shared[0]))
+    with pytest.raises(KeyError):  # process 0: what it broadcast, then its own error
+        decided_by_process_zero(lambda: {}["missing"], 0)
+    assert sent == [("failed", "'missing'")]
+    monkeypatch.setattr(torch.distributed, "broadcast_object_list", lambda shared, src: shared.__setitem__(0, sent[0]))
+    with pytest.raises(RuntimeError, match="process 0 failed while deciding for every process: 'missing'"):
+        decided_by_process_zero(lambda: pytest.fail("only process 0 decides"), 1)

@@ -57,16 +57,23 @@ def decided_by_process_zero(decide: Callable[[], T], process_index: int) -> T:
     could differ between processes, e.g. with a local output folder on each machine; processes acting on different
     answers train from different weights and then wait forever for each other."""
     outcome: Any = None
+    failure: Optional[BaseException] = None
     if process_index == 0:
         try:
             outcome = ("value", decide())
         except (ValueError, OSError) as error:
             outcome = ("error", str(error))
+        except Exception as error:  # a bug: the other processes must not wait for an answer that never comes
+            outcome, failure = ("failed", one_line(error)), error
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         shared = [outcome]
         torch.distributed.broadcast_object_list(shared, src=0)
         outcome = shared[0]
     kind, value = outcome
+    if failure is not None:
+        raise failure
+    if kind == "failed":
+        raise RuntimeError(f"process 0 failed while deciding for every process: {value}")
     if kind == "error":
         raise ValueError(value)
     return value
