@@ -26,6 +26,10 @@ if ! "$python" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() el
          "machine after the README's GPU set-up (set PYTHON=... for another interpreter)" >&2
     exit 2
 fi
+if [ ! -d "$(dirname "$results")" ]; then
+    echo "error: the folder of $results does not exist; name a results file in an existing folder" >&2
+    exit 2
+fi
 if [ -e "$results" ]; then
     echo "error: $results exists; name another results file (bash bench/gpu_check.sh NEW_FILE)" >&2
     exit 2

@@ -44,6 +44,10 @@ def test_it_runs_the_cuda_tests_and_the_bert_base_bench_into_its_results_file(tm
     assert "ran: -m pytest -q -m cuda" in written and "ran: bench/pretrain.py --preset bert-base" in written
     assert written.rstrip().endswith("GPU check passed")
 
+    # A results file in a folder that does not exist is refused (tee would fail and the check still pass).
+    missing = run_check(tmp_path / "no-such-folder" / "results.txt", env={"PYTHON": stand_in_python})
+    assert missing.returncode == 2 and missing.stderr.startswith("error: the folder of")
+
     # An existing results file is never overwritten.
     again = run_check(results, env={"PYTHON": stand_in_python})
     assert again.returncode == 2 and again.stderr.startswith("error: ") and results.read_text() == written
@@ -75,3 +79,6 @@ def test_the_cuda_marker_selects_the_gpu_tests():
         "tests/test_device_matrix.py::test_one_process_case_on_the_gpu",
         "tests/test_device_matrix.py::test_two_process_cases_on_two_gpus",
     } <= collected, done.stdout
+    # and the CPU tests of those files are left out
+    assert "tests/test_device_matrix.py::test_one_process_case" not in collected
+    assert not any("test_packed_pretraining_batch_gives_the_unpacked" in name for name in collected)

@@ -122,9 +122,10 @@ GPU_RESUME_TOLERANCE = dict(rtol=1e-4, atol=1e-5)
 
 @pytest.fixture
 def deterministic_kernels():
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
     torch.use_deterministic_algorithms(True, warn_only=True)
     yield
-    torch.use_deterministic_algorithms(False)
+    torch.use_deterministic_algorithms(before[0], warn_only=before[1])
 
 
 @pytest.mark.cuda

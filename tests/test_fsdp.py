@@ -196,6 +196,8 @@ def test_the_accelerate_attributes_shard_cpu_processes_sets_still_exist():
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
     assert DistributedType.FSDP and DistributedType.MULTI_CPU
-    assert "distributed_type" in PartialState.__init__.__code__.co_names or hasattr(PartialState, "_shared_state")
+    # The shared state that every later AcceleratorState copies its distributed_type from.
+    assert isinstance(PartialState._shared_state, dict) and "distributed_type" in PartialState.__init__.__code__.co_names
+    assert "_shared_state" in AcceleratorState.__init__.__code__.co_names
     assert isinstance(AcceleratorState.is_fsdp2, property)
     assert "fsdp_version" in FullyShardedDataParallelPlugin.__dataclass_fields__

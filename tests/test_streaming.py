@@ -5,13 +5,12 @@ the weights of an uninterrupted one."""
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import REPO, quickstart_argv, script_module
+from conftest import REPO, free_port, quickstart_argv, script_module
 from datasets import load_dataset
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
@@ -23,12 +22,6 @@ from ipu_trainer.data.nsp_pairs import build_nsp_pairs, load_text_documents
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "streaming_worker.py")
 SAMPLES_PER_STEP = 16  # quickstart_argv: micro 8 x accumulation 2
 TRAINING_STEP = IPUTrainer.training_step
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def unmasked(step: dict) -> list[list[int]]:
