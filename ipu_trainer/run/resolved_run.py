@@ -179,10 +179,16 @@ class ResolvedRun:
                 and self.pipeline is None)
 
     @property
+    def wants_offload(self) -> bool:
+        """optimizer_state_offchip on a GPU (or modelling one): the optimizer state and update belong in host memory.
+        A CPU's memory is the host's: there it has no effect."""
+        return bool(self.ipu_config.optimizer_state_offchip) and self.decides_as_gpu
+
+    @property
     def offloads_optimizer_state(self) -> bool:
-        """optimizer_state_offchip on a GPU (or modelling one): optimizer state and update in host memory, by the
-        package's HostOffloadedOptimizer; under --fsdp by FSDP2's CPUOffloadPolicy instead (`fsdp_offloads`)."""
-        return bool(self.ipu_config.optimizer_state_offchip) and self.decides_as_gpu and not self.uses_fsdp
+        """`wants_offload`, by the package's HostOffloadedOptimizer; under --fsdp by FSDP2's CPUOffloadPolicy instead
+        (`fsdp_offloads`)."""
+        return self.wants_offload and not self.uses_fsdp
 
     @property
     def fsdp_offloads(self) -> bool:
@@ -191,7 +197,7 @@ class ResolvedRun:
         if not self.uses_fsdp:
             return False
         asked = bool((self.args.fsdp_plugin_args or {}).get("cpu_offload"))
-        return asked or (bool(self.ipu_config.optimizer_state_offchip) and self.decides_as_gpu)
+        return asked or self.wants_offload
 
     @property
     def train_drop_last(self) -> bool:
@@ -318,13 +324,11 @@ def resolve_run(ipu_config: IPUConfig, args: IPUTrainingArguments, model_config:
                                              pipeline_stages=stages)
     eval_placement = Placement.for_inference(effective, args.per_device_eval_batch_size, args.world_size)
     device_model = device_model_named(getattr(args, "device_model", None))
-    if pipeline is not None and effective.optimizer_state_offchip and (args.device.type == "cuda" or device_model):
-        raise refuse_with_pipeline("optimizer_state_offchip=true", "set optimizer_state_offchip=false")
     precision = resolve_precision(
         args.device, args.fp32, args.fp16, args.bf16, args.loss_scaling, effective.auto_loss_scaling, device_model
     )
     workers, note = dataloader_workers(args.dataloader_num_workers, args.dataloader_mode)
-    return ResolvedRun(
+    run = ResolvedRun(
         args=args,
         ipu_config=effective,
         train_placement=train_placement,
@@ -335,3 +339,6 @@ def resolve_run(ipu_config: IPUConfig, args: IPUTrainingArguments, model_config:
         device_model=device_model,
         pipeline=pipeline,
     )
+    if run.pipeline is not None and run.wants_offload:
+        raise refuse_with_pipeline("optimizer_state_offchip=true", "set optimizer_state_offchip=false")
+    return run
