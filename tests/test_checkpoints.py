@@ -337,3 +337,19 @@ def test_the_trainer_times_each_step_and_checkpoint_against_torchruns_shutdown_t
     train(tmp_path, max_steps=1, save_steps=1)
     assert any("longer than the 0 s torchrun waits" in r.getMessage() and "a test's" in r.getMessage()
                for r in caplog.records)
+
+
+def test_an_fsdp_checkpoint_needs_both_of_accelerates_files(tmp_path):
+    """--fsdp writes optimizer.bin and pytorch_model_fsdp.bin (accelerate's layout): one without the other is an
+    interrupted save, named by the missing file."""
+    from safetensors.torch import save_file
+
+    (tmp_path / "trainer_state.json").write_text("{}")
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "model.safetensors"))
+    for name in ("scheduler.pt", "optimizer.bin"):
+        torch.save({}, tmp_path / name)
+    assert checkpoint_problem(str(tmp_path)).startswith("it has no pytorch_model_fsdp.bin")
+    torch.save({}, tmp_path / "pytorch_model_fsdp.bin")
+    assert checkpoint_problem(str(tmp_path)) is None
+    (tmp_path / "optimizer.bin").unlink()
+    assert checkpoint_problem(str(tmp_path)).startswith("it has no optimizer.bin")

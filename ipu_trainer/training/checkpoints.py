@@ -134,8 +134,10 @@ def checkpoint_problem(checkpoint_dir: str, needs_optimizer: bool = True) -> Opt
     else:
         files = {relative: None for relative in _files_of(checkpoint_dir)}
     required = [TRAINER_STATE_NAME] + ([OPTIMIZER_NAME, SCHEDULER_NAME] if needs_optimizer else [])
-    if FSDP_WEIGHTS_NAME in files and OPTIMIZER_NAME in required:
-        required[required.index(OPTIMIZER_NAME)] = FSDP_OPTIMIZER_NAME  # an --fsdp checkpoint
+    if FSDP_WEIGHTS_NAME in files or FSDP_OPTIMIZER_NAME in files:  # an --fsdp checkpoint: accelerate's two files
+        required.append(FSDP_WEIGHTS_NAME)
+        if OPTIMIZER_NAME in required:
+            required[required.index(OPTIMIZER_NAME)] = FSDP_OPTIMIZER_NAME
     for name in required:
         if name not in files:
             return f"it has no {name}" + ("" if os.path.isfile(marker_path) else " (interrupted while saving?)")
